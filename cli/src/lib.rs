@@ -1,0 +1,1 @@
+//! The `vmblk` command line.

@@ -1,0 +1,17 @@
+//! Unpack VM images onto volumes of any logical sector size.
+//!
+//! ```text
+//!  image file ──► source::open ──► ImageSource (raw / qcow2 / Incus tarball)
+//!                                      │ extents, parallel read_extent
+//!                                      ▼
+//!  target (block device or file) ◄── copy (aligned, O_DIRECT, zeroing by BLKZEROOUT/punch)
+//!        │
+//!        ├─ logical block size == image's sector size ──► partition work on the target
+//!        └─ otherwise ──► loop-bridge (512-byte loop over the target) ──► partition work
+//!                                      │ repair (GPT backup to the end, PMBR, CRCs)
+//!                                      ▼ verify (both headers, CRCs, libblkid probe)
+//!                                   report (JSON-serialisable)
+//! ```
+
+pub mod partition;
+pub mod source;

@@ -1,0 +1,1 @@
+//! Partition tables (GPT, MBR) at any sector size: inspect, repair, verify.

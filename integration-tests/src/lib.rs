@@ -1,0 +1,1 @@
+//! Test infrastructure: loop devices, images and QEMU guests.

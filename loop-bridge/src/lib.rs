@@ -1,0 +1,1 @@
+//! Loop devices with a chosen logical sector size.
