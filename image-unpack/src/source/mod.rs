@@ -19,8 +19,225 @@
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+mod detect;
+mod qcow2;
+mod raw;
+mod tar;
+
+pub use detect::{detect, Detected, TarCompression};
+pub use qcow2::{Compression, Qcow2Header, Qcow2Source};
+pub use raw::RawSource;
+pub use tar::{IncusMetadata, IncusSource};
+
+/// Largest `Data` extent a source yields for stored (uncompressed) data: adjacent
+/// contiguous clusters or raw chunks are merged up to this length so the writer
+/// issues large I/Os, while its buffers stay bounded.
+pub const MAX_DATA_EXTENT: u64 = 2 << 20;
+
+/// How to open an image.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// The metadata tarball of a split Incus image; the image path is then its rootfs file.
+    pub metadata: Option<PathBuf>,
+    /// Where a disk taken out of a compressed tarball is extracted to (an unlinked
+    /// temporary file, removed when the source is dropped). Defaults to the
+    /// system temporary directory.
+    pub scratch_dir: Option<PathBuf>,
+}
+
+/// What [`probe`] finds without reading the image's data.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProbeInfo {
+    /// The detected format.
+    pub format: SourceFormat,
+    /// Size of the guest-visible disk in bytes.
+    pub virtual_size: u64,
+}
+
+/// Opens the image at `path`, detecting its format by content, and validates its
+/// metadata (for qcow2: header, L1 and every L2 entry) before returning.
+pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn ImageSource>, SourceError> {
+    let file = open_regular(path)?;
+    let hole_file = file.try_clone().ok();
+    let reader: Arc<dyn ReadAt> = Arc::new(
+        FileReader::new(file).map_err(|e| SourceError::io("reading metadata of", path, e))?,
+    );
+    let inner = open_reader_with_file(reader, hole_file, opts)?;
+    match &opts.metadata {
+        Some(meta) => tar::open_split(inner, meta),
+        None => Ok(inner),
+    }
+}
+
+/// Opens an image held by any [`ReadAt`] (a file, a window of one, bytes in memory).
+/// Split images are not handled here (see [`open`]).
+pub fn open_reader(
+    reader: Arc<dyn ReadAt>,
+    opts: &OpenOptions,
+) -> Result<Box<dyn ImageSource>, SourceError> {
+    open_reader_with_file(reader, None, opts)
+}
+
+fn open_reader_with_file(
+    reader: Arc<dyn ReadAt>,
+    file: Option<File>,
+    opts: &OpenOptions,
+) -> Result<Box<dyn ImageSource>, SourceError> {
+    match detect(reader.as_ref())? {
+        Detected::Qcow2 => Ok(Box::new(Qcow2Source::open(reader)?)),
+        Detected::Raw => Ok(Box::new(RawSource::new(reader, file))),
+        Detected::Tar(compression) => tar::open_unified(reader, compression, opts),
+    }
+}
+
+/// Detects the format and virtual size of the image at `path` without reading its
+/// data; a compressed tarball is streamed only up to the head of its `rootfs.img`.
+pub fn probe(path: &Path, opts: &OpenOptions) -> Result<ProbeInfo, SourceError> {
+    let file = open_regular(path)?;
+    let reader: Arc<dyn ReadAt> = Arc::new(
+        FileReader::new(file).map_err(|e| SourceError::io("reading metadata of", path, e))?,
+    );
+    let info = match detect(reader.as_ref())? {
+        Detected::Qcow2 => {
+            let header = Qcow2Header::read(reader.as_ref())?;
+            ProbeInfo {
+                format: header.format(),
+                virtual_size: header.virtual_size,
+            }
+        }
+        Detected::Raw => ProbeInfo {
+            format: SourceFormat::Raw,
+            virtual_size: reader.len(),
+        },
+        Detected::Tar(compression) => tar::probe_unified(reader, compression)?,
+    };
+    match &opts.metadata {
+        Some(meta) => {
+            let (compression, _) = tar::read_metadata_tarball(meta)?;
+            Ok(ProbeInfo {
+                format: SourceFormat::Incus {
+                    layout: "split".into(),
+                    compression: compression.name().into(),
+                    inner: Box::new(info.format),
+                },
+                virtual_size: info.virtual_size,
+            })
+        }
+        None => Ok(info),
+    }
+}
+
+/// Opens `path` read-only and checks that it is a regular file.
+fn open_regular(path: &Path) -> Result<File, SourceError> {
+    let file = File::open(path).map_err(|e| SourceError::io("opening", path, e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| SourceError::io("reading metadata of", path, e))?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        let kind = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_block_device() {
+            "a block device"
+        } else if ft.is_char_device() {
+            "a character device"
+        } else {
+            "not a regular file"
+        };
+        return Err(SourceError::Unsupported(format!(
+            "{} is {kind}; images must be regular files",
+            path.display()
+        )));
+    }
+    Ok(file)
+}
+
+/// Bytes in memory (tests, fuzzing, small images).
+#[derive(Clone)]
+pub struct MemReader(pub Arc<[u8]>);
+
+impl MemReader {
+    /// Wraps a copy of `bytes`.
+    pub fn new(bytes: impl Into<Arc<[u8]>>) -> Self {
+        Self(bytes.into())
+    }
+}
+
+impl fmt::Debug for MemReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MemReader({} bytes)", self.0.len())
+    }
+}
+
+impl ReadAt for MemReader {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let start = usize::try_from(offset).ok();
+        let end = start.and_then(|s| s.checked_add(buf.len()));
+        match (start, end) {
+            (Some(s), Some(e)) if e <= self.0.len() => {
+                buf.copy_from_slice(&self.0[s..e]);
+                Ok(())
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past end of buffer",
+            )),
+        }
+    }
+    fn len(&self) -> u64 {
+        self.0.len() as u64
+    }
+}
+
+/// A sequential `Read + Seek` view of a [`ReadAt`], for stream parsers.
+#[derive(Debug)]
+pub(crate) struct ReadAtCursor<'a> {
+    inner: &'a dyn ReadAt,
+    pos: u64,
+}
+
+impl<'a> ReadAtCursor<'a> {
+    pub(crate) fn new(inner: &'a dyn ReadAt) -> Self {
+        Self { inner, pos: 0 }
+    }
+}
+
+impl io::Read for ReadAtCursor<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.inner.len().saturating_sub(self.pos);
+        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        if n == 0 {
+            return Ok(0);
+        }
+        self.inner.read_exact_at(&mut buf[..n], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl io::Seek for ReadAtCursor<'_> {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        let new = match pos {
+            io::SeekFrom::Start(p) => Some(p),
+            io::SeekFrom::End(d) => self.inner.len().checked_add_signed(d),
+            io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        match new {
+            Some(p) => {
+                self.pos = p;
+                Ok(p)
+            }
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek out of range",
+            )),
+        }
+    }
+}
 
 /// Positional, thread-safe reads from a file or a window of one.
 pub trait ReadAt: Send + Sync + fmt::Debug {
@@ -57,7 +274,11 @@ impl ReadAt for FileReader {
         if end > self.len {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("read of {} bytes at {offset} past end of file ({} bytes)", buf.len(), self.len),
+                format!(
+                    "read of {} bytes at {offset} past end of file ({} bytes)",
+                    buf.len(),
+                    self.len
+                ),
             ));
         }
         FileExt::read_exact_at(&self.file, buf, offset)
@@ -94,7 +315,10 @@ impl ReadAt for SliceReader {
             .checked_add(buf.len() as u64)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset overflow"))?;
         if end > self.len {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past end of window"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past end of window",
+            ));
         }
         self.inner.read_exact_at(buf, self.base + offset)
     }
@@ -136,15 +360,30 @@ impl fmt::Display for SourceFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SourceFormat::Raw => write!(f, "raw"),
-            SourceFormat::Qcow2 { version, cluster_size, compression, extended_l2 } => {
-                write!(f, "qcow2 v{version} ({cluster_size}-byte clusters, {compression}")?;
+            SourceFormat::Qcow2 {
+                version,
+                cluster_size,
+                compression,
+                extended_l2,
+            } => {
+                write!(
+                    f,
+                    "qcow2 v{version} ({cluster_size}-byte clusters, {compression}"
+                )?;
                 if *extended_l2 {
                     write!(f, ", extended L2")?;
                 }
                 write!(f, ")")
             }
-            SourceFormat::Incus { layout, compression, inner } => {
-                write!(f, "incus {layout} image ({compression} tarball) holding {inner}")
+            SourceFormat::Incus {
+                layout,
+                compression,
+                inner,
+            } => {
+                write!(
+                    f,
+                    "incus {layout} image ({compression} tarball) holding {inner}"
+                )
             }
         }
     }
@@ -190,7 +429,19 @@ pub trait ImageSource: Send + Sync + fmt::Debug {
     fn max_extent_len(&self) -> u64;
     /// Fills `buf` (exactly `extent.len` bytes) with the guest data of `extent`,
     /// decompressing if needed. Thread-safe.
+    ///
+    /// A plain `Data` extent (`compressed_len == None`) may be split by the caller:
+    /// the piece `[guest_offset + d, guest_offset + d + n)` is read with
+    /// `host_offset + d` and length `n`. Compressed extents are read whole.
+    ///
+    /// `extent` must be one yielded by [`ImageSource::extents`]; a plain `Data`
+    /// extent (`compressed_len: None`) may also be cut into pieces (advance
+    /// `guest_offset` and `host_offset` together), a compressed one may not.
     fn read_extent(&self, extent: &Extent, buf: &mut [u8]) -> Result<(), SourceError>;
+    /// The Incus metadata found next to the disk, for Incus images.
+    fn incus_metadata(&self) -> Option<&IncusMetadata> {
+        None
+    }
 }
 
 /// Why an image could not be opened or read.
@@ -217,7 +468,9 @@ pub enum SourceError {
     #[error("unrecognised image format: {0}")]
     Unrecognised(String),
     /// A compressed cluster did not inflate.
-    #[error("compressed cluster at guest offset {guest_offset} (file offset {host_offset}) is corrupt")]
+    #[error(
+        "compressed cluster at guest offset {guest_offset} (file offset {host_offset}) is corrupt"
+    )]
     Decompress {
         /// Guest offset of the cluster.
         guest_offset: u64,
@@ -238,4 +491,34 @@ pub enum SourceError {
         #[source]
         source: io::Error,
     },
+}
+
+impl SourceError {
+    pub(crate) fn io(what: &'static str, path: &Path, source: io::Error) -> Self {
+        SourceError::Io {
+            what,
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    pub(crate) fn read(what: &'static str, offset: u64, source: io::Error) -> Self {
+        SourceError::Read {
+            what,
+            offset,
+            source,
+        }
+    }
+
+    /// True when the image itself is at fault (malformed, refused or unreadable as an
+    /// image), as opposed to an I/O failure of the host.
+    pub fn is_bad_image(&self) -> bool {
+        matches!(
+            self,
+            SourceError::Corrupt(_)
+                | SourceError::Unsupported(_)
+                | SourceError::Unrecognised(_)
+                | SourceError::Decompress { .. }
+        )
+    }
 }
