@@ -1,1 +1,30 @@
-//! vhost-user-blk export.
+//! vhost-user-blk export of a volume.
+//!
+//! Serves one block device or regular file to QEMU (or libblkio) over a vhost-user socket,
+//! presenting the guest the logical sector size its image was built for (512 by default)
+//! even when the volume is a 4096-sector device: aligned requests go straight to the volume
+//! with O_DIRECT, misaligned ones are read-modify-written under per-range locks shared by
+//! all queues.
+//!
+//! ```text
+//!  Export (socket, Device)                   one per volume, lives across connections
+//!    |-- Device: Volume + Metrics + RangeLock   shared by every session and queue
+//!    `-- serve(): accept -> Session -> wait -> drop (join workers) -> accept ...
+//!          Session: guest memory + one worker thread per virtqueue
+//!            worker: pop chain -> process_chain (validate, execute, status) -> used ring
+//! ```
+//!
+//! Entry points: [`Export`] with [`ExportConfig`], [`StopHandle`], or [`run`].
+
+mod backend;
+mod export;
+mod metrics;
+mod rangelock;
+mod request;
+mod sys;
+mod volume;
+
+pub use export::{run, Export, ExportConfig, ExportError, StopHandle};
+pub use metrics::{ErrorCounts, Metrics, MetricsSnapshot, RequestCounts, LATENCY_BUCKETS};
+pub use request::{RequestError, RequestType};
+pub use volume::VolumeError;

@@ -1,0 +1,244 @@
+//! The vhost-user backend of one connection (session): features, config space, queues.
+//!
+//! A [`Session`] lives exactly as long as one frontend connection; it shares the
+//! [`Device`] (volume, metrics, locks) with every other session of the export, and owns
+//! its guest memory map and vring workers, which are joined before the next connection is
+//! accepted.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::request::{process_chain, Device, MAX_DWZ_SEGS};
+use crate::volume::SECTOR_SIZE;
+
+/// Guest memory as the vhost-user handler maps it.
+pub(crate) type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+/// VHOST_USER_F_PROTOCOL_FEATURES.
+const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
+/// Byte offset of `wce` in `virtio_blk_config`.
+const WCE_OFFSET: usize = 32;
+/// Size of `virtio_blk_config` up to and including the write-zeroes fields.
+pub(crate) const CONFIG_LEN: usize = 60;
+
+/// Virtio feature bits offered for an export.
+pub(crate) fn features(read_only: bool) -> u64 {
+    let mut f = (1u64 << VIRTIO_F_VERSION_1)
+        | (1 << VIRTIO_BLK_F_SEG_MAX)
+        | (1 << VIRTIO_BLK_F_BLK_SIZE)
+        | (1 << VIRTIO_BLK_F_TOPOLOGY)
+        | (1 << VIRTIO_BLK_F_FLUSH)
+        | (1 << VIRTIO_BLK_F_DISCARD)
+        | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+        | (1 << VIRTIO_BLK_F_MQ)
+        | (1 << VIRTIO_BLK_F_CONFIG_WCE)
+        | (1 << VIRTIO_RING_F_EVENT_IDX)
+        | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+        | (1 << VHOST_USER_F_PROTOCOL_FEATURES);
+    if read_only {
+        f |= 1 << VIRTIO_BLK_F_RO;
+    }
+    f
+}
+
+/// vhost-user protocol features offered.
+pub(crate) fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+}
+
+/// Geometry the guest is shown.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geometry {
+    /// Capacity in 512-byte sectors.
+    pub capacity: u64,
+    /// Guest logical block size in bytes.
+    pub logical_block_size: u32,
+    pub num_queues: u16,
+    pub queue_size: u16,
+}
+
+/// Builds `virtio_blk_config` (little endian) for `dev` as shown to the guest.
+pub(crate) fn config_space(dev: &Device, g: &Geometry) -> [u8; CONFIG_LEN] {
+    let mut c = [0u8; CONFIG_LEN];
+    let lbs = u64::from(g.logical_block_size);
+    let vol = &dev.volume;
+    let phys = vol.physical_block_size().max(vol.block_size()).max(lbs);
+    let exp = (phys / lbs).trailing_zeros();
+    let (io_min, io_opt) = vol.io_sizes();
+    let min_io = (u64::from(io_min).max(vol.block_size()) / lbs).clamp(1, u64::from(u16::MAX));
+    let opt_io = u64::from(io_opt) / lbs;
+    let max_sectors: u32 = (u32::MAX / 2) & !((vol.block_size() / SECTOR_SIZE) as u32 - 1);
+    c[0..8].copy_from_slice(&g.capacity.to_le_bytes());
+    // size_max (8..12) unused: SIZE_MAX is not offered.
+    let seg_max = u32::from(g.queue_size.saturating_sub(2).max(1));
+    c[12..16].copy_from_slice(&seg_max.to_le_bytes());
+    c[20..24].copy_from_slice(&g.logical_block_size.to_le_bytes());
+    c[24] = u8::try_from(exp).unwrap_or(0);
+    c[25] = 0;
+    c[26..28].copy_from_slice(&(min_io as u16).to_le_bytes());
+    c[28..32].copy_from_slice(&u32::try_from(opt_io).unwrap_or(0).to_le_bytes());
+    c[WCE_OFFSET] = u8::from(dev.wce.load(Ordering::Relaxed));
+    c[34..36].copy_from_slice(&g.num_queues.to_le_bytes());
+    c[36..40].copy_from_slice(&max_sectors.to_le_bytes());
+    c[40..44].copy_from_slice(&MAX_DWZ_SEGS.to_le_bytes());
+    c[44..48].copy_from_slice(&((vol.block_size() / SECTOR_SIZE) as u32).to_le_bytes());
+    c[48..52].copy_from_slice(&max_sectors.to_le_bytes());
+    c[52..56].copy_from_slice(&MAX_DWZ_SEGS.to_le_bytes());
+    c[56] = 1;
+    c
+}
+
+/// The backend of one frontend connection.
+#[derive(Debug)]
+pub(crate) struct Session {
+    dev: Arc<Device>,
+    geometry: Geometry,
+    mem: RwLock<Mem>,
+    event_idx: AtomicBool,
+}
+
+impl Session {
+    pub(crate) fn new(dev: Arc<Device>, geometry: Geometry, mem: Mem) -> Session {
+        Session {
+            dev,
+            geometry,
+            mem: RwLock::new(mem),
+            event_idx: AtomicBool::new(false),
+        }
+    }
+
+    /// Serves every available chain of `vring`, signalling the guest as completions land.
+    fn process_vring(&self, vring: &VringRwLock<Mem>) -> io::Result<()> {
+        let mem = self
+            .mem
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .memory();
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            loop {
+                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
+                let Some(chain) = chain else { break };
+                let done = process_chain(&self.dev, &mem, chain);
+                vring
+                    .add_used(done.head, done.used_len)
+                    .map_err(io::Error::other)?;
+                if vring.needs_notification().unwrap_or(true) {
+                    vring.signal_used_queue()?;
+                }
+            }
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for Session {
+    type Bitmap = ();
+    type Vring = VringRwLock<Mem>;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.geometry.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.geometry.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        features(self.dev.volume.is_read_only())
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        protocol_features()
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let cfg = config_space(&self.dev, &self.geometry);
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(CONFIG_LEN);
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(CONFIG_LEN);
+        out[..end - start].copy_from_slice(&cfg[start..end]);
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only the write-cache mode is writable.
+        if let Some(i) = WCE_OFFSET.checked_sub(offset as usize) {
+            if let Some(&v) = buf.get(i) {
+                self.dev.wce.store(v != 0, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = mem;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker thread per queue.
+        (0..self.geometry.num_queues.min(64))
+            .map(|i| 1u64 << i)
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Ok(());
+        }
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Ok(());
+        };
+        // An error here would end the worker thread; the queue is broken (bad ring
+        // addresses), so log it and wait for the frontend to reset or reconnect.
+        if let Err(e) = self.process_vring(vring) {
+            tracing::warn!(queue = device_event, error = %e, "virtqueue processing stopped");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,364 @@
+//! An export: one volume served on one vhost-user socket, across any number of connections.
+//!
+//! Lifecycle: `Export::new` opens the volume and binds the socket (Created); `serve` accepts
+//! one frontend at a time (Serving); when a frontend disconnects its session, vring workers
+//! and guest memory map are dropped and joined before the next one is accepted, so a
+//! reconnecting QEMU never meets state of the previous session; `StopHandle::stop` ends the
+//! current connection and returns from `serve` (Stopped).
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use serde::{Deserialize, Serialize};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::backend::{Geometry, Session};
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::request::{Device, SERIAL_LEN};
+use crate::volume::{Volume, VolumeError, VolumeParams, SECTOR_SIZE};
+
+/// Errors of setting up and running an export.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// A configuration value is out of range.
+    #[error("invalid export configuration: {0}")]
+    Config(String),
+    /// The volume could not be opened or probed.
+    #[error("cannot open the volume")]
+    Volume(#[source] VolumeError),
+    /// The volume is smaller than one guest block.
+    #[error("volume {0} is smaller than one guest block")]
+    Empty(PathBuf),
+    /// The vhost-user socket could not be bound.
+    #[error("cannot listen on vhost-user socket {path}")]
+    Listen {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    /// The stop eventfd could not be created.
+    #[error("cannot create the stop event")]
+    StopEvent(#[source] std::io::Error),
+    /// Waiting for a connection failed.
+    #[error("waiting for a vhost-user connection failed")]
+    Poll(#[source] nix::Error),
+    /// A per-connection vhost-user daemon could not be created.
+    #[error("cannot set up a vhost-user session: {0}")]
+    Session(String),
+}
+
+/// What to export and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// Block device or regular file to serve.
+    pub volume: PathBuf,
+    /// vhost-user unix socket to listen on (replaced if it exists).
+    pub socket: PathBuf,
+    /// Logical block size shown to the guest: 512 or 4096.
+    pub logical_block_size: u32,
+    /// Refuse writes and offer VIRTIO_BLK_F_RO.
+    pub read_only: bool,
+    /// Number of virtqueues (1..=64), each served by its own thread.
+    pub num_queues: u16,
+    /// Maximum virtqueue size (power of two, 1..=32768).
+    pub queue_size: u16,
+    /// Serial returned by GET_ID (at most 20 bytes).
+    pub serial: String,
+    /// Open the volume with O_DIRECT where the filesystem allows it.
+    pub direct_io: bool,
+    /// Most iovecs passed to one preadv/pwritev; larger requests are split (1..=1024).
+    pub max_iovecs_per_io: usize,
+    /// Treat the volume as having at least this block size (0: the volume's own).
+    pub min_device_block_size: u32,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        ExportConfig {
+            volume: PathBuf::new(),
+            socket: PathBuf::new(),
+            logical_block_size: 512,
+            read_only: false,
+            num_queues: 1,
+            queue_size: 256,
+            serial: String::new(),
+            direct_io: true,
+            max_iovecs_per_io: crate::sys::IOV_MAX,
+            min_device_block_size: 0,
+        }
+    }
+}
+
+impl ExportConfig {
+    fn validate(&self) -> Result<(), ExportError> {
+        let bad = |m: String| Err(ExportError::Config(m));
+        if !matches!(self.logical_block_size, 512 | 4096) {
+            return bad(format!(
+                "logical block size {} is not 512 or 4096",
+                self.logical_block_size
+            ));
+        }
+        if !(1..=64).contains(&self.num_queues) {
+            return bad(format!("{} queues is not within 1..=64", self.num_queues));
+        }
+        if !self.queue_size.is_power_of_two() || self.queue_size > 32768 {
+            return bad(format!(
+                "queue size {} is not a power of two up to 32768",
+                self.queue_size
+            ));
+        }
+        if self.serial.len() > SERIAL_LEN {
+            return bad(format!("serial {:?} is longer than 20 bytes", self.serial));
+        }
+        if !(1..=crate::sys::IOV_MAX).contains(&self.max_iovecs_per_io) {
+            return bad(format!(
+                "max iovecs per I/O {} is not within 1..=1024",
+                self.max_iovecs_per_io
+            ));
+        }
+        if self.min_device_block_size != 0
+            && (!self.min_device_block_size.is_power_of_two()
+                || !(512..=65536).contains(&self.min_device_block_size))
+        {
+            return bad(format!(
+                "device block size {} is not a power of two in 512..=65536",
+                self.min_device_block_size
+            ));
+        }
+        Ok(())
+    }
+}
+
+struct StopInner {
+    stopped: AtomicBool,
+    event: EventFd,
+    conn: Mutex<Option<ShutdownHandle>>,
+}
+
+impl std::fmt::Debug for StopInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopInner")
+            .field("stopped", &self.stopped)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Stops a serving export from any thread (signal handler thread, test, daemon).
+#[derive(Debug, Clone)]
+pub struct StopHandle(Arc<StopInner>);
+
+impl StopHandle {
+    /// A new, not yet triggered handle.
+    pub fn new() -> Result<StopHandle, ExportError> {
+        Ok(StopHandle(Arc::new(StopInner {
+            stopped: AtomicBool::new(false),
+            event: EventFd::new(EFD_NONBLOCK).map_err(ExportError::StopEvent)?,
+            conn: Mutex::new(None),
+        })))
+    }
+
+    /// Ends the current connection, if any, and makes `serve` return.
+    pub fn stop(&self) {
+        self.0.stopped.store(true, Ordering::SeqCst);
+        if let Err(e) = self.0.event.write(1) {
+            tracing::warn!(error = %e, "cannot signal the stop event");
+        }
+        if let Some(h) = self
+            .0
+            .conn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            h.shutdown();
+        }
+    }
+
+    /// Whether `stop` was called.
+    pub fn is_stopped(&self) -> bool {
+        self.0.stopped.load(Ordering::SeqCst)
+    }
+
+    fn set_conn(&self, h: Option<ShutdownHandle>) {
+        let mut slot = self.0.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        *slot = h;
+        // A stop that raced with the accept still ends this connection.
+        if self.is_stopped() {
+            if let Some(h) = slot.as_ref() {
+                h.shutdown();
+            }
+        }
+    }
+}
+
+/// A volume exported on a vhost-user socket.
+pub struct Export {
+    cfg: ExportConfig,
+    dev: Arc<Device>,
+    geometry: Geometry,
+    listener: Mutex<Listener>,
+    stop: StopHandle,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export")
+            .field("cfg", &self.cfg)
+            .field("geometry", &self.geometry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Export {
+    /// Opens the volume and binds the socket; connections are accepted by [`Export::serve`].
+    pub fn new(cfg: ExportConfig) -> Result<Export, ExportError> {
+        Export::with_stop_handle(cfg, StopHandle::new()?)
+    }
+
+    /// Like [`Export::new`], stopped through an existing handle.
+    pub fn with_stop_handle(cfg: ExportConfig, stop: StopHandle) -> Result<Export, ExportError> {
+        cfg.validate()?;
+        let volume = Volume::open(
+            &cfg.volume,
+            &VolumeParams {
+                read_only: cfg.read_only,
+                direct: cfg.direct_io,
+                min_block_size: cfg.min_device_block_size,
+                max_iovecs: cfg.max_iovecs_per_io,
+            },
+        )
+        .map_err(ExportError::Volume)?;
+        let unit = u64::from(cfg.logical_block_size).max(volume.block_size());
+        let capacity = (volume.size() - volume.size() % unit) / SECTOR_SIZE;
+        if capacity == 0 {
+            return Err(ExportError::Empty(cfg.volume.clone()));
+        }
+        let mut serial = [0u8; SERIAL_LEN];
+        serial[..cfg.serial.len()].copy_from_slice(cfg.serial.as_bytes());
+        tracing::info!(
+            volume = %cfg.volume.display(),
+            socket = %cfg.socket.display(),
+            capacity_sectors = capacity,
+            device_block_size = volume.block_size(),
+            guest_block_size = cfg.logical_block_size,
+            direct_io = volume.is_direct(),
+            read_only = cfg.read_only,
+            "export created"
+        );
+        let dev = Arc::new(Device {
+            volume,
+            capacity,
+            metrics: Arc::new(Metrics::default()),
+            serial,
+            wce: AtomicBool::new(true),
+        });
+        let listener = Listener::new(&cfg.socket, true).map_err(|source| ExportError::Listen {
+            path: cfg.socket.clone(),
+            source,
+        })?;
+        Ok(Export {
+            geometry: Geometry {
+                capacity,
+                logical_block_size: cfg.logical_block_size,
+                num_queues: cfg.num_queues,
+                queue_size: cfg.queue_size,
+            },
+            cfg,
+            dev,
+            listener: Mutex::new(listener),
+            stop,
+        })
+    }
+
+    /// A handle that stops [`Export::serve`] from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Capacity shown to the guest, in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.geometry.capacity
+    }
+
+    /// The export's counters so far.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.dev.metrics.snapshot()
+    }
+
+    /// The configuration this export runs with.
+    pub fn config(&self) -> &ExportConfig {
+        &self.cfg
+    }
+
+    /// Serves frontends one after the other until stopped. A frontend that disconnects
+    /// (guest shutdown, QEMU restart or reconnect) is followed by the next one.
+    pub fn serve(&self) -> Result<(), ExportError> {
+        let mut listener = self.listener.lock().unwrap_or_else(PoisonError::into_inner);
+        while !self.stop.is_stopped() {
+            let lfd = listener.as_raw_fd();
+            let efd = self.stop.0.event.as_raw_fd();
+            let readable = {
+                let lb = crate::sys::borrow_fd(lfd);
+                let eb = crate::sys::borrow_fd(efd);
+                let mut fds = [
+                    PollFd::new(lb, PollFlags::POLLIN),
+                    PollFd::new(eb, PollFlags::POLLIN),
+                ];
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) => fds[0]
+                        .revents()
+                        .is_some_and(|r| r.contains(PollFlags::POLLIN)),
+                    Err(nix::Error::EINTR) => false,
+                    Err(e) => return Err(ExportError::Poll(e)),
+                }
+            };
+            if self.stop.is_stopped() {
+                break;
+            }
+            if readable {
+                self.serve_one(&mut listener)?;
+            }
+        }
+        tracing::info!(socket = %self.cfg.socket.display(), "export stopped");
+        Ok(())
+    }
+
+    /// Accepts one frontend and serves it until it disconnects or the export is stopped.
+    fn serve_one(&self, listener: &mut Listener) -> Result<(), ExportError> {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let session = Arc::new(Session::new(self.dev.clone(), self.geometry, mem.clone()));
+        let mut daemon = VhostUserDaemon::new("vhost-blk".to_string(), session, mem)
+            .map_err(|e| ExportError::Session(e.to_string()))?;
+        if let Err(e) = daemon.start(listener) {
+            tracing::warn!(error = %e, "accepting a vhost-user connection failed");
+            return Ok(());
+        }
+        tracing::info!("vhost-user frontend connected");
+        self.stop.set_conn(daemon.shutdown_handle());
+        let res = daemon.wait();
+        self.stop.set_conn(None);
+        match res {
+            Ok(()) => tracing::info!("vhost-user frontend disconnected"),
+            Err(e) => tracing::warn!(error = %e, "vhost-user connection ended with an error"),
+        }
+        // Dropping the daemon stops and joins this session's vring workers.
+        drop(daemon);
+        Ok(())
+    }
+}
+
+/// Runs an export of `cfg` until `stop` is triggered; returns its final counters.
+pub fn run(cfg: ExportConfig, stop: StopHandle) -> Result<MetricsSnapshot, ExportError> {
+    let export = Export::with_stop_handle(cfg, stop)?;
+    export.serve()?;
+    Ok(export.metrics())
+}

@@ -1,0 +1,509 @@
+//! virtio-blk request parsing, validation and execution.
+//!
+//! Validation follows the order of the virtio spec (5.2.6): the chain must end, the last byte
+//! must be a device-writable status byte, the 16-byte header must be device-readable, every
+//! buffer must lie in guest memory, and then the type decides the data direction, length and
+//! range. [`process_chain`] is the one completion site: it writes the status byte and records
+//! metrics; the caller adds the used element with the length it returns.
+
+use std::ops::Deref;
+use std::time::Instant;
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+
+use crate::metrics::{Failure, Kind, Metrics};
+use crate::volume::{Volume, VolumeError, SECTOR_SIZE};
+
+/// VIRTIO_BLK_T_IN.
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+/// VIRTIO_BLK_T_OUT.
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+/// VIRTIO_BLK_T_FLUSH.
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+/// VIRTIO_BLK_T_GET_ID.
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+/// VIRTIO_BLK_T_DISCARD.
+pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+/// VIRTIO_BLK_T_WRITE_ZEROES.
+pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+/// VIRTIO_BLK_S_OK.
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+/// VIRTIO_BLK_S_IOERR.
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+/// VIRTIO_BLK_S_UNSUPP.
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+/// VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP.
+const FLAG_UNMAP: u32 = 1;
+/// Length of the serial returned by GET_ID.
+pub const SERIAL_LEN: usize = 20;
+/// Size of one discard / write-zeroes segment.
+const DWZ_SEG_LEN: u64 = 16;
+/// Most discard / write-zeroes segments accepted in one request.
+pub const MAX_DWZ_SEGS: u32 = 256;
+
+/// A request type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestType {
+    /// Read.
+    In,
+    /// Write.
+    Out,
+    /// Flush.
+    Flush,
+    /// Device id (serial).
+    GetId,
+    /// Discard.
+    Discard,
+    /// Write zeroes.
+    WriteZeroes,
+    /// Any other type.
+    Unsupported(u32),
+}
+
+impl From<u32> for RequestType {
+    fn from(t: u32) -> Self {
+        match t {
+            VIRTIO_BLK_T_IN => RequestType::In,
+            VIRTIO_BLK_T_OUT => RequestType::Out,
+            VIRTIO_BLK_T_FLUSH => RequestType::Flush,
+            VIRTIO_BLK_T_GET_ID => RequestType::GetId,
+            VIRTIO_BLK_T_DISCARD => RequestType::Discard,
+            VIRTIO_BLK_T_WRITE_ZEROES => RequestType::WriteZeroes,
+            t => RequestType::Unsupported(t),
+        }
+    }
+}
+
+impl RequestType {
+    fn kind(self) -> Kind {
+        match self {
+            RequestType::In => Kind::Read,
+            RequestType::Out => Kind::Write,
+            RequestType::Flush => Kind::Flush,
+            RequestType::GetId => Kind::GetId,
+            RequestType::Discard => Kind::Discard,
+            RequestType::WriteZeroes => Kind::WriteZeroes,
+            RequestType::Unsupported(_) => Kind::Unsupported,
+        }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The chain was empty, looped, nested indirect tables or pointed outside the queue.
+    #[error("descriptor chain is broken or does not end")]
+    BrokenChain,
+    /// The last descriptor is not a device-writable buffer of at least one byte.
+    #[error("descriptor chain has no device-writable status byte")]
+    NoStatus,
+    /// Fewer than 16 device-readable bytes precede the data.
+    #[error("request header is missing or not device-readable")]
+    BadHeader,
+    /// A buffer lies outside guest memory.
+    #[error("buffer at guest address {0:#x} lies outside guest memory")]
+    BadAddress(u64),
+    /// A data buffer has the wrong direction for the request type.
+    #[error("data buffer direction does not match request type {0:?}")]
+    WrongDirection(RequestType),
+    /// The data length is not a multiple of the sector or segment size.
+    #[error("data length {len} is invalid for request type {kind:?}")]
+    BadLength {
+        /// Request type.
+        kind: RequestType,
+        /// Data length in bytes.
+        len: u64,
+    },
+    /// The sectors lie (partly) past the end of the volume, or the offset overflows.
+    #[error("sectors {sector}+{count} lie past the end of the volume ({capacity} sectors)")]
+    OutOfRange {
+        /// First sector.
+        sector: u64,
+        /// Number of sectors.
+        count: u64,
+        /// Volume capacity in sectors.
+        capacity: u64,
+    },
+    /// Write-type request on a read-only export.
+    #[error("request type {0:?} refused: the export is read-only")]
+    ReadOnly(RequestType),
+    /// Unknown type, or unknown flags of a discard / write-zeroes segment.
+    #[error("unsupported request type {0}")]
+    Unsupported(u32),
+    /// The volume failed the operation.
+    #[error("volume operation failed")]
+    Volume(#[source] VolumeError),
+}
+
+impl RequestError {
+    /// The status byte this error is answered with.
+    pub fn status(&self) -> u8 {
+        match self {
+            RequestError::Unsupported(_) => VIRTIO_BLK_S_UNSUPP,
+            _ => VIRTIO_BLK_S_IOERR,
+        }
+    }
+
+    fn failure(&self) -> Failure {
+        match self {
+            RequestError::Unsupported(_) => Failure::Unsupported,
+            RequestError::ReadOnly(_) => Failure::ReadOnly,
+            RequestError::Volume(_) => Failure::Io,
+            _ => Failure::Malformed,
+        }
+    }
+}
+
+/// What every request needs from the export.
+#[derive(Debug)]
+pub(crate) struct Device {
+    pub volume: Volume,
+    /// Capacity shown to the guest, in 512-byte sectors.
+    pub capacity: u64,
+    pub metrics: std::sync::Arc<Metrics>,
+    pub serial: [u8; SERIAL_LEN],
+    /// Write cache enabled (writeback); when false every write is followed by a flush.
+    pub wce: std::sync::atomic::AtomicBool,
+}
+
+/// A buffer of the chain, before the header and status are split off.
+#[derive(Debug, Clone, Copy)]
+struct Seg {
+    addr: u64,
+    len: u64,
+    writable: bool,
+}
+
+/// A validated request.
+struct Request<'m> {
+    kind: RequestType,
+    sector: u64,
+    data: Vec<VolatileSlice<'m, ()>>,
+    data_len: u64,
+}
+
+/// Collects the chain's buffers; None if it is broken (loop, bad index, nested indirect).
+fn collect<M>(chain: DescriptorChain<M>) -> Option<Vec<Seg>>
+where
+    M: Deref<Target = GuestMemoryMmap<()>>,
+{
+    let mut segs = Vec::new();
+    let mut last: Option<Descriptor> = None;
+    for d in chain {
+        segs.push(Seg {
+            addr: d.addr().0,
+            len: u64::from(d.len()),
+            writable: d.is_write_only(),
+        });
+        last = Some(d);
+    }
+    // The iterator stops silently on errors: a complete chain ends with a descriptor
+    // without NEXT.
+    match last {
+        Some(d) if !d.has_next() => Some(segs),
+        _ => None,
+    }
+}
+
+fn slices_of<'m>(
+    mem: &'m GuestMemoryMmap<()>,
+    segs: &[Seg],
+) -> Result<Vec<VolatileSlice<'m, ()>>, RequestError> {
+    let mut out = Vec::with_capacity(segs.len());
+    for s in segs.iter().filter(|s| s.len > 0) {
+        let len = usize::try_from(s.len).map_err(|_| RequestError::BadAddress(s.addr))?;
+        if s.addr.checked_add(s.len).is_none() {
+            return Err(RequestError::BadAddress(s.addr));
+        }
+        for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(s.addr), len) {
+            out.push(slice.map_err(|_| RequestError::BadAddress(s.addr))?);
+        }
+    }
+    Ok(out)
+}
+
+/// Splits the header off the front of `segs`, returning its bytes.
+fn take_header(mem: &GuestMemoryMmap<()>, segs: &mut Vec<Seg>) -> Result<[u8; 16], RequestError> {
+    let mut hdr = [0u8; 16];
+    let mut got = 0usize;
+    let mut consumed = 0usize;
+    for s in segs.iter_mut() {
+        if got == 16 {
+            break;
+        }
+        if s.writable {
+            return Err(RequestError::BadHeader);
+        }
+        let n = (16 - got).min(usize::try_from(s.len).unwrap_or(usize::MAX));
+        mem.read_slice(&mut hdr[got..got + n], GuestAddress(s.addr))
+            .map_err(|_| RequestError::BadAddress(s.addr))?;
+        got += n;
+        s.addr = s.addr.wrapping_add(n as u64);
+        s.len -= n as u64;
+        if s.len == 0 {
+            consumed += 1;
+        }
+    }
+    if got < 16 {
+        return Err(RequestError::BadHeader);
+    }
+    segs.drain(..consumed);
+    Ok(hdr)
+}
+
+fn parse<'m>(
+    dev: &Device,
+    mem: &'m GuestMemoryMmap<()>,
+    mut segs: Vec<Seg>,
+) -> Result<Request<'m>, RequestError> {
+    let hdr = take_header(mem, &mut segs)?;
+    let t = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+    let sector = u64::from_le_bytes([
+        hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
+    ]);
+    let kind = RequestType::from(t);
+    let data_len: u64 = segs.iter().map(|s| s.len).sum();
+    let all = |w: bool| segs.iter().all(|s| s.writable == w || s.len == 0);
+    match kind {
+        RequestType::In | RequestType::Out => {
+            if !all(kind == RequestType::In) {
+                return Err(RequestError::WrongDirection(kind));
+            }
+            if data_len % SECTOR_SIZE != 0 {
+                return Err(RequestError::BadLength {
+                    kind,
+                    len: data_len,
+                });
+            }
+            check_range(dev, sector, data_len / SECTOR_SIZE)?;
+        }
+        RequestType::GetId => {
+            if !all(true) {
+                return Err(RequestError::WrongDirection(kind));
+            }
+        }
+        RequestType::Discard | RequestType::WriteZeroes => {
+            if !all(false) {
+                return Err(RequestError::WrongDirection(kind));
+            }
+            if data_len == 0
+                || data_len % DWZ_SEG_LEN != 0
+                || data_len / DWZ_SEG_LEN > u64::from(MAX_DWZ_SEGS)
+            {
+                return Err(RequestError::BadLength {
+                    kind,
+                    len: data_len,
+                });
+            }
+        }
+        RequestType::Flush => {}
+        RequestType::Unsupported(t) => return Err(RequestError::Unsupported(t)),
+    }
+    if dev.volume.is_read_only()
+        && matches!(
+            kind,
+            RequestType::Out | RequestType::Discard | RequestType::WriteZeroes
+        )
+    {
+        return Err(RequestError::ReadOnly(kind));
+    }
+    let data = slices_of(mem, &segs)?;
+    Ok(Request {
+        kind,
+        sector,
+        data,
+        data_len,
+    })
+}
+
+fn check_range(dev: &Device, sector: u64, count: u64) -> Result<(u64, u64), RequestError> {
+    let capacity = dev.capacity;
+    let err = RequestError::OutOfRange {
+        sector,
+        count,
+        capacity,
+    };
+    match sector.checked_add(count) {
+        Some(end) if end <= capacity => Ok((sector * SECTOR_SIZE, count * SECTOR_SIZE)),
+        _ => Err(err),
+    }
+}
+
+/// Runs a validated request; returns the number of bytes written into guest data buffers.
+fn execute(dev: &Device, req: &Request<'_>) -> Result<u64, RequestError> {
+    let offset = req
+        .sector
+        .checked_mul(SECTOR_SIZE)
+        .ok_or(RequestError::OutOfRange {
+            sector: req.sector,
+            count: 0,
+            capacity: dev.capacity,
+        })?;
+    match req.kind {
+        RequestType::In => {
+            dev.volume
+                .read(offset, &req.data)
+                .map_err(RequestError::Volume)?;
+            Ok(req.data_len)
+        }
+        RequestType::Out => {
+            dev.volume
+                .write(offset, &req.data)
+                .map_err(RequestError::Volume)?;
+            if !dev.wce.load(std::sync::atomic::Ordering::Relaxed) {
+                dev.volume.flush().map_err(RequestError::Volume)?;
+            }
+            Ok(0)
+        }
+        RequestType::Flush => {
+            dev.volume.flush().map_err(RequestError::Volume)?;
+            Ok(0)
+        }
+        RequestType::GetId => {
+            let mut left: &[u8] = &dev.serial;
+            let mut written = 0u64;
+            for s in &req.data {
+                if left.is_empty() {
+                    break;
+                }
+                let n = s.len().min(left.len());
+                let sub = s.subslice(0, n).map_err(|_| RequestError::BadHeader)?;
+                sub.copy_from(&left[..n]);
+                left = &left[n..];
+                written += n as u64;
+            }
+            Ok(written)
+        }
+        RequestType::Discard | RequestType::WriteZeroes => {
+            let mut raw = vec![0u8; usize::try_from(req.data_len).unwrap_or(0)];
+            let mut pos = 0usize;
+            for s in &req.data {
+                s.copy_to(&mut raw[pos..pos + s.len()]);
+                pos += s.len();
+            }
+            // Validate every segment before touching the volume.
+            let mut ranges = Vec::new();
+            for seg in raw.chunks_exact(16) {
+                let sector = u64::from_le_bytes([
+                    seg[0], seg[1], seg[2], seg[3], seg[4], seg[5], seg[6], seg[7],
+                ]);
+                let count = u64::from(u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]));
+                let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+                let allowed = if req.kind == RequestType::WriteZeroes {
+                    FLAG_UNMAP
+                } else {
+                    0
+                };
+                if flags & !allowed != 0 {
+                    return Err(RequestError::Unsupported(flags));
+                }
+                let (off, len) = check_range(dev, sector, count)?;
+                ranges.push((off, len, flags & FLAG_UNMAP != 0));
+            }
+            for (off, len, unmap) in ranges {
+                if req.kind == RequestType::Discard {
+                    dev.volume.discard(off, len)
+                } else {
+                    dev.volume.write_zeroes(off, len, unmap)
+                }
+                .map_err(RequestError::Volume)?;
+            }
+            Ok(0)
+        }
+        RequestType::Unsupported(t) => Err(RequestError::Unsupported(t)),
+    }
+}
+
+/// Outcome of one descriptor chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Completion {
+    /// Head descriptor index, for the used ring.
+    pub head: u16,
+    /// Bytes written into device-writable buffers (the used length).
+    pub used_len: u32,
+    /// Status written, if the chain had a status byte.
+    pub status: Option<u8>,
+}
+
+/// Parses, validates, executes and completes one chain: the single completion site.
+pub(crate) fn process_chain<M>(
+    dev: &Device,
+    mem: &GuestMemoryMmap<()>,
+    chain: DescriptorChain<M>,
+) -> Completion
+where
+    M: Deref<Target = GuestMemoryMmap<()>>,
+{
+    let start = Instant::now();
+    let head = chain.head_index();
+    let done = |kind: Option<Kind>, failure: Option<Failure>, bytes: u64| {
+        dev.metrics.record(kind, failure, bytes, start.elapsed());
+    };
+    let Some(mut segs) = collect(chain) else {
+        tracing::debug!(head, "broken descriptor chain");
+        done(None, Some(Failure::Malformed), 0);
+        return Completion {
+            head,
+            used_len: 0,
+            status: None,
+        };
+    };
+    // The status is the last byte of the last buffer, which must be device-writable.
+    let status_addr = match segs.last_mut() {
+        Some(s) if s.writable && s.len >= 1 => {
+            s.len -= 1;
+            s.addr.checked_add(s.len)
+        }
+        _ => None,
+    };
+    let Some(status_addr) = status_addr.filter(|&a| mem.address_in_range(GuestAddress(a))) else {
+        tracing::debug!(head, "request without a usable status byte");
+        done(None, Some(Failure::Malformed), 0);
+        return Completion {
+            head,
+            used_len: 0,
+            status: None,
+        };
+    };
+    let (kind, result) = match parse(dev, mem, segs) {
+        Ok(req) => {
+            let r = execute(dev, &req);
+            (Some(req.kind), r.map(|w| (w, req.data_len)))
+        }
+        Err(e) => {
+            let kind = match &e {
+                RequestError::Unsupported(t) => Some(RequestType::Unsupported(*t)),
+                RequestError::ReadOnly(k)
+                | RequestError::WrongDirection(k)
+                | RequestError::BadLength { kind: k, .. } => Some(*k),
+                _ => None,
+            };
+            (kind, Err(e))
+        }
+    };
+    let (status, written, failure, bytes) = match result {
+        Ok((written, data_len)) => (VIRTIO_BLK_S_OK, written, None, data_len),
+        Err(e) => {
+            tracing::debug!(head, error = %e, "request failed");
+            (e.status(), 0, Some(e.failure()), 0)
+        }
+    };
+    let status = if mem.write_obj(status, GuestAddress(status_addr)).is_ok() {
+        Some(status)
+    } else {
+        None
+    };
+    done(kind.map(RequestType::kind), failure, bytes);
+    let used_len = if status.is_some() {
+        u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX)
+    } else {
+        0
+    };
+    Completion {
+        head,
+        used_len,
+        status,
+    }
+}

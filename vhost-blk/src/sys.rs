@@ -1,0 +1,138 @@
+//! Kernel interfaces: positional vectored I/O and block-device ioctls.
+//!
+//! Every `unsafe` call of this crate lives here, wrapped in a safe function.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+
+use vm_memory::VolatileSlice;
+
+/// Most iovecs one `preadv`/`pwritev` accepts on Linux (`IOV_MAX`).
+pub const IOV_MAX: usize = 1024;
+
+/// Maps a libc return value to `io::Result`.
+fn check(ret: libc::c_long) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        // A non-negative c_long always fits in usize on the 64-bit targets this runs on.
+        usize::try_from(ret).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+    }
+}
+
+fn to_iovecs(slices: &[VolatileSlice<'_, ()>]) -> Vec<libc::iovec> {
+    slices
+        .iter()
+        .map(|s| libc::iovec {
+            iov_base: s.ptr_guard_mut().as_ptr().cast(),
+            iov_len: s.len(),
+        })
+        .collect()
+}
+
+fn check_count(n: usize) -> io::Result<libc::c_int> {
+    if n > IOV_MAX {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    libc::c_int::try_from(n).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn to_off(offset: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+}
+
+/// `preadv(2)` into guest memory slices (at most [`IOV_MAX`]); returns bytes read.
+pub fn preadv(file: &File, slices: &[VolatileSlice<'_, ()>], offset: u64) -> io::Result<usize> {
+    let cnt = check_count(slices.len())?;
+    let iov = to_iovecs(slices);
+    let off = to_off(offset)?;
+    // SAFETY: every iovec points into a VolatileSlice borrowed for the duration of this call,
+    // i.e. into mapped memory of exactly `iov_len` bytes; `cnt` is the length of `iov`, and
+    // the kernel only writes inside those ranges.
+    let ret = unsafe { libc::preadv(file.as_raw_fd(), iov.as_ptr(), cnt, off) };
+    check(ret as libc::c_long)
+}
+
+/// `pwritev(2)` from guest memory slices (at most [`IOV_MAX`]); returns bytes written.
+pub fn pwritev(file: &File, slices: &[VolatileSlice<'_, ()>], offset: u64) -> io::Result<usize> {
+    let cnt = check_count(slices.len())?;
+    let iov = to_iovecs(slices);
+    let off = to_off(offset)?;
+    // SAFETY: every iovec points into a VolatileSlice borrowed for the duration of this call,
+    // i.e. into mapped memory of exactly `iov_len` bytes; `cnt` is the length of `iov`, and
+    // the kernel only reads those ranges.
+    let ret = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), cnt, off) };
+    check(ret as libc::c_long)
+}
+
+nix::ioctl_read_bad!(blk_ssz_get, libc::BLKSSZGET, libc::c_int);
+nix::ioctl_read_bad!(blk_pbsz_get, libc::BLKPBSZGET, libc::c_uint);
+nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
+// _IO(0x12, 119)
+nix::ioctl_write_ptr_bad!(blk_discard, 0x1277, [u64; 2]);
+// _IO(0x12, 127)
+nix::ioctl_write_ptr_bad!(blk_zeroout, 0x127f, [u64; 2]);
+nix::ioctl_read_bad!(blk_io_opt, 0x1279, libc::c_uint);
+nix::ioctl_read_bad!(blk_io_min, 0x1278, libc::c_uint);
+
+/// Logical sector size of a block device (`BLKSSZGET`).
+pub fn logical_block_size(file: &File) -> io::Result<u32> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one c_int into `v`, which lives for the call.
+    unsafe { blk_ssz_get(file.as_fd().as_raw_fd(), &mut v) }.map_err(io::Error::from)?;
+    u32::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Physical sector size of a block device (`BLKPBSZGET`).
+pub fn physical_block_size(file: &File) -> io::Result<u32> {
+    let mut v: libc::c_uint = 0;
+    // SAFETY: BLKPBSZGET writes one c_uint into `v`, which lives for the call.
+    unsafe { blk_pbsz_get(file.as_raw_fd(), &mut v) }.map_err(io::Error::from)?;
+    Ok(v)
+}
+
+/// Minimum and optimal I/O sizes of a block device (`BLKIOMIN`, `BLKIOOPT`).
+pub fn io_sizes(file: &File) -> io::Result<(u32, u32)> {
+    let mut min: libc::c_uint = 0;
+    let mut opt: libc::c_uint = 0;
+    // SAFETY: BLKIOMIN writes one c_uint into `min`, which lives for the call.
+    unsafe { blk_io_min(file.as_raw_fd(), &mut min) }.map_err(io::Error::from)?;
+    // SAFETY: BLKIOOPT writes one c_uint into `opt`, which lives for the call.
+    unsafe { blk_io_opt(file.as_raw_fd(), &mut opt) }.map_err(io::Error::from)?;
+    Ok((min, opt))
+}
+
+/// Size in bytes of a block device (`BLKGETSIZE64`).
+pub fn device_size(file: &File) -> io::Result<u64> {
+    let mut v: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 into `v`, which lives for the call.
+    unsafe { blk_getsize64(file.as_raw_fd(), &mut v) }.map_err(io::Error::from)?;
+    Ok(v)
+}
+
+/// Discards `[offset, offset + len)` of a block device (`BLKDISCARD`).
+pub fn discard(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let range = [offset, len];
+    // SAFETY: BLKDISCARD reads two u64 from `range`, which lives for the call.
+    unsafe { blk_discard(file.as_raw_fd(), &range) }.map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Zeroes `[offset, offset + len)` of a block device (`BLKZEROOUT`).
+pub fn zero_out(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let range = [offset, len];
+    // SAFETY: BLKZEROOUT reads two u64 from `range`, which lives for the call.
+    unsafe { blk_zeroout(file.as_raw_fd(), &range) }.map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Borrows a raw fd for one call (poll).
+///
+/// The caller must keep `fd` open for as long as the borrow is used; it is only used for
+/// fds owned by the caller's own objects.
+pub fn borrow_fd<'a>(fd: std::os::fd::RawFd) -> std::os::fd::BorrowedFd<'a> {
+    // SAFETY: callers pass fds owned by objects (listener, eventfd) that they keep alive
+    // across the short poll call that uses the borrow.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+}

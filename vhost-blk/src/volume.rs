@@ -1,0 +1,602 @@
+//! The exported volume and its data path.
+//!
+//! ```text
+//!  guest request (512-byte sectors, any buffers)
+//!        |
+//!        +-- offset, length and every buffer aligned to the device block? --> preadv/pwritev
+//!        |                                      (O_DIRECT, split at `max_iovecs` iovecs)
+//!        +-- otherwise --> bounce buffer, in chunks: read the partial head/tail blocks,
+//!                          merge the guest bytes, write whole blocks (read-modify-write)
+//! ```
+//!
+//! When the device block is larger than a guest sector, every write takes an exclusive
+//! [`RangeLock`] on the device blocks it touches, so two guests writes to different
+//! 512-byte sectors of one 4 KiB block both survive, whichever queue they come from.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use vm_memory::VolatileSlice;
+
+use crate::rangelock::RangeLock;
+use crate::sys;
+
+/// Guest sector size in bytes: virtio-blk addresses are always in 512-byte units.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Largest bounce buffer used for one read-modify-write step.
+const BOUNCE_CHUNK: u64 = 256 * 1024;
+
+/// Errors of opening and accessing the volume.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The volume could not be opened.
+    #[error("cannot open volume {path}")]
+    Open {
+        /// Volume path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Size or block size of the volume could not be read.
+    #[error("cannot probe volume {path}")]
+    Probe {
+        /// Volume path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The volume is neither a block device nor a regular file.
+    #[error("volume {0} is neither a block device nor a regular file")]
+    NotAVolume(PathBuf),
+    /// The volume's block size is not a power of two between 512 and 64 KiB.
+    #[error("volume {path} has unsupported block size {block_size}")]
+    BlockSize {
+        /// Volume path.
+        path: PathBuf,
+        /// The block size found.
+        block_size: u64,
+    },
+    /// A system call on the volume failed.
+    #[error("{op} at byte {offset} of the volume failed")]
+    Io {
+        /// Operation.
+        op: &'static str,
+        /// Byte offset.
+        offset: u64,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A read or write transferred nothing before the end of the request.
+    #[error("{op} at byte {offset} of the volume stopped short")]
+    Short {
+        /// Operation.
+        op: &'static str,
+        /// Byte offset.
+        offset: u64,
+    },
+}
+
+/// How the volume is opened.
+#[derive(Debug, Clone)]
+pub(crate) struct VolumeParams {
+    pub read_only: bool,
+    /// Try O_DIRECT (falls back to buffered I/O where the filesystem refuses it).
+    pub direct: bool,
+    /// Treat the volume as having at least this block size (testing the bridge on files).
+    pub min_block_size: u32,
+    /// Most iovecs per system call.
+    pub max_iovecs: usize,
+}
+
+/// An open volume.
+#[derive(Debug)]
+pub(crate) struct Volume {
+    file: File,
+    is_block_device: bool,
+    /// Usable size in bytes: a multiple of `block_size` and of the guest sector.
+    size: u64,
+    /// Offset and length granularity of I/O to the volume.
+    block_size: u64,
+    /// Alignment of memory buffers the volume needs (1 for buffered I/O).
+    mem_align: u64,
+    physical_block_size: u64,
+    io_min: u32,
+    io_opt: u32,
+    direct: bool,
+    read_only: bool,
+    max_iovecs: usize,
+    locks: Option<RangeLock>,
+}
+
+fn io_err(op: &'static str, offset: u64) -> impl FnOnce(io::Error) -> VolumeError {
+    move |source| VolumeError::Io { op, offset, source }
+}
+
+/// Where the bytes of a write come from.
+enum Source<'a, 'b> {
+    Guest(&'a mut SliceCursor<'b>),
+    Zeroes,
+}
+
+/// A position in a list of guest memory slices.
+pub(crate) struct SliceCursor<'a> {
+    slices: &'a [VolatileSlice<'a, ()>],
+    idx: usize,
+    off: usize,
+}
+
+impl<'a> SliceCursor<'a> {
+    pub(crate) fn new(slices: &'a [VolatileSlice<'a, ()>]) -> Self {
+        SliceCursor {
+            slices,
+            idx: 0,
+            off: 0,
+        }
+    }
+
+    /// Copies guest bytes into `buf`, advancing; returns false if the guest buffers end first.
+    fn read_into(&mut self, mut buf: &mut [u8]) -> bool {
+        while !buf.is_empty() {
+            let Some(s) = self.slices.get(self.idx) else {
+                return false;
+            };
+            let avail = s.len() - self.off;
+            if avail == 0 {
+                self.idx += 1;
+                self.off = 0;
+                continue;
+            }
+            let n = avail.min(buf.len());
+            let Ok(sub) = s.subslice(self.off, n) else {
+                return false;
+            };
+            let (head, tail) = buf.split_at_mut(n);
+            sub.copy_to(head);
+            buf = tail;
+            self.off += n;
+        }
+        true
+    }
+
+    /// Copies `buf` into guest buffers, advancing; returns false if the guest buffers end first.
+    fn write_from(&mut self, mut buf: &[u8]) -> bool {
+        while !buf.is_empty() {
+            let Some(s) = self.slices.get(self.idx) else {
+                return false;
+            };
+            let avail = s.len() - self.off;
+            if avail == 0 {
+                self.idx += 1;
+                self.off = 0;
+                continue;
+            }
+            let n = avail.min(buf.len());
+            let Ok(sub) = s.subslice(self.off, n) else {
+                return false;
+            };
+            let (head, tail) = buf.split_at(n);
+            sub.copy_from(head);
+            buf = tail;
+            self.off += n;
+        }
+        true
+    }
+}
+
+/// A heap buffer whose usable part starts at an `align`-byte boundary (for O_DIRECT).
+struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize, align: usize) -> Self {
+        let raw = vec![0u8; len + align];
+        let addr = raw.as_ptr() as usize;
+        let start = (align - addr % align) % align;
+        AlignedBuf { raw, start, len }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+fn align_down(x: u64, a: u64) -> u64 {
+    x - x % a
+}
+
+fn align_up(x: u64, a: u64) -> Option<u64> {
+    x.checked_add(a - 1).map(|v| align_down(v, a))
+}
+
+impl Volume {
+    /// Opens and probes `path`.
+    pub(crate) fn open(path: &Path, params: &VolumeParams) -> Result<Volume, VolumeError> {
+        let open = |direct: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true).write(!params.read_only);
+            if direct {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            o.open(path)
+        };
+        let probe = |source| VolumeError::Probe {
+            path: path.to_owned(),
+            source,
+        };
+        let (file, direct) = if params.direct {
+            match open(true) {
+                Ok(f) => (Ok(f), true),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::info!(path = %path.display(), "O_DIRECT refused, using buffered I/O");
+                    (open(false), false)
+                }
+                Err(e) => (Err(e), true),
+            }
+        } else {
+            (open(false), false)
+        };
+        let file = file.map_err(|source| VolumeError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let meta = file.metadata().map_err(probe)?;
+        let ft = meta.file_type();
+        let (is_block_device, raw_size, lbs, pbs, io_min, io_opt) = if ft.is_block_device() {
+            let size = sys::device_size(&file).map_err(probe)?;
+            let lbs = sys::logical_block_size(&file).map_err(probe)?;
+            let pbs = sys::physical_block_size(&file).unwrap_or(lbs);
+            let (min, opt) = sys::io_sizes(&file).unwrap_or((0, 0));
+            (true, size, u64::from(lbs), u64::from(pbs), min, opt)
+        } else if ft.is_file() {
+            // O_DIRECT on files: the filesystem block is a safe alignment for offsets and
+            // buffers. Buffered files take any 512-byte aligned request.
+            let blk = if direct { 4096 } else { SECTOR_SIZE };
+            (false, meta.len(), blk, blk, 0, 0)
+        } else {
+            return Err(VolumeError::NotAVolume(path.to_owned()));
+        };
+        let block_size = lbs.max(u64::from(params.min_block_size)).max(SECTOR_SIZE);
+        if !block_size.is_power_of_two() || block_size > 65536 {
+            return Err(VolumeError::BlockSize {
+                path: path.to_owned(),
+                block_size,
+            });
+        }
+        let mem_align = if direct { block_size } else { 1 };
+        Ok(Volume {
+            file,
+            is_block_device,
+            size: align_down(raw_size, block_size),
+            block_size,
+            mem_align,
+            physical_block_size: pbs.max(block_size),
+            io_min,
+            io_opt,
+            direct,
+            read_only: params.read_only,
+            max_iovecs: params.max_iovecs.clamp(1, sys::IOV_MAX),
+            locks: (block_size > SECTOR_SIZE).then(RangeLock::default),
+        })
+    }
+
+    /// Usable size in bytes.
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Granularity of I/O to the volume, in bytes.
+    pub(crate) fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    pub(crate) fn physical_block_size(&self) -> u64 {
+        self.physical_block_size
+    }
+
+    pub(crate) fn io_sizes(&self) -> (u32, u32) {
+        (self.io_min, self.io_opt)
+    }
+
+    pub(crate) fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn aligned(&self, offset: u64, slices: &[VolatileSlice<'_, ()>]) -> bool {
+        let total: u64 = slices.iter().map(|s| s.len() as u64).sum();
+        offset % self.block_size == 0
+            && total % self.block_size == 0
+            && slices.iter().all(|s| {
+                let p = s.ptr_guard().as_ptr() as u64;
+                p % self.mem_align == 0 && s.len() as u64 % self.mem_align == 0
+            })
+    }
+
+    /// Reads into guest buffers from byte `offset` (a multiple of 512, in range).
+    pub(crate) fn read(
+        &self,
+        offset: u64,
+        slices: &[VolatileSlice<'_, ()>],
+    ) -> Result<(), VolumeError> {
+        if self.aligned(offset, slices) {
+            self.vectored(false, offset, slices)
+        } else {
+            self.bounce_read(offset, slices)
+        }
+    }
+
+    /// Writes guest buffers at byte `offset` (a multiple of 512, in range).
+    pub(crate) fn write(
+        &self,
+        offset: u64,
+        slices: &[VolatileSlice<'_, ()>],
+    ) -> Result<(), VolumeError> {
+        let len: u64 = slices.iter().map(|s| s.len() as u64).sum();
+        if self.aligned(offset, slices) {
+            let _g = self.lock(offset, offset.saturating_add(len));
+            self.vectored(true, offset, slices)
+        } else {
+            let mut cur = SliceCursor::new(slices);
+            self.rmw_write(offset, len, Source::Guest(&mut cur))
+        }
+    }
+
+    fn lock(&self, start: u64, end: u64) -> Option<crate::rangelock::RangeGuard<'_>> {
+        let a = self.block_size;
+        self.locks
+            .as_ref()
+            .map(|l| l.lock(align_down(start, a), align_up(end, a).unwrap_or(u64::MAX)))
+    }
+
+    /// preadv/pwritev in batches of at most `max_iovecs`, resuming after short transfers.
+    fn vectored(
+        &self,
+        write: bool,
+        mut offset: u64,
+        slices: &[VolatileSlice<'_, ()>],
+    ) -> Result<(), VolumeError> {
+        let op = if write { "pwritev" } else { "preadv" };
+        for batch in slices.chunks(self.max_iovecs) {
+            let mut cur: Vec<VolatileSlice<'_, ()>> = batch.to_vec();
+            let mut first = 0;
+            while first < cur.len() {
+                let n = if write {
+                    sys::pwritev(&self.file, &cur[first..], offset)
+                } else {
+                    sys::preadv(&self.file, &cur[first..], offset)
+                };
+                let mut n = match n {
+                    Ok(0) => return Err(VolumeError::Short { op, offset }),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(io_err(op, offset)(e)),
+                };
+                offset += n as u64;
+                while n > 0 && first < cur.len() {
+                    let l = cur[first].len();
+                    if n >= l {
+                        n -= l;
+                        first += 1;
+                    } else {
+                        cur[first] = cur[first]
+                            .offset(n)
+                            .map_err(|_| VolumeError::Short { op, offset })?;
+                        n = 0;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn pread_full(&self, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                VolumeError::Short {
+                    op: "pread",
+                    offset,
+                }
+            } else {
+                io_err("pread", offset)(e)
+            }
+        })
+    }
+
+    fn pwrite_full(&self, buf: &[u8], offset: u64) -> Result<(), VolumeError> {
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(io_err("pwrite", offset))
+    }
+
+    /// Iterates `[offset, offset + len)` in chunks: (aligned start, aligned end, start, end).
+    fn chunks(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64, u64)> {
+        let a = self.block_size;
+        let chunk = BOUNCE_CHUNK.max(a);
+        let end = offset.saturating_add(len);
+        let mut pos = offset;
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let al_start = align_down(pos, a);
+            let al_end = align_up(end, a)?.min(al_start + chunk);
+            let seg_end = end.min(al_end);
+            let item = (al_start, al_end, pos, seg_end);
+            pos = seg_end;
+            Some(item)
+        })
+    }
+
+    fn bounce_read(
+        &self,
+        offset: u64,
+        slices: &[VolatileSlice<'_, ()>],
+    ) -> Result<(), VolumeError> {
+        let len: u64 = slices.iter().map(|s| s.len() as u64).sum();
+        let mut cur = SliceCursor::new(slices);
+        let mut buf = AlignedBuf::new(BOUNCE_CHUNK.max(self.block_size) as usize, 4096);
+        for (al_start, al_end, start, end) in self.chunks(offset, len) {
+            let b = &mut buf.as_mut()[..(al_end - al_start) as usize];
+            self.pread_full(b, al_start)?;
+            let from = (start - al_start) as usize;
+            let to = (end - al_start) as usize;
+            if !cur.write_from(&b[from..to]) {
+                return Err(VolumeError::Short {
+                    op: "copy to guest",
+                    offset: start,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `len` bytes at `offset` through a bounce buffer, merging partial device blocks.
+    fn rmw_write(&self, offset: u64, len: u64, mut src: Source<'_, '_>) -> Result<(), VolumeError> {
+        let a = self.block_size;
+        let mut buf = AlignedBuf::new(BOUNCE_CHUNK.max(a) as usize, 4096);
+        for (al_start, al_end, start, end) in self.chunks(offset, len) {
+            let _g = self.lock(al_start, al_end);
+            let b = &mut buf.as_mut()[..(al_end - al_start) as usize];
+            let a_us = a as usize;
+            let blen = b.len();
+            let head_read = start > al_start;
+            if head_read {
+                self.pread_full(&mut b[..a_us], al_start)?;
+            }
+            if end < al_end && !(head_read && blen == a_us) {
+                let last = blen - a_us;
+                self.pread_full(&mut b[last..], al_end - a)?;
+            }
+            let from = (start - al_start) as usize;
+            let to = (end - al_start) as usize;
+            match &mut src {
+                Source::Guest(cur) => {
+                    if !cur.read_into(&mut b[from..to]) {
+                        return Err(VolumeError::Short {
+                            op: "copy from guest",
+                            offset: start,
+                        });
+                    }
+                }
+                Source::Zeroes => b[from..to].fill(0),
+            }
+            self.pwrite_full(b, al_start)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes volatile caches of the volume.
+    pub(crate) fn flush(&self) -> Result<(), VolumeError> {
+        self.file.sync_data().map_err(io_err("fdatasync", 0))
+    }
+
+    /// Discards `[offset, offset + len)`: a hint; the partial device blocks at the ends are kept.
+    pub(crate) fn discard(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        let a = self.block_size;
+        let (Some(start), end) = (
+            align_up(offset, a),
+            align_down(offset.saturating_add(len), a),
+        ) else {
+            return Ok(());
+        };
+        if start >= end {
+            return Ok(());
+        }
+        let _g = self.lock(start, end);
+        let res = if self.is_block_device {
+            sys::discard(&self.file, start, end - start)
+        } else {
+            self.punch_hole(start, end - start)
+        };
+        match res {
+            Ok(()) => Ok(()),
+            // Discard is advisory: a volume that cannot do it keeps the data.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOTTY)) => Ok(()),
+            Err(e) => Err(io_err("discard", start)(e)),
+        }
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let l = i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        fallocate(
+            self.file.as_raw_fd(),
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            off,
+            l,
+        )
+        .map_err(io::Error::from)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let l = i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        fallocate(
+            self.file.as_raw_fd(),
+            FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            off,
+            l,
+        )
+        .map_err(io::Error::from)
+    }
+
+    /// Zeroes `[offset, offset + len)`; `unmap` lets the volume deallocate the range.
+    pub(crate) fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<(), VolumeError> {
+        let a = self.block_size;
+        let end = offset.saturating_add(len);
+        let in_start = align_up(offset, a).unwrap_or(end).min(end);
+        let in_end = align_down(end, a).max(in_start);
+        // Partial device blocks at either end are merged through the bounce buffer.
+        if offset < in_start {
+            self.rmw_write(offset, in_start - offset, Source::Zeroes)?;
+        }
+        if in_end < end {
+            self.rmw_write(in_end, end - in_end, Source::Zeroes)?;
+        }
+        if in_start >= in_end {
+            return Ok(());
+        }
+        let res = {
+            let _g = self.lock(in_start, in_end);
+            if self.is_block_device {
+                sys::zero_out(&self.file, in_start, in_end - in_start)
+            } else if unmap {
+                self.punch_hole(in_start, in_end - in_start)
+            } else {
+                self.zero_range(in_start, in_end - in_start)
+            }
+        };
+        match res {
+            Ok(()) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL)
+                ) =>
+            {
+                self.rmw_write(in_start, in_end - in_start, Source::Zeroes)
+            }
+            Err(e) => Err(io_err("write zeroes", in_start)(e)),
+        }
+    }
+}
