@@ -1,1 +1,50 @@
-//! Test infrastructure: loop devices, images and QEMU guests.
+//! Test infrastructure for vmblk: loop devices, a bootable test image, exports and real
+//! QEMU guests.
+//!
+//! ```text
+//!  ImageSpec::build() ──> TestImage (raw + qcow2, GPT/ESP/systemd-boot/ext4, cached)
+//!          │
+//!  Volume::new(4096) + PrepareVolume  (WriteRawImage | ManualBridgeRepair | ...)
+//!          │
+//!  QsdExport / CommandExport  ──socket──>  Guest::start(GuestParams)
+//!                                             │ serial log
+//!                                    GuestReport (VMBLK-CHECK lines)
+//! ```
+//!
+//! Tests that create loop devices or guests hold [`loop_tests_lock`] for their whole
+//! run. Everything the harness starts is killed by PID and removed on drop.
+
+mod export;
+mod guest;
+mod image;
+mod initramfs;
+mod kernel;
+mod lock;
+mod loopdev;
+mod process;
+mod report;
+mod util;
+mod volume;
+
+pub use export::{
+    CommandExport, CommandExportParams, Export, QsdDriver, QsdExport, QsdParams,
+    EXPORT_READY_TIMEOUT,
+};
+pub use guest::{
+    Guest, GuestDisk, GuestOutcome, GuestParams, DEFAULT_GUEST_TIMEOUT, OVMF_CODE, OVMF_VARS,
+};
+pub use image::{
+    copy_into, BootMode, GuestFile, ImageSpec, PartitionSpec, TestImage, DISK_GUID, ESP,
+    IMAGE_BYTES, IMAGE_SECTOR_SIZE, PARTITIONS, ROOT, SCRATCH, SYSTEMD_BOOT_EFI,
+};
+pub use initramfs::{build_initramfs, resolve_modules, Initramfs, GUEST_MODULES, INIT_SCRIPT};
+pub use kernel::{guest_kernel, GuestKernel, KERNEL_METAPACKAGE};
+pub use lock::{loop_tests_lock, FileLock, LOOP_TESTS_LOCK};
+pub use loopdev::LoopDevice;
+pub use process::ManagedProcess;
+pub use report::{BootReport, Check, GuestReport};
+pub use util::{cache_dir, run, sha256_file, sha256_hex, tail, target_dir, wait_until};
+pub use volume::{
+    damage_with_direct_sgdisk, prepared_volume, write_image, DirectSgdiskRepair,
+    ManualBridgeRepair, PrepareVolume, Volume, WriteRawImage, DEFAULT_VOLUME_BYTES,
+};

@@ -1,0 +1,319 @@
+//! A QEMU guest (TCG, q35, OVMF) booting from one or more vhost-user-blk disks.
+//!
+//! Every run is bounded: a watchdog kills QEMU by PID at the deadline (default 90 s),
+//! and every wait is bounded too. On drop QEMU is killed and reaped, its temporary
+//! files removed, and, when the test is panicking, the tail of the serial log printed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::export::Export;
+use crate::process::ManagedProcess;
+use crate::report::GuestReport;
+use crate::util::tail;
+
+/// OVMF code (read-only pflash).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+/// OVMF variable store template (copied per guest).
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// Default bound of one guest run.
+pub const DEFAULT_GUEST_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// One vhost-user-blk disk of the guest.
+#[derive(Debug, Clone)]
+pub struct GuestDisk {
+    /// The export's socket.
+    pub socket: PathBuf,
+    /// `num-queues` of the device.
+    pub num_queues: u16,
+    /// Firmware boot order (lower boots first); `None` for data disks.
+    pub bootindex: Option<u32>,
+}
+
+impl GuestDisk {
+    /// A disk served by `export`, with its queue count.
+    pub fn from_export(export: &dyn Export, bootindex: Option<u32>) -> Self {
+        Self {
+            socket: export.socket().to_owned(),
+            num_queues: export.num_queues(),
+            bootindex,
+        }
+    }
+}
+
+/// How to run QEMU.
+#[derive(Debug, Clone)]
+pub struct GuestParams {
+    /// Disks in PCI order.
+    pub disks: Vec<GuestDisk>,
+    /// Guest memory (MiB); also the memfd size.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Hard bound of the run; QEMU is killed at this age.
+    pub timeout: Duration,
+    /// Let the guest reboot (omits `-no-reboot`).
+    pub allow_reboot: bool,
+    /// Extra QEMU arguments.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for GuestParams {
+    fn default() -> Self {
+        Self {
+            disks: Vec::new(),
+            memory_mib: 512,
+            cpus: 1,
+            timeout: DEFAULT_GUEST_TIMEOUT,
+            allow_reboot: false,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+impl GuestParams {
+    /// One boot disk served by `export`.
+    pub fn boot_from(export: &dyn Export) -> Self {
+        Self {
+            disks: vec![GuestDisk::from_export(export, Some(1))],
+            ..Self::default()
+        }
+    }
+}
+
+/// How a guest run ended.
+#[derive(Debug, Clone)]
+pub struct GuestOutcome {
+    /// QEMU's exit status; `None` if the harness killed it.
+    pub exit: Option<ExitStatus>,
+    /// Whether the harness had to kill QEMU (timeout or no progress).
+    pub killed: bool,
+    /// Time from QEMU start to exit.
+    pub elapsed: Duration,
+    /// Parsed guest output.
+    pub report: GuestReport,
+}
+
+/// A running QEMU.
+#[derive(Debug)]
+pub struct Guest {
+    proc: ManagedProcess,
+    serial: PathBuf,
+    started: Instant,
+    deadline: Instant,
+    dir: tempfile::TempDir,
+}
+
+impl Guest {
+    /// Starts QEMU; the watchdog kills it after `params.timeout`.
+    pub fn start(params: &GuestParams) -> Result<Self> {
+        if params.disks.is_empty() {
+            bail!("a guest needs at least one disk");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("vmblk-guest-")
+            .tempdir()
+            .context("creating guest directory")?;
+        let vars = dir.path().join("OVMF_VARS.fd");
+        std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS}"))?;
+        let serial = dir.path().join("serial.log");
+        std::fs::File::create(&serial)?;
+
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg", "-machine", "q35", "-nodefaults"])
+            .args(["-m", &params.memory_mib.to_string()])
+            .args(["-smp", &params.cpus.to_string()])
+            .arg("-object")
+            .arg(format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on",
+                params.memory_mib
+            ))
+            .args(["-numa", "node,memdev=mem"])
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+            ))
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ));
+        for (i, d) in params.disks.iter().enumerate() {
+            cmd.arg("-chardev")
+                .arg(format!("socket,id=vu{i},path={}", d.socket.display()));
+            let mut dev = format!(
+                "vhost-user-blk-pci,chardev=vu{i},id=disk{i},disable-legacy=on,num-queues={}",
+                d.num_queues
+            );
+            if let Some(b) = d.bootindex {
+                dev.push_str(&format!(",bootindex={b}"));
+            }
+            cmd.arg("-device").arg(dev);
+        }
+        cmd.arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .args(["-display", "none", "-monitor", "none"]);
+        if !params.allow_reboot {
+            cmd.arg("-no-reboot");
+        }
+        cmd.args(&params.extra_args);
+
+        let proc = ManagedProcess::spawn("qemu", cmd, dir.path())?;
+        let started = Instant::now();
+        let deadline = started + params.timeout;
+        proc.arm_watchdog(deadline);
+        Ok(Self {
+            proc,
+            serial,
+            started,
+            deadline,
+            dir,
+        })
+    }
+
+    /// QEMU's PID.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Time since QEMU started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The serial log file.
+    pub fn serial_path(&self) -> &Path {
+        &self.serial
+    }
+
+    /// The serial log so far.
+    pub fn serial_log(&self) -> String {
+        std::fs::read(&self.serial)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The last `lines` lines of the serial log.
+    pub fn serial_tail(&self, lines: usize) -> String {
+        tail(&self.serial_log(), lines)
+    }
+
+    /// QEMU's stderr so far.
+    pub fn qemu_stderr(&self) -> String {
+        self.proc.stderr()
+    }
+
+    /// The guest's report so far.
+    pub fn report(&self) -> GuestReport {
+        GuestReport::parse(&self.serial_log())
+    }
+
+    /// Waits (at most `timeout`, and never past the run's deadline) for a serial line
+    /// containing `needle`; returns it. `Ok(None)` when the time is up or QEMU exited
+    /// without printing it.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<Option<String>> {
+        self.wait_for(timeout, |log| {
+            log.lines()
+                .find(|l| l.contains(needle))
+                .map(|l| l.trim_end().to_owned())
+        })
+    }
+
+    /// Waits for `pred` to find something in the serial log (bounded like
+    /// [`Guest::wait_for_line`]).
+    pub fn wait_for<T>(
+        &mut self,
+        timeout: Duration,
+        mut pred: impl FnMut(&str) -> Option<T>,
+    ) -> Result<Option<T>> {
+        let end = (Instant::now() + timeout).min(self.deadline);
+        loop {
+            // Read the log before checking for exit, so output written just before
+            // QEMU exits is seen.
+            let exited = self.proc.try_wait()?.is_some();
+            if let Some(v) = pred(&self.serial_log()) {
+                return Ok(Some(v));
+            }
+            if exited || Instant::now() >= end {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for QEMU to exit on its own, at most `timeout` (and the deadline); kills it
+    /// otherwise.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<GuestOutcome> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        let exit = self.proc.wait_timeout(timeout.min(left))?;
+        let killed = exit.is_none();
+        let exit = match exit {
+            Some(st) if !self.watchdog_fired(st) => Some(st),
+            Some(_) => None,
+            None => {
+                self.proc.kill()?;
+                None
+            }
+        };
+        Ok(GuestOutcome {
+            exit,
+            killed: killed || exit.is_none(),
+            elapsed: self.started.elapsed(),
+            report: self.report(),
+        })
+    }
+
+    /// Runs until the guest has printed `VMBLK-DONE` `boots` times and QEMU exited
+    /// (or the deadline). The usual way to finish a test run.
+    pub fn run_to_completion(&mut self, boots: usize) -> Result<GuestOutcome> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        self.wait_for(left, |log| {
+            (GuestReport::parse(log).completed_boots() >= boots).then_some(())
+        })?;
+        // After the last VMBLK-DONE the guest powers off at once.
+        self.wait_exit(Duration::from_secs(20))
+    }
+
+    /// Kills QEMU now.
+    pub fn kill(&mut self) -> Result<()> {
+        self.proc.kill().map(|_| ())
+    }
+
+    fn watchdog_fired(&self, st: ExitStatus) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        st.signal() == Some(libc::SIGKILL)
+    }
+
+    /// A failure report: the serial tail and QEMU's stderr.
+    pub fn diagnostics(&self) -> String {
+        format!(
+            "---- serial log (tail), {:?} after start ----\n{}\n---- qemu stderr ----\n{}\n----",
+            self.elapsed(),
+            self.serial_tail(60),
+            tail(&self.qemu_stderr(), 20)
+        )
+    }
+
+    /// Copies the serial log to `dst` (to keep it after the guest is dropped).
+    pub fn save_serial(&self, dst: &Path) -> Result<()> {
+        std::fs::copy(&self.serial, dst)?;
+        Ok(())
+    }
+
+    /// The guest's temporary directory (serial log, OVMF vars, QEMU's logs).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.proc.kill();
+        if std::thread::panicking() {
+            eprintln!("{}", self.diagnostics());
+        }
+    }
+}
