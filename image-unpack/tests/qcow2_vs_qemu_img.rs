@@ -497,7 +497,7 @@ fn overflowing_offsets_are_refused() {
     let fx = Fixture::new();
     let base = fx.convert("ovf.qcow2", &["-c"]);
     let cases: [(&str, u64, Vec<u8>); 4] = [
-        ("l1 offset", 40, (u64::MAX & !0xffff).to_be_bytes().to_vec()),
+        ("l1 offset", 40, (!0xffff_u64).to_be_bytes().to_vec()),
         ("l1 size", 36, u32::MAX.to_be_bytes().to_vec()),
         ("virtual size", 24, u64::MAX.to_be_bytes().to_vec()),
         ("header length", 100, u32::MAX.to_be_bytes().to_vec()),

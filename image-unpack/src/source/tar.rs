@@ -148,21 +148,13 @@ struct Scan {
 }
 
 /// Walks every entry: checks paths, reads `metadata.yaml`, and hands `rootfs.img`
-/// (checked to be a regular file) to `on_rootfs`, once.
-fn scan<R: Read>(
+/// (checked to be a regular file) to `on_rootfs`, once. A seekable archive skips
+/// member data without reading it.
+fn scan<R: Read + io::Seek>(
     archive: &mut ::tar::Archive<R>,
-    seekable: bool,
     on_rootfs: &mut dyn FnMut(&mut dyn Read, Rootfs) -> Result<bool, SourceError>,
-) -> Result<Scan, SourceError>
-where
-    R: io::Seek,
-{
-    let entries = if seekable {
-        archive.entries_with_seek()
-    } else {
-        archive.entries()
-    };
-    scan_entries(entries.map_err(tar_err)?, on_rootfs)
+) -> Result<Scan, SourceError> {
+    scan_entries(archive.entries_with_seek().map_err(tar_err)?, on_rootfs)
 }
 
 fn scan_entries<'a, R: Read + 'a>(
@@ -236,7 +228,7 @@ pub(crate) fn open_unified(
         let cursor = ReadAtCursor::new(reader.as_ref());
         if compression == TarCompression::None {
             let mut archive = ::tar::Archive::new(cursor);
-            scan(&mut archive, true, &mut |_, _| Ok(true))?
+            scan(&mut archive, &mut |_, _| Ok(true))?
         } else {
             let decoder = compression.decoder(cursor).map_err(tar_err)?;
             let mut archive = ::tar::Archive::new(decoder);
@@ -260,7 +252,7 @@ pub(crate) fn open_unified(
             // A sparse member is not contiguous in the archive: extract it.
             let mut archive = ::tar::Archive::new(ReadAtCursor::new(reader.as_ref()));
             let mut file = None;
-            scan(&mut archive, true, &mut |r, _| {
+            scan(&mut archive, &mut |r, _| {
                 file = Some(extract(r, &scratch)?);
                 Ok(false)
             })?;
