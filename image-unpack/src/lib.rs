@@ -15,3 +15,6 @@
 
 pub mod partition;
 pub mod source;
+pub mod verify;
+
+pub use verify::{verify, verify_file, PartitionProbe, VerifyError, VerifyReport};

@@ -292,6 +292,29 @@ impl TableReport {
     pub fn is_clean(&self) -> bool {
         self.problems.is_empty()
     }
+
+    /// Nothing is damaged: at most problems [`repair`](super::repair) fixes
+    /// as routine (a grown device, a stale protective MBR size). MBR-only
+    /// and table-less devices count as good.
+    pub fn is_good(&self) -> bool {
+        self.kind != TableKind::Damaged && !self.problems.iter().any(Problem::is_damage)
+    }
+}
+
+impl Problem {
+    /// This problem means corruption or contradiction, not just a table
+    /// that has not followed its device's growth.
+    pub fn is_damage(&self) -> bool {
+        !matches!(
+            self,
+            Problem::BackupNotAtEnd { .. }
+                | Problem::AlternateLbaWrong { .. }
+                | Problem::LastUsableNotAtEnd { .. }
+                | Problem::PmbrSizeMismatch { .. }
+                | Problem::MbrMissing
+                | Problem::ForeignGpt { partitions: 0, .. }
+        )
+    }
 }
 
 /// A header as read from the device, with its entry array when the header is valid.
