@@ -290,7 +290,7 @@ mod tests {
     #[test]
     fn blkgetsize64_request_code_is_the_x86_64_value() {
         #[cfg(target_arch = "x86_64")]
-        assert_eq!(BLKGETSIZE64 as u64, 0x8008_1272);
+        assert_eq!(BLKGETSIZE64, 0x8008_1272);
     }
 
     #[test]
