@@ -20,8 +20,10 @@ fn decode_throughput() {
         eprintln!("VMBLK_BENCH_IMAGE not set; nothing measured");
         return;
     };
-    let threads: usize =
-        std::env::var("VMBLK_BENCH_THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(2);
+    let threads: usize = std::env::var("VMBLK_BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2);
     let t0 = Instant::now();
     let src = source::open(path.as_ref(), &OpenOptions::default()).unwrap();
     let opened = t0.elapsed();
@@ -50,7 +52,15 @@ fn decode_throughput() {
         .sum();
     let compressed = extents
         .iter()
-        .filter(|e| matches!(e.kind, ExtentKind::Data { compressed_len: Some(_), .. }))
+        .filter(|e| {
+            matches!(
+                e.kind,
+                ExtentKind::Data {
+                    compressed_len: Some(_),
+                    ..
+                }
+            )
+        })
         .count();
     println!(
         "{}: {} extents ({compressed} compressed), {:.0} MiB data of {:.0} MiB; open {:?}, list {:?}, \

@@ -145,7 +145,48 @@ fn assert_identical(fx: &Fixture, img: &Path) -> Box<dyn ImageSource> {
     if let Some(at) = got.iter().zip(&want).position(|(a, b)| a != b) {
         panic!("{}: first difference at guest offset {at}", img.display());
     }
+    check_extents_from(src.as_ref(), &want);
     src
+}
+
+/// Walks started anywhere agree with the reference from their first extent on.
+fn check_extents_from(src: &dyn ImageSource, want: &[u8]) {
+    let size = src.virtual_size();
+    let mut offsets = vec![
+        0,
+        1,
+        511,
+        4096 + 100,
+        MIB - 1,
+        MIB + 2048,
+        3 * MIB + 5000,
+        size - 1,
+    ];
+    offsets.extend((1..16).map(|i| i * 389_711 % size));
+    for off in offsets {
+        let mut it = src.extents_from(off);
+        let first = it.next().unwrap().unwrap();
+        assert!(
+            first.guest_offset <= off && off < first.guest_offset + first.len,
+            "extents_from({off}) starts with {first:?}"
+        );
+        let mut pos = first.guest_offset;
+        for e in std::iter::once(Ok(first)).chain(it).take(4) {
+            let e = e.unwrap();
+            assert_eq!(e.guest_offset, pos);
+            pos += e.len;
+            if e.len > 8 * MIB {
+                continue;
+            }
+            let mut buf = vec![0u8; e.len as usize];
+            src.read_extent(&e, &mut buf).unwrap();
+            assert!(
+                buf[..] == want[e.guest_offset as usize..pos as usize],
+                "extent {e:?} from {off}"
+            );
+        }
+    }
+    assert!(src.extents_from(size).next().is_none());
 }
 
 fn qcow2_info(src: &dyn ImageSource) -> (u32, u64, String, bool) {
@@ -307,7 +348,15 @@ fn qcow2_preallocated_metadata_matches_qemu() {
         empty.to_str().unwrap(),
         "5M",
     ]);
-    assert_identical(&fx, &empty);
+    let src = assert_identical(&fx, &empty);
+    // Allocated clusters nothing was written to lie in holes of the file: zero extents.
+    let data: u64 = src
+        .extents()
+        .map(|e| e.unwrap())
+        .filter(|e| matches!(e.kind, ExtentKind::Data { .. }))
+        .map(|e| e.len)
+        .sum();
+    assert_eq!(data, 0, "preallocated but unwritten clusters read as data");
     let v2 = fx.path("prealloc-v2.qcow2");
     qemu_img(&[
         "create",

@@ -88,7 +88,7 @@ fn open_reader_with_file(
     opts: &OpenOptions,
 ) -> Result<Box<dyn ImageSource>, SourceError> {
     match detect(reader.as_ref())? {
-        Detected::Qcow2 => Ok(Box::new(Qcow2Source::open(reader)?)),
+        Detected::Qcow2 => Ok(Box::new(Qcow2Source::open_with_holes(reader, file)?)),
         Detected::Raw => Ok(Box::new(RawSource::new(reader, file))),
         Detected::Tar(compression) => tar::open_unified(reader, compression, opts),
     }
@@ -425,6 +425,16 @@ pub trait ImageSource: Send + Sync + fmt::Debug {
     /// Adjacent extents of the same kind may or may not be merged. A `Data`
     /// extent is never longer than [`ImageSource::max_extent_len`].
     fn extents(&self) -> Box<dyn Iterator<Item = Result<Extent, SourceError>> + Send + '_>;
+    /// Like [`ImageSource::extents`], but starting with the extent that contains
+    /// `guest_offset` (it may begin before it); empty at or past the end. Sources
+    /// start their walk there instead of at offset 0, so reading a few sectors
+    /// anywhere in the disk stays cheap.
+    fn extents_from(
+        &self,
+        guest_offset: u64,
+    ) -> Box<dyn Iterator<Item = Result<Extent, SourceError>> + Send + '_> {
+        Box::new(skip_before(self.extents(), guest_offset))
+    }
     /// Largest `len` of a `Data` extent (for buffer sizing); a cluster for qcow2.
     fn max_extent_len(&self) -> u64;
     /// Fills `buf` (exactly `extent.len` bytes) with the guest data of `extent`,
@@ -442,6 +452,14 @@ pub trait ImageSource: Send + Sync + fmt::Debug {
     fn incus_metadata(&self) -> Option<&IncusMetadata> {
         None
     }
+}
+
+/// Drops the extents that end at or before `guest_offset` (errors are kept).
+pub(crate) fn skip_before<'a>(
+    it: impl Iterator<Item = Result<Extent, SourceError>> + Send + 'a,
+    guest_offset: u64,
+) -> impl Iterator<Item = Result<Extent, SourceError>> + Send + 'a {
+    it.skip_while(move |e| matches!(e, Ok(e) if e.guest_offset + e.len <= guest_offset))
 }
 
 /// Why an image could not be opened or read.

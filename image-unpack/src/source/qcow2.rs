@@ -18,16 +18,23 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use flate2::{Decompress, FlushDecompress, Status};
+use nix::errno::Errno;
+use nix::unistd::{lseek, Whence};
 use zerocopy::big_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
 
 use super::detect::QCOW2_MAGIC;
-use super::{Extent, ExtentKind, ImageSource, ReadAt, SourceError, SourceFormat, MAX_DATA_EXTENT};
+use super::{
+    skip_before, Extent, ExtentKind, ImageSource, ReadAt, SourceError, SourceFormat,
+    MAX_DATA_EXTENT,
+};
 
 /// The version 2 header (72 bytes), as stored.
 #[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -414,11 +421,24 @@ pub struct Qcow2Source {
     header: Qcow2Header,
     /// The active L1 table, every entry validated.
     l1: Vec<u64>,
+    /// The file behind `reader`, when it is a whole file: data clusters that lie in
+    /// its holes (preallocated metadata) are reported as zero.
+    holes: Option<File>,
 }
 
 impl Qcow2Source {
     /// Opens a qcow2 image: validates the header, the L1 table and every L2 entry.
     pub fn open(reader: Arc<dyn ReadAt>) -> Result<Self, SourceError> {
+        Self::open_with_holes(reader, None)
+    }
+
+    /// Like [`Qcow2Source::open`]; `file`, when given, must be the same whole file as
+    /// `reader` and is used only to find holes (`SEEK_DATA`/`SEEK_HOLE`), so that
+    /// allocated clusters nothing was written to read as zero extents.
+    pub fn open_with_holes(
+        reader: Arc<dyn ReadAt>,
+        file: Option<File>,
+    ) -> Result<Self, SourceError> {
         let header = Qcow2Header::read(reader.as_ref())?;
         let file_len = reader.len();
         let cs = header.cluster_size();
@@ -455,7 +475,12 @@ impl Qcow2Source {
             }
             l1.push(off);
         }
-        let src = Qcow2Source { reader, header, l1 };
+        let src = Qcow2Source {
+            reader,
+            header,
+            l1,
+            holes: file,
+        };
         for e in src.walk() {
             e?;
         }
@@ -468,14 +493,27 @@ impl Qcow2Source {
     }
 
     fn walk(&self) -> Walker<'_> {
+        self.walk_from(0)
+    }
+
+    /// Walks from the cluster (or unallocated L1 range) holding `guest_offset`.
+    fn walk_from(&self, guest_offset: u64) -> Walker<'_> {
+        let cs = self.header.cluster_size();
+        let per_l1 = cs * self.header.l2_entries();
         Walker {
             src: self,
-            l1_index: 0,
-            l2_index: 0,
+            l1_index: usize::try_from(guest_offset / per_l1).unwrap_or(usize::MAX),
+            l2_index: guest_offset % per_l1 / cs,
             l2: Vec::new(),
             queue: VecDeque::new(),
             pending: None,
-            done: self.header.virtual_size == 0,
+            done: guest_offset >= self.header.virtual_size,
+            hole: (0, 0),
+            data: if self.holes.is_some() {
+                (0, 0)
+            } else {
+                (0, u64::MAX)
+            },
         }
     }
 
@@ -611,6 +649,13 @@ impl ImageSource for Qcow2Source {
         Box::new(self.walk())
     }
 
+    fn extents_from(
+        &self,
+        guest_offset: u64,
+    ) -> Box<dyn Iterator<Item = Result<Extent, SourceError>> + Send + '_> {
+        Box::new(skip_before(self.walk_from(guest_offset), guest_offset))
+    }
+
     fn max_extent_len(&self) -> u64 {
         MAX_DATA_EXTENT.max(self.header.cluster_size())
     }
@@ -665,9 +710,67 @@ struct Walker<'a> {
     /// The extent being grown by merging.
     pending: Option<Extent>,
     done: bool,
+    /// Last hole and data region of the host file found by `SEEK_DATA`/`SEEK_HOLE`
+    /// (`data` covers everything when holes are not looked for).
+    hole: (u64, u64),
+    data: (u64, u64),
 }
 
 impl Walker<'_> {
+    /// Queues plain data at `host` for `[guest, guest + len)`, as zero where the
+    /// host file has holes.
+    fn push_data(&mut self, guest: u64, host: u64, len: u64) {
+        let mut done = 0;
+        while done < len {
+            let h = host + done;
+            let left = len - done;
+            let (is_data, n) = if (self.data.0..self.data.1).contains(&h) {
+                (true, (self.data.1 - h).min(left))
+            } else if (self.hole.0..self.hole.1).contains(&h) {
+                (false, (self.hole.1 - h).min(left))
+            } else {
+                self.find_region(h);
+                continue;
+            };
+            let kind = if is_data {
+                ExtentKind::Data {
+                    host_offset: h,
+                    compressed_len: None,
+                }
+            } else {
+                ExtentKind::Zero
+            };
+            self.queue.push_back(Extent {
+                guest_offset: guest + done,
+                len: n,
+                kind,
+            });
+            done += n;
+        }
+    }
+
+    /// Sets `hole` or `data` to a region of the host file that contains `h`.
+    fn find_region(&mut self, h: u64) {
+        let (Some(file), Ok(pos)) = (&self.src.holes, i64::try_from(h)) else {
+            self.data = (h, u64::MAX);
+            return;
+        };
+        let fd = file.as_raw_fd();
+        match lseek(fd, pos, Whence::SeekData) {
+            Ok(ds) if ds as u64 > h => self.hole = (h, ds as u64),
+            Ok(ds) if ds as u64 == h => {
+                let de = match lseek(fd, ds, Whence::SeekHole) {
+                    Ok(de) => (de as u64).max(h + 1),
+                    Err(_) => u64::MAX,
+                };
+                self.data = (h, de);
+            }
+            Err(Errno::ENXIO) => self.hole = (h, u64::MAX),
+            // No hole information: everything is data.
+            _ => self.data = (h, u64::MAX),
+        }
+    }
+
     /// Appends the pieces of the next cluster (or unallocated L1 range) to `queue`.
     /// Returns false at the end of the disk.
     fn refill(&mut self) -> Result<bool, SourceError> {
@@ -692,6 +795,7 @@ impl Walker<'_> {
                     kind: ExtentKind::Zero,
                 });
                 self.l1_index += 1;
+                self.l2_index = 0;
                 return Ok(true);
             }
             let guest = l1_base + self.l2_index * cs;
@@ -825,14 +929,7 @@ impl Walker<'_> {
             )));
         }
         self.check_data(off, len, guest, l2_off, i)?;
-        self.queue.push_back(Extent {
-            guest_offset: guest,
-            len,
-            kind: ExtentKind::Data {
-                host_offset: off,
-                compressed_len: None,
-            },
-        });
+        self.push_data(guest, off, len);
         Ok(())
     }
 
@@ -893,20 +990,16 @@ impl Walker<'_> {
                 e += 1;
             }
             let run = (u64::from(e) * sc).min(len) - start;
-            let kind = if is_data {
+            if is_data {
                 self.check_data(off + start, run, guest, l2_off, i)?;
-                ExtentKind::Data {
-                    host_offset: off + start,
-                    compressed_len: None,
-                }
+                self.push_data(guest + start, off + start, run);
             } else {
-                ExtentKind::Zero
-            };
-            self.queue.push_back(Extent {
-                guest_offset: guest + start,
-                len: run,
-                kind,
-            });
+                self.queue.push_back(Extent {
+                    guest_offset: guest + start,
+                    len: run,
+                    kind: ExtentKind::Zero,
+                });
+            }
             s = e;
         }
         Ok(())
@@ -1285,6 +1378,36 @@ pub(crate) mod tests {
             src.extents().next().unwrap().unwrap().kind,
             ExtentKind::Zero
         );
+    }
+
+    #[test]
+    fn extents_from_starts_at_the_cluster_holding_the_offset() {
+        let cs = 1u64 << 16;
+        let src = open(Builder::new(16, 8 * cs).build(&[(5, 3 * cs)], 1)).unwrap();
+        let ex: Vec<_> = src.extents_from(5 * cs + 10).map(Result::unwrap).collect();
+        let data = ExtentKind::Data {
+            host_offset: 3 * cs,
+            compressed_len: None,
+        };
+        assert_eq!(
+            ex,
+            vec![
+                Extent {
+                    guest_offset: 5 * cs,
+                    len: cs,
+                    kind: data
+                },
+                Extent {
+                    guest_offset: 6 * cs,
+                    len: 2 * cs,
+                    kind: ExtentKind::Zero
+                },
+            ]
+        );
+        let z = src.extents_from(cs + 1).next().unwrap().unwrap();
+        assert!(z.kind == ExtentKind::Zero && z.guest_offset <= cs + 1);
+        assert_eq!(z.guest_offset + z.len, 5 * cs);
+        assert!(src.extents_from(8 * cs).next().is_none());
     }
 
     #[test]

@@ -62,9 +62,16 @@ impl ImageSource for RawSource {
     }
 
     fn extents(&self) -> Box<dyn Iterator<Item = Result<Extent, SourceError>> + Send + '_> {
+        self.extents_from(0)
+    }
+
+    fn extents_from(
+        &self,
+        guest_offset: u64,
+    ) -> Box<dyn Iterator<Item = Result<Extent, SourceError>> + Send + '_> {
         Box::new(RawExtents {
             src: self,
-            pos: 0,
+            pos: guest_offset,
             data_end: 0,
             size: self.reader.len(),
         })
@@ -206,6 +213,17 @@ mod tests {
         let out = assemble(&src);
         assert!(out[16 << 20..17 << 20].iter().all(|&b| b == 0xaa));
         assert!(out[..16 << 20].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn extents_from_starts_at_the_offset() {
+        let src = RawSource::new(Arc::new(MemReader::new(vec![1u8; 3 << 20])), None);
+        let ex = src
+            .extents_from((1 << 20) + 5)
+            .map(Result::unwrap)
+            .collect::<Vec<_>>();
+        assert_eq!(ex[0].guest_offset, (1 << 20) + 5);
+        assert_eq!(ex.iter().map(|e| e.len).sum::<u64>(), (2 << 20) - 5);
     }
 
     #[test]

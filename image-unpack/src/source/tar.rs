@@ -94,6 +94,12 @@ impl ImageSource for IncusSource {
     fn extents(&self) -> Box<dyn Iterator<Item = Result<Extent, SourceError>> + Send + '_> {
         self.inner.extents()
     }
+    fn extents_from(
+        &self,
+        guest_offset: u64,
+    ) -> Box<dyn Iterator<Item = Result<Extent, SourceError>> + Send + '_> {
+        self.inner.extents_from(guest_offset)
+    }
     fn max_extent_len(&self) -> u64 {
         self.inner.max_extent_len()
     }
@@ -286,7 +292,7 @@ fn open_disk(
     file: Option<File>,
 ) -> Result<Box<dyn ImageSource>, SourceError> {
     match detect(reader.as_ref()) {
-        Ok(Detected::Qcow2) => Ok(Box::new(Qcow2Source::open(reader)?)),
+        Ok(Detected::Qcow2) => Ok(Box::new(Qcow2Source::open_with_holes(reader, file)?)),
         Ok(Detected::Raw) => Ok(Box::new(RawSource::new(reader, file))),
         Ok(Detected::Tar(_)) | Err(SourceError::Unsupported(_)) => Err(SourceError::Unsupported(
             "rootfs.img is itself an archive or compressed, not a disk".into(),
