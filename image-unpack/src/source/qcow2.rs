@@ -528,7 +528,11 @@ impl Qcow2Source {
         let file_len = self.reader.len();
         // The descriptor's sector count may reach up to 511 bytes past the end of
         // the file (QEMU does not pad the last compressed cluster).
-        let avail = file_len.saturating_sub(host_offset).min(clen) as usize;
+        // A descriptor never covers more than two clusters; bound what a caller passes.
+        let avail = file_len
+            .saturating_sub(host_offset)
+            .min(clen)
+            .min(2 * cs as u64) as usize;
         let compression = self.header.compression;
         let fail = |source: io::Error| SourceError::Decompress {
             guest_offset: extent.guest_offset,
