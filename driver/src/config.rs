@@ -1,0 +1,354 @@
+//! The daemon's configuration: YAML (`/etc/vmblk/vmblkd.yaml`) onto serde structs that
+//! reject unknown keys by name.
+//!
+//! ```yaml
+//! socket: /run/vmblk/vmblkd.sock     # gRPC unix socket
+//! socket_mode: "0660"                 # octal, as a string
+//! state_dir: /var/lib/vmblk           # records, default pool, scratch space
+//! export_dir: /run/vmblk/exports      # vhost-user sockets of attached volumes
+//! exports: { num_queues: 1, queue_size: 256, direct_io: true }
+//! pools:
+//!   - name: default
+//!     type: dir
+//!     path: /var/lib/vmblk/pools/default
+//!     capacity_bytes: 0               # quota on provisioned bytes, 0: none
+//!   - name: nvme
+//!     type: block
+//!     devices: [/dev/disk/by-id/nvme-Samsung_SSD_980_1TB_S64ANS0T123456]
+//! ```
+//!
+//! Every key is optional. With no file at all the embedded default applies: one `dir`
+//! pool named `default` under the state directory, the socket under /run/vmblk.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the configuration is read from when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmblk/vmblkd.yaml";
+/// Default gRPC socket.
+pub const DEFAULT_SOCKET: &str = "/run/vmblk/vmblkd.sock";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmblk";
+/// Name of the pool of the embedded default.
+pub const DEFAULT_POOL: &str = "default";
+
+/// The configuration file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The gRPC unix socket (default /run/vmblk/vmblkd.sock).
+    pub socket: Option<PathBuf>,
+    /// The socket's mode, octal (default "0660").
+    pub socket_mode: Option<String>,
+    /// The state directory (default /var/lib/vmblk).
+    pub state_dir: Option<PathBuf>,
+    /// Directory of the exports' vhost-user sockets (default: `exports/` next to `socket`).
+    pub export_dir: Option<PathBuf>,
+    /// Defaults of exports.
+    #[serde(default)]
+    pub exports: ExportDefaults,
+    /// The pools (default: one dir pool `default` under the state directory).
+    #[serde(default)]
+    pub pools: Vec<PoolConfig>,
+}
+
+/// Defaults for attachments that do not say.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportDefaults {
+    /// Virtqueues per export.
+    pub num_queues: u16,
+    /// Virtqueue size.
+    pub queue_size: u16,
+    /// Open volumes with O_DIRECT where the filesystem allows it.
+    pub direct_io: bool,
+}
+
+impl Default for ExportDefaults {
+    fn default() -> Self {
+        ExportDefaults {
+            num_queues: 1,
+            queue_size: 256,
+            direct_io: true,
+        }
+    }
+}
+
+/// One pool.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(from = "RawPool")]
+pub struct PoolConfig {
+    /// The pool's name.
+    pub name: String,
+    /// Its kind and where its storage is.
+    pub kind: PoolKind,
+}
+
+/// A pool as written in YAML: `type` selects the variant. (serde cannot combine
+/// `flatten` with `deny_unknown_fields`, so the name sits in each variant.)
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum RawPool {
+    Dir {
+        name: String,
+        path: PathBuf,
+        #[serde(default)]
+        capacity_bytes: u64,
+    },
+    Block {
+        name: String,
+        devices: Vec<PathBuf>,
+    },
+}
+
+impl From<RawPool> for PoolConfig {
+    fn from(r: RawPool) -> PoolConfig {
+        match r {
+            RawPool::Dir {
+                name,
+                path,
+                capacity_bytes,
+            } => PoolConfig {
+                name,
+                kind: PoolKind::Dir {
+                    path,
+                    capacity_bytes,
+                },
+            },
+            RawPool::Block { name, devices } => PoolConfig {
+                name,
+                kind: PoolKind::Block { devices },
+            },
+        }
+    }
+}
+
+/// A pool's kind.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum PoolKind {
+    /// Sparse files in a directory.
+    Dir {
+        /// The directory (created if missing).
+        path: PathBuf,
+        /// Quota on the sum of volume and image sizes, bytes (0: none).
+        #[serde(default)]
+        capacity_bytes: u64,
+    },
+    /// Whole block devices, one per volume.
+    Block {
+        /// The devices, by stable path (/dev/disk/by-id/...).
+        devices: Vec<PathBuf>,
+    },
+}
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The YAML is malformed or has unknown keys.
+    #[error("parsing {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error (names the unknown key and its line).
+        #[source]
+        source: serde_yaml_ng::Error,
+    },
+    /// A value is not acceptable.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Parses YAML text.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        // An empty file is an empty mapping.
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        let c: Config = serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        c.validate(path)?;
+        Ok(c)
+    }
+
+    /// Reads `path`; with `required` false a missing file is the embedded default.
+    pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(t) => Config::parse(&t, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                Ok(Config::default())
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |message: String| {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                message,
+            })
+        };
+        if let Some(m) = &self.socket_mode {
+            if parse_mode(m).is_none() {
+                return bad(format!(
+                    "socket_mode {m:?} is not an octal mode like \"0660\""
+                ));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.pools {
+            if let Err(e) = crate::names::check_name("pool", &p.name) {
+                return bad(e.to_string());
+            }
+            if !seen.insert(&p.name) {
+                return bad(format!("pool {:?} is defined twice", p.name));
+            }
+            match &p.kind {
+                PoolKind::Dir { path: d, .. } if !d.is_absolute() => {
+                    return bad(format!(
+                        "pool {}: path {} is not absolute",
+                        p.name,
+                        d.display()
+                    ))
+                }
+                PoolKind::Block { devices } if devices.is_empty() => {
+                    return bad(format!("pool {}: no devices", p.name))
+                }
+                PoolKind::Block { devices } => {
+                    if let Some(d) = devices.iter().find(|d| !d.is_absolute()) {
+                        return bad(format!(
+                            "pool {}: device {} is not absolute",
+                            p.name,
+                            d.display()
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket's mode (default 0o660).
+    pub fn socket_mode(&self) -> u32 {
+        self.socket_mode
+            .as_deref()
+            .and_then(parse_mode)
+            .unwrap_or(0o660)
+    }
+}
+
+/// Parses an octal mode like "0660" or "660".
+pub fn parse_mode(s: &str) -> Option<u32> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(t, Path::new("test.yaml"))
+    }
+
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut c = e.source();
+        while let Some(x) = c {
+            s += &format!(": {x}");
+            c = x.source();
+        }
+        s
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = parse(
+            "socket: /tmp/s.sock\nsocket_mode: \"0600\"\nstate_dir: /tmp/st\n\
+             exports: {num_queues: 2, queue_size: 128, direct_io: false}\n\
+             pools:\n  - name: a\n    type: dir\n    path: /srv/a\n    capacity_bytes: 4096\n\
+             \x20 - name: b\n    type: block\n    devices: [/dev/disk/by-id/x]\n",
+        )
+        .unwrap();
+        assert_eq!(c.socket_mode(), 0o600);
+        assert_eq!(c.exports.num_queues, 2);
+        assert_eq!(
+            c.pools[0].kind,
+            PoolKind::Dir {
+                path: "/srv/a".into(),
+                capacity_bytes: 4096
+            }
+        );
+        assert_eq!(
+            c.pools[1].kind,
+            PoolKind::Block {
+                devices: vec!["/dev/disk/by-id/x".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn empty_config_is_the_default() {
+        assert_eq!(parse("").unwrap(), Config::default());
+        assert_eq!(Config::default().socket_mode(), 0o660);
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_named() {
+        let e = parse("sokcet: /x\n").unwrap_err();
+        assert!(chain(&e).contains("sokcet"), "{}", chain(&e));
+    }
+
+    #[test]
+    fn unknown_pool_key_is_named() {
+        let e = parse("pools:\n  - name: a\n    type: dir\n    path: /a\n    colour: red\n")
+            .unwrap_err();
+        assert!(chain(&e).contains("colour"), "{}", chain(&e));
+    }
+
+    #[test]
+    fn unknown_export_key_is_named() {
+        let e = parse("exports: {queues: 3}\n").unwrap_err();
+        assert!(chain(&e).contains("queues"), "{}", chain(&e));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(parse("socket_mode: rw\n").is_err());
+        assert!(parse("pools:\n  - {name: a, type: dir, path: rel}\n").is_err());
+        assert!(parse("pools:\n  - {name: a/b, type: dir, path: /a}\n").is_err());
+        assert!(parse("pools:\n  - {name: a, type: block, devices: []}\n").is_err());
+        assert!(parse("pools:\n  - {name: a, type: tape, path: /a}\n").is_err());
+    }
+
+    #[test]
+    fn missing_optional_file_is_the_default() {
+        let c = Config::load(Path::new("/nonexistent/vmblkd.yaml"), false).unwrap();
+        assert_eq!(c, Config::default());
+        assert!(Config::load(Path::new("/nonexistent/vmblkd.yaml"), true).is_err());
+    }
+}

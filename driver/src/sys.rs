@@ -1,0 +1,81 @@
+//! The kernel interfaces the driver uses directly: reflink (`FICLONE`), block device
+//! geometry (`BLKGETSIZE64`, `BLKSSZGET`), directory fsync and file-system space.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+
+nix::ioctl_write_int!(ioctl_ficlone, 0x94, 9);
+nix::ioctl_read!(ioctl_blkgetsize64, 0x12, 114, u64);
+nix::ioctl_read_bad!(ioctl_blksszget, 0x1268, libc::c_int);
+
+fn errno(e: nix::Error) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+/// Makes `dst` share `src`'s extents (a reflink clone). Fails with `EOPNOTSUPP`,
+/// `EXDEV` or `EINVAL` where the file system cannot; see [`is_reflink_unsupported`].
+pub fn ficlone(dst: &File, src: &File) -> io::Result<()> {
+    // SAFETY: FICLONE takes the source descriptor as its integer argument and reads no
+    // memory of ours; both descriptors are open for the duration of the call.
+    unsafe { ioctl_ficlone(dst.as_raw_fd(), src.as_raw_fd() as libc::c_ulong) }
+        .map(|_| ())
+        .map_err(errno)
+}
+
+/// Whether a [`ficlone`] error means "this file system (or this pair) cannot reflink".
+pub fn is_reflink_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOTTY)
+    )
+}
+
+/// Size in bytes of an open block device.
+pub fn block_device_size(dev: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to a live
+    // local of that type.
+    unsafe { ioctl_blkgetsize64(dev.as_raw_fd(), &mut size) }.map_err(errno)?;
+    Ok(size)
+}
+
+/// Logical sector size of an open block device.
+pub fn block_device_sector_size(dev: &File) -> io::Result<u32> {
+    let mut ss: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which points to a live local
+    // of that type.
+    unsafe { ioctl_blksszget(dev.as_raw_fd(), &mut ss) }.map_err(errno)?;
+    u32::try_from(ss).map_err(|_| io::Error::other(format!("sector size {ss}")))
+}
+
+/// Size and logical sector size of a block device or regular file (files: 512).
+pub fn size_and_sector(path: &Path) -> io::Result<(u64, u32)> {
+    let f = File::open(path)?;
+    let m = f.metadata()?;
+    if m.file_type().is_block_device() {
+        Ok((block_device_size(&f)?, block_device_sector_size(&f)?))
+    } else {
+        Ok((m.len(), 512))
+    }
+}
+
+/// fsyncs a directory, making renames and unlinks in it durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Bytes available to unprivileged users on the file system holding `path`.
+pub fn available_bytes(path: &Path) -> io::Result<u64> {
+    let s = nix::sys::statvfs::statvfs(path).map_err(errno)?;
+    #[allow(clippy::unnecessary_cast)]
+    Ok(s.blocks_available() as u64 * s.fragment_size() as u64)
+}
+
+/// Bytes allocated to a file (its blocks).
+pub fn allocated_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.blocks() * 512)
+}
