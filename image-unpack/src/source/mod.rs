@@ -15,6 +15,16 @@
 //! extents are filled by [`ImageSource::read_extent`], which takes `&self` and
 //! may be called from several threads at once, so compressed clusters can be
 //! inflated in parallel.
+//!
+//! Entry points: [`open`] (a path; with [`OpenOptions::metadata`] for a split Incus
+//! image), [`open_reader`] (any [`ReadAt`]), and [`probe`] (format and virtual size
+//! without reading data, for `vmblk inspect`). Opening validates all metadata, so
+//! a corrupt qcow2 map is refused before anything is written; only a corrupt
+//! compressed cluster is found later, by `read_extent`, naming its guest offset.
+//!
+//! Memory stays bounded whatever the image size: the qcow2 walk holds the L1 table
+//! (at most 32 MiB, and never more than the file) and one L2 table; each thread
+//! inflating clusters keeps at most three clusters of scratch space.
 
 use std::fmt;
 use std::fs::File;
