@@ -34,6 +34,23 @@
 //! ```
 //!
 //! Every call here needs `CAP_SYS_ADMIN` (root) and the kernel's loop driver.
+//!
+//! # Kernel behaviour this crate relies on
+//!
+//! * `LOOP_CTL_GET_FREE` may hand the same number to two callers; the loser's
+//!   `LOOP_CONFIGURE` (or `LOOP_SET_FD`) fails with `EBUSY` and it tries a fresh number
+//!   (bounded).
+//! * `LOOP_CLR_FD` does not unbind a device that is still open: it marks it autoclear and the
+//!   kernel unbinds it on last close. [`LoopDevice::detach`] therefore closes its own
+//!   descriptor and waits (about 2 s at most) until the binding is gone, recognised by the
+//!   disk sequence number in `/sys/block/loopN/diskseq`, which changes on every attach and
+//!   detach, so a number reused at once by someone else is not mistaken for ours.
+//! * `lo_file_name` is free text that the kernel stores as given; the real backing is in
+//!   `/sys/block/loopN/loop/backing_file` ([`LoopStatus::backing_file`]). Bridges are
+//!   matched to volumes by the device/inode numbers `LOOP_GET_STATUS64` reports, never by
+//!   name.
+//! * Root may open a read-only loop device for writing; the writes then fail.
+//! * A 512-byte loop device over a 4096-byte device cannot use direct I/O.
 
 mod bridge;
 mod device;

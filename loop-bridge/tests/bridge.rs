@@ -75,8 +75,9 @@ fn spawn_bridge_holder(volume: &Path, tag: &str, autoclear: bool) -> (Child, Pat
     let stdout = child.stdout.take().unwrap();
     for line in BufReader::new(stdout).lines() {
         let line = line.unwrap();
-        if let Some(path) = line.strip_prefix("READY ") {
-            return (child, PathBuf::from(path));
+        // libtest may print "test <name> ... " on the same line first.
+        if let Some((_, path)) = line.split_once("READY ") {
+            return (child, PathBuf::from(path.trim()));
         }
     }
     let status = child.wait().unwrap();
