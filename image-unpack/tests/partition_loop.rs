@@ -24,8 +24,21 @@ const DEVICE: u64 = 160 * MIB;
 const EXT4_UUID: &str = "3f1b9c2e-5a47-4c1d-9e0a-7b6d2c8f1a55";
 const VFAT_ID: &str = "1234ABCD";
 
-/// Holds the cross-binary loop-test lock for the life of a test.
-struct LoopLock(#[allow(dead_code)] nix::fcntl::Flock<File>);
+/// Holds the cross-binary loop-test lock for the life of a test and says
+/// how long the test held it (the rest of a run is waiting for other tests).
+struct LoopLock {
+    _flock: nix::fcntl::Flock<File>,
+    since: std::time::Instant,
+}
+
+impl Drop for LoopLock {
+    fn drop(&mut self) {
+        eprintln!(
+            "held the loop-test lock for {:.1} s",
+            self.since.elapsed().as_secs_f64()
+        );
+    }
+}
 
 fn lock() -> LoopLock {
     assert!(
@@ -38,11 +51,13 @@ fn lock() -> LoopLock {
         .write(true)
         .open("/tmp/vmblk-loop-tests.lock")
         .expect("open /tmp/vmblk-loop-tests.lock");
-    LoopLock(
-        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| e)
-            .expect("flock /tmp/vmblk-loop-tests.lock"),
-    )
+    let flock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("flock /tmp/vmblk-loop-tests.lock");
+    LoopLock {
+        _flock: flock,
+        since: std::time::Instant::now(),
+    }
 }
 
 fn run(cmd: &str, args: &[&str]) -> String {
@@ -370,4 +385,69 @@ fn partition_sgdisk_e_accident_without_survivor_writes_nothing() {
         read_all(bridge.path()) == before,
         "a refused repair wrote to the device"
     );
+}
+
+#[test]
+fn partition_4k_native_table_repaired_at_4096_after_growth() {
+    let _lock = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("volume4k");
+    File::create(&backing).unwrap().set_len(IMAGE).unwrap();
+    {
+        // A 4K-native table, built by sgdisk on a 4K device.
+        let l = Loop::attach(&backing, 4096, None, false);
+        let d = l.path().to_str().unwrap();
+        run(
+            "sgdisk",
+            &[
+                "-o",
+                "-n",
+                "1:256:+16M",
+                "-t",
+                "1:ef00",
+                "-c",
+                "1:ESP",
+                "-n",
+                "2:0:0",
+                "-t",
+                "2:8300",
+                d,
+            ],
+        );
+    }
+    // The volume grows.
+    File::options()
+        .write(true)
+        .open(&backing)
+        .unwrap()
+        .set_len(DEVICE)
+        .unwrap();
+    let l = Loop::attach(&backing, 4096, None, false);
+    let d = detect_table_sector_size(&mut File::open(l.path()).unwrap(), DEVICE).unwrap();
+    assert_eq!(d.layout, DetectedLayout::Gpt { sector_size: 4096 });
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(l.path())
+        .unwrap();
+    let r = repair(
+        &mut f,
+        4096,
+        DEVICE,
+        &RepairOptions {
+            grow_last_partition: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert!(r
+        .actions
+        .iter()
+        .any(|a| matches!(a, RepairAction::GrowLastPartition { index: 2, .. })));
+    assert_sgdisk_clean(l.path());
+    let v = verify(l.path(), 4096).unwrap();
+    assert!(v.ok, "{:#?}", v.problems);
+    assert_eq!(v.table.partitions[1].last_lba, DEVICE / 4096 - 6);
 }

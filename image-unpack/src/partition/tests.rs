@@ -390,6 +390,33 @@ fn sgdisk_e_accident_recovered_from_surviving_backup() {
 }
 
 #[test]
+fn sgdisk_e_accident_warns_about_partition_below_lba_48() {
+    let mut buf = vec![0u8; 128 * MIB as usize];
+    let mut parts = esp_and_root(512, 64 * MIB);
+    parts.insert(
+        0,
+        Part {
+            type_guid: LINUX,
+            first: 34,
+            last: 2047,
+            name: "bios",
+        },
+    );
+    write_gpt(&mut buf, 512, 64 * MIB, &parts);
+    simulate_sgdisk_e_on_4k(&mut buf);
+    let (r, _) = run(buf, 512, &RepairOptions::default());
+    let r = r.unwrap();
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.starts_with("partition 1 overlaps bytes 0..24576")),
+        "{:?}",
+        r.warnings
+    );
+    assert!(r.after.unwrap().is_clean());
+}
+
+#[test]
 fn sgdisk_e_accident_with_image_size_hint() {
     let mut buf = image_on_device(512, 64 * MIB, 128 * MIB);
     simulate_sgdisk_e_on_4k(&mut buf);
