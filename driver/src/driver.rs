@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -83,6 +84,7 @@ pub struct Driver {
     exporter: Box<dyn Exporter>,
     pause_at: Option<String>,
     pause_marker: Option<PathBuf>,
+    paused: AtomicBool,
 }
 
 /// Removes its key from the busy set on drop.
@@ -138,6 +140,7 @@ impl Driver {
             exporter: p.exporter,
             pause_at: p.pause_at,
             pause_marker: p.pause_marker,
+            paused: AtomicBool::new(false),
         });
         let mut pools = p.config.pools.clone();
         if pools.is_empty() {
@@ -200,9 +203,10 @@ impl Driver {
         );
     }
 
-    /// Test hook: when `step` is the configured pause step, stop here until killed.
+    /// Test hook: the first time `step` is the configured pause step, stop here (this
+    /// operation only) until the daemon is killed.
     fn pause(&self, step: &str) {
-        if self.pause_at.as_deref() != Some(step) {
+        if self.pause_at.as_deref() != Some(step) || self.paused.swap(true, Ordering::SeqCst) {
             return;
         }
         tracing::warn!(step, "test pause: waiting to be killed");
@@ -776,7 +780,7 @@ impl Driver {
                 progress.phase("clone", Some(img.size_bytes));
                 reflinked = clone_file(&img.path, target)?;
                 progress.advance(img.size_bytes);
-                if rec.size_bytes > img.size_bytes || grow_last_partition {
+                if (rec.size_bytes > img.size_bytes || grow_last_partition) && has_gpt(target) {
                     let o = RepairCommandOptions {
                         grow_last_partition,
                         ..Default::default()
@@ -877,6 +881,9 @@ impl Driver {
                      or grow again after detaching"
                         .into(),
                 ));
+            }
+            if !has_gpt(&rec.path) {
+                return Ok((false, "no GPT on the volume: nothing to repair".into()));
             }
             let progress = EventProgress::new(self, pool, name, "grow");
             let o = RepairCommandOptions {
@@ -1348,6 +1355,17 @@ fn attachment_pb(rec: &VolumeRecord, a: &AttachRecord) -> pb::Attachment {
         qemu_device,
         attached_unix_ms: a.attached_unix_ms,
     }
+}
+
+/// Whether the volume at `path` holds a GPT (of either sector size).
+fn has_gpt(path: &Path) -> bool {
+    use image_unpack::partition::DetectedLayout;
+    image_unpack::inspect(path).is_ok_and(|r| {
+        matches!(
+            r.detection.layout,
+            DetectedLayout::Gpt { .. } | DetectedLayout::Both { .. }
+        )
+    })
 }
 
 /// Clones `src` into the new file `dst` by reflink, or copies it (skipping zero
