@@ -109,6 +109,23 @@ fn read_only_device_refuses_writes() {
 }
 
 #[test]
+fn direct_io_is_on_when_sector_size_matches_the_backing() {
+    let _lock = common::lock();
+    let dir = tempfile::tempdir().unwrap();
+    let file = common::sparse_file(dir.path(), "dio-ok.img", 8 * MIB);
+    let dev = LoopDevice::attach(
+        &file,
+        &AttachOptions {
+            direct_io: true,
+            ..opts(4096)
+        },
+    )
+    .unwrap();
+    assert!(common::status(dev.number()).unwrap().direct_io);
+    dev.detach().unwrap();
+}
+
+#[test]
 fn offset_and_size_limit_select_a_window_of_the_backing() {
     let _lock = common::lock();
     let dir = tempfile::tempdir().unwrap();
