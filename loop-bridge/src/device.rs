@@ -29,9 +29,9 @@ pub struct AttachOptions {
     pub logical_block_size: u32,
     /// Open the backing read-only and make the loop device refuse writes.
     pub read_only: bool,
-    /// Ask the kernel for direct I/O on the backing. Attach fails with [`Error::Verify`] if the
-    /// kernel does not enable it (for example when the sector size is smaller than the
-    /// backing's, or the offset is not aligned to it).
+    /// Ask the kernel for direct I/O on the backing. `LOOP_CONFIGURE` silently leaves it off
+    /// when it cannot be used (sector size smaller than the backing's, unaligned offset), so
+    /// attach then fails with [`Error::Verify`] rather than hand back a buffered device.
     pub direct_io: bool,
     /// Byte offset into the backing where the loop device starts.
     pub offset: u64,
@@ -531,8 +531,12 @@ fn still_bound(number: u32, ours: &Binding) -> bool {
 }
 
 fn backoff(attempt: u32) {
-    // Spread concurrent callers apart a little; the exact value does not matter.
-    let jitter = u64::from(std::process::id() ^ attempt) % 5;
+    // Spread concurrent callers (threads of one process too) apart a little; the exact
+    // value does not matter.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let jitter = u64::from(nanos ^ attempt) % 5;
     thread::sleep(Duration::from_millis(u64::from(attempt.min(10)) + jitter));
 }
 
