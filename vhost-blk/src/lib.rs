@@ -28,3 +28,6 @@ pub use export::{run, Export, ExportConfig, ExportError, StopHandle};
 pub use metrics::{ErrorCounts, Metrics, MetricsSnapshot, RequestCounts, LATENCY_BUCKETS};
 pub use request::{RequestError, RequestType};
 pub use volume::VolumeError;
+
+#[cfg(test)]
+mod tests;
