@@ -23,7 +23,9 @@ use clap::{Args, Parser, Subcommand};
 use image_unpack::{CopyOptions, Progress, RepairCommandOptions, UnpackError, UnpackOptions};
 
 mod export;
+mod hook;
 mod human;
+mod volume;
 
 /// Unpack, repair and export VM block volumes on hosts of any sector size.
 #[derive(Debug, Parser)]
@@ -61,6 +63,12 @@ pub enum Command {
     Repair(RepairArgs),
     /// Serve a volume to QEMU over vhost-user-blk until interrupted.
     Export(export::ExportArgs),
+    /// Manage volumes served by vmblkd.
+    Volume(volume::VolumeArgs),
+    /// Manage vmblkd's pools.
+    Pool(volume::PoolArgs),
+    /// Hooks called by Incus (image-import).
+    Hook(hook::HookArgs),
 }
 
 /// `vmblk unpack`.
@@ -145,6 +153,9 @@ pub fn run(cli: Cli) -> i32 {
         Command::Inspect(a) => inspect(a),
         Command::Repair(a) => repair(a),
         Command::Export(a) => export::run(a),
+        Command::Volume(a) => volume::run_volume(a),
+        Command::Pool(a) => volume::run_pool(a),
+        Command::Hook(a) => hook::run(a),
     }
 }
 

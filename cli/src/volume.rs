@@ -1,0 +1,564 @@
+//! `vmblk volume ...` and `vmblk pool ...`: clients of vmblkd over its unix socket.
+// Calls return tonic::Status, the gRPC error type, by value as tonic does.
+#![allow(clippy::result_large_err)]
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use vmblk_proto::v1 as pb;
+use vmblkd::client::{BlockingClient, Client};
+
+/// How to reach vmblkd.
+#[derive(Debug, Clone, Args)]
+pub struct Conn {
+    /// vmblkd's gRPC socket.
+    #[arg(long, global = true, default_value = vmblkd::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Print the result as JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// `vmblk volume`.
+#[derive(Debug, Args)]
+pub struct VolumeArgs {
+    /// Connection.
+    #[command(flatten)]
+    pub conn: Conn,
+    /// What to do.
+    #[command(subcommand)]
+    pub cmd: VolumeCommand,
+}
+
+/// A volume by pool and name.
+#[derive(Debug, Args)]
+pub struct VolumeName {
+    /// The volume's name.
+    pub name: String,
+    /// Its pool.
+    #[arg(long, default_value = vmblkd::DEFAULT_POOL)]
+    pub pool: String,
+}
+
+/// Volume subcommands.
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume: empty, from an image file, or from a cached image's fingerprint.
+    Create {
+        /// The volume.
+        #[command(flatten)]
+        vol: VolumeName,
+        /// Size (bytes, or with K/M/G/T suffix, binary); from an image: default its size.
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// Unpack this image (qcow2, raw, Incus tarball, or a split image's rootfs).
+        #[arg(long, conflicts_with = "fingerprint")]
+        image: Option<PathBuf>,
+        /// The metadata tarball of a split Incus image.
+        #[arg(long, requires = "image")]
+        metadata: Option<PathBuf>,
+        /// Clone the cached image with this fingerprint.
+        #[arg(long)]
+        fingerprint: Option<String>,
+        /// Extend the last partition to the end of the volume.
+        #[arg(long)]
+        grow_last_partition: bool,
+    },
+    /// List volumes.
+    List {
+        /// Only this pool's.
+        #[arg(long, default_value = "")]
+        pool: String,
+    },
+    /// Show a volume.
+    Get(VolumeName),
+    /// Grow a volume (and move its backup GPT to the new end).
+    Grow {
+        /// The volume.
+        #[command(flatten)]
+        vol: VolumeName,
+        /// The new size (bytes, or with K/M/G/T suffix).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Extend the last partition too.
+        #[arg(long)]
+        grow_last_partition: bool,
+    },
+    /// Delete a volume (succeeds if it does not exist).
+    Delete(VolumeName),
+    /// Export a volume over vhost-user-blk; prints the QEMU arguments.
+    Attach {
+        /// The volume.
+        #[command(flatten)]
+        vol: VolumeName,
+        /// Sector size the guest sees: 512 or 4096.
+        #[arg(long, default_value_t = 512)]
+        logical_block_size: u32,
+        /// Read-only export.
+        #[arg(long)]
+        read_only: bool,
+        /// Virtqueues (0: the daemon's default).
+        #[arg(long, default_value_t = 0)]
+        num_queues: u32,
+    },
+    /// Stop a volume's export.
+    Detach(VolumeName),
+}
+
+/// `vmblk pool`.
+#[derive(Debug, Args)]
+pub struct PoolArgs {
+    /// Connection.
+    #[command(flatten)]
+    pub conn: Conn,
+    /// What to do.
+    #[command(subcommand)]
+    pub cmd: PoolCommand,
+}
+
+/// Pool subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// List pools.
+    List,
+    /// Create a pool: `--dir PATH` or one or more `--device PATH`.
+    Create {
+        /// The pool's name.
+        name: String,
+        /// A directory for a dir pool.
+        #[arg(long, conflicts_with = "device")]
+        dir: Option<PathBuf>,
+        /// Block devices for a block pool (stable paths).
+        #[arg(long)]
+        device: Vec<PathBuf>,
+        /// Dir pools: quota on provisioned bytes.
+        #[arg(long, value_parser = parse_size)]
+        capacity: Option<u64>,
+    },
+    /// Delete a pool created with `pool create` (it must be empty).
+    Delete {
+        /// The pool's name.
+        name: String,
+    },
+}
+
+/// Parses "4096", "10G", "512MiB", "1T".
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let shift = match suffix.trim().trim_end_matches("iB").trim_end_matches('B') {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        "T" | "t" => 40,
+        _ => return Err(format!("{s:?}: unknown size suffix")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Runs `f` against a connected client; prints errors; returns the exit code.
+pub(crate) fn with_client<T>(
+    conn: &Conn,
+    f: impl FnOnce(&BlockingClient, Client) -> Result<T, tonic::Status>,
+    show: impl FnOnce(&T, bool),
+) -> i32 {
+    let c = match BlockingClient::connect(&conn.socket) {
+        Ok(c) => c,
+        Err(e) => return fail(conn.json, &format!("{e:#}"), "Unavailable"),
+    };
+    match f(&c, c.client()) {
+        Ok(v) => {
+            show(&v, conn.json);
+            0
+        }
+        Err(s) => fail(conn.json, s.message(), &format!("{:?}", s.code())),
+    }
+}
+
+fn fail(json: bool, message: &str, code: &str) -> i32 {
+    if json {
+        println!(
+            "{}",
+            json!({ "error": message, "code": code, "exit_code": 1 })
+        );
+    } else {
+        eprintln!("vmblk: {message} ({code})");
+    }
+    1
+}
+
+pub(crate) fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn state_name(s: i32) -> &'static str {
+    match pb::VolumeState::try_from(s) {
+        Ok(pb::VolumeState::Creating) => "creating",
+        Ok(pb::VolumeState::Ready) => "ready",
+        Ok(pb::VolumeState::Growing) => "growing",
+        Ok(pb::VolumeState::Deleting) => "deleting",
+        _ => "unknown",
+    }
+}
+
+fn attachment_json(a: &pb::Attachment) -> Value {
+    json!({
+        "socket_path": a.socket_path,
+        "logical_block_size": a.logical_block_size,
+        "read_only": a.read_only,
+        "num_queues": a.num_queues,
+        "queue_size": a.queue_size,
+        "serial": a.serial,
+        "qemu_chardev": a.qemu_chardev,
+        "qemu_device": a.qemu_device,
+        "qemu_args": a.qemu_args,
+    })
+}
+
+fn volume_json(v: &pb::Volume) -> Value {
+    let origin = match v.origin.as_ref().and_then(|o| o.source.as_ref()) {
+        Some(pb::volume_origin::Source::Image(f)) => {
+            json!({ "image": f.path, "metadata": f.metadata_path })
+        }
+        Some(pb::volume_origin::Source::ImageFingerprint(fp)) => json!({ "fingerprint": fp }),
+        _ => json!("empty"),
+    };
+    json!({
+        "pool": v.pool,
+        "name": v.name,
+        "uuid": v.uuid,
+        "size_bytes": v.size_bytes,
+        "state": state_name(v.state),
+        "origin": origin,
+        "path": v.path,
+        "backing_logical_block_size": v.backing_logical_block_size,
+        "reflinked": v.reflinked,
+        "attachment": v.attachment.as_ref().map(attachment_json),
+    })
+}
+
+fn pool_json(p: &pb::Pool) -> Value {
+    let ty = match pb::PoolType::try_from(p.r#type) {
+        Ok(pb::PoolType::Dir) => "dir",
+        Ok(pb::PoolType::Block) => "block",
+        _ => "unknown",
+    };
+    let origin = match pb::PoolOrigin::try_from(p.origin) {
+        Ok(pb::PoolOrigin::Config) => "config",
+        _ => "api",
+    };
+    json!({
+        "name": p.name,
+        "type": ty,
+        "origin": origin,
+        "path": p.path,
+        "devices": p.devices,
+        "capacity_bytes": p.capacity_bytes,
+        "provisioned_bytes": p.provisioned_bytes,
+        "available_bytes": p.available_bytes,
+        "reflink": p.reflink,
+        "volume_count": p.volume_count,
+    })
+}
+
+fn show_volume(v: &pb::Volume) {
+    let att = v
+        .attachment
+        .as_ref()
+        .map(|a| a.socket_path.as_str())
+        .unwrap_or("-");
+    println!(
+        "{}/{}  {}  {} bytes  {}  attached: {}",
+        v.pool,
+        v.name,
+        state_name(v.state),
+        v.size_bytes,
+        v.path,
+        att
+    );
+}
+
+/// Runs `vmblk volume ...`.
+pub fn run_volume(a: VolumeArgs) -> i32 {
+    let conn = a.conn.clone();
+    match a.cmd {
+        VolumeCommand::Create {
+            vol,
+            size,
+            image,
+            metadata,
+            fingerprint,
+            grow_last_partition,
+        } => {
+            let source = if let Some(fp) = fingerprint {
+                Some(pb::volume_origin::Source::ImageFingerprint(fp))
+            } else if let Some(img) = image {
+                let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p).display().to_string();
+                Some(pb::volume_origin::Source::Image(pb::ImageFile {
+                    path: abs(img),
+                    metadata_path: metadata.map(abs).unwrap_or_default(),
+                }))
+            } else {
+                None
+            };
+            let req = pb::CreateVolumeRequest {
+                pool: vol.pool,
+                name: vol.name,
+                size_bytes: size.unwrap_or(0),
+                origin: Some(pb::VolumeOrigin { source }),
+                grow_last_partition,
+            };
+            with_client(
+                &conn,
+                |b, mut c| b.block_on(c.create_volume(req)).map(|r| r.into_inner()),
+                |v, j| {
+                    if j {
+                        print_json(&volume_json(v))
+                    } else {
+                        show_volume(v)
+                    }
+                },
+            )
+        }
+        VolumeCommand::List { pool } => with_client(
+            &conn,
+            |b, mut c| {
+                b.block_on(c.list_volumes(pb::ListVolumesRequest { pool }))
+                    .map(|r| r.into_inner())
+            },
+            |l, j| {
+                if j {
+                    print_json(&Value::Array(l.volumes.iter().map(volume_json).collect()));
+                } else {
+                    l.volumes.iter().for_each(show_volume);
+                }
+            },
+        ),
+        VolumeCommand::Get(v) => with_client(
+            &conn,
+            |b, mut c| {
+                b.block_on(c.get_volume(pb::GetVolumeRequest {
+                    pool: v.pool,
+                    name: v.name,
+                }))
+                .map(|r| r.into_inner())
+            },
+            |v, j| {
+                if j {
+                    print_json(&volume_json(v))
+                } else {
+                    show_volume(v)
+                }
+            },
+        ),
+        VolumeCommand::Grow {
+            vol,
+            size,
+            grow_last_partition,
+        } => {
+            let req = pb::GrowVolumeRequest {
+                pool: vol.pool,
+                name: vol.name,
+                size_bytes: size,
+                grow_last_partition,
+            };
+            with_client(
+                &conn,
+                |b, mut c| b.block_on(c.grow_volume(req)).map(|r| r.into_inner()),
+                |g, j| {
+                    if j {
+                        print_json(&json!({
+                            "volume": g.volume.as_ref().map(volume_json),
+                            "table_repaired": g.table_repaired,
+                            "note": g.note,
+                        }));
+                    } else {
+                        if let Some(v) = &g.volume {
+                            show_volume(v);
+                        }
+                        println!("partition table repaired: {} {}", g.table_repaired, g.note);
+                    }
+                },
+            )
+        }
+        VolumeCommand::Delete(v) => with_client(
+            &conn,
+            |b, mut c| {
+                b.block_on(c.delete_volume(pb::DeleteVolumeRequest {
+                    pool: v.pool,
+                    name: v.name,
+                }))
+                .map(|r| r.into_inner())
+            },
+            |r, j| {
+                if j {
+                    print_json(&json!({ "existed": r.existed }));
+                } else {
+                    println!(
+                        "{}",
+                        if r.existed {
+                            "deleted"
+                        } else {
+                            "did not exist"
+                        }
+                    );
+                }
+            },
+        ),
+        VolumeCommand::Attach {
+            vol,
+            logical_block_size,
+            read_only,
+            num_queues,
+        } => {
+            let req = pb::AttachVolumeRequest {
+                pool: vol.pool,
+                name: vol.name,
+                logical_block_size,
+                read_only,
+                num_queues,
+                queue_size: 0,
+            };
+            with_client(
+                &conn,
+                |b, mut c| b.block_on(c.attach_volume(req)).map(|r| r.into_inner()),
+                |a, j| {
+                    if j {
+                        print_json(&attachment_json(a));
+                    } else {
+                        println!("socket: {}", a.socket_path);
+                        println!("qemu: {}", a.qemu_args.join(" "));
+                    }
+                },
+            )
+        }
+        VolumeCommand::Detach(v) => with_client(
+            &conn,
+            |b, mut c| {
+                b.block_on(c.detach_volume(pb::DetachVolumeRequest {
+                    pool: v.pool,
+                    name: v.name,
+                }))
+                .map(|r| r.into_inner())
+            },
+            |r, j| {
+                if j {
+                    print_json(&json!({ "was_attached": r.was_attached }));
+                } else {
+                    println!(
+                        "{}",
+                        if r.was_attached {
+                            "detached"
+                        } else {
+                            "was not attached"
+                        }
+                    );
+                }
+            },
+        ),
+    }
+}
+
+/// Runs `vmblk pool ...`.
+pub fn run_pool(a: PoolArgs) -> i32 {
+    let conn = a.conn.clone();
+    match a.cmd {
+        PoolCommand::List => with_client(
+            &conn,
+            |b, mut c| {
+                b.block_on(c.list_pools(pb::ListPoolsRequest {}))
+                    .map(|r| r.into_inner())
+            },
+            |l, j| {
+                if j {
+                    print_json(&Value::Array(l.pools.iter().map(pool_json).collect()));
+                } else {
+                    for p in &l.pools {
+                        let v = pool_json(p);
+                        println!(
+                            "{}  {}  {}  volumes: {}  provisioned: {}  available: {}",
+                            p.name,
+                            v["type"].as_str().unwrap_or(""),
+                            v["origin"].as_str().unwrap_or(""),
+                            p.volume_count,
+                            p.provisioned_bytes,
+                            p.available_bytes
+                        );
+                    }
+                }
+            },
+        ),
+        PoolCommand::Create {
+            name,
+            dir,
+            device,
+            capacity,
+        } => {
+            let req = pb::CreatePoolRequest {
+                name,
+                r#type: if dir.is_some() {
+                    pb::PoolType::Dir
+                } else {
+                    pb::PoolType::Block
+                } as i32,
+                path: dir
+                    .map(|d| std::path::absolute(&d).unwrap_or(d).display().to_string())
+                    .unwrap_or_default(),
+                devices: device.iter().map(|d| d.display().to_string()).collect(),
+                capacity_bytes: capacity.unwrap_or(0),
+            };
+            with_client(
+                &conn,
+                |b, mut c| b.block_on(c.create_pool(req)).map(|r| r.into_inner()),
+                |p, j| {
+                    if j {
+                        print_json(&pool_json(p))
+                    } else {
+                        println!("pool {} ready", p.name)
+                    }
+                },
+            )
+        }
+        PoolCommand::Delete { name } => with_client(
+            &conn,
+            |b, mut c| {
+                b.block_on(c.delete_pool(pb::DeletePoolRequest { name }))
+                    .map(|r| r.into_inner())
+            },
+            |r, j| {
+                if j {
+                    print_json(&json!({ "existed": r.existed }));
+                } else {
+                    println!(
+                        "{}",
+                        if r.existed {
+                            "deleted"
+                        } else {
+                            "did not exist"
+                        }
+                    );
+                }
+            },
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("1X").is_err());
+    }
+}
