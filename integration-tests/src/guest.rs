@@ -59,6 +59,8 @@ pub struct GuestParams {
     pub allow_reboot: bool,
     /// Extra QEMU arguments.
     pub extra_args: Vec<String>,
+    /// When set, the serial log is kept as `target/vmblk-guest/logs/<name>.serial.log`.
+    pub log_name: Option<String>,
 }
 
 impl Default for GuestParams {
@@ -70,6 +72,7 @@ impl Default for GuestParams {
             timeout: DEFAULT_GUEST_TIMEOUT,
             allow_reboot: false,
             extra_args: Vec::new(),
+            log_name: None,
         }
     }
 }
@@ -81,6 +84,12 @@ impl GuestParams {
             disks: vec![GuestDisk::from_export(export, Some(1))],
             ..Self::default()
         }
+    }
+
+    /// Keeps the serial log under `target/vmblk-guest/logs/<name>.serial.log`.
+    pub fn log_name(mut self, name: &str) -> Self {
+        self.log_name = Some(name.to_owned());
+        self
     }
 }
 
@@ -104,6 +113,7 @@ pub struct Guest {
     serial: PathBuf,
     started: Instant,
     deadline: Instant,
+    keep_log: Option<PathBuf>,
     dir: tempfile::TempDir,
 }
 
@@ -165,11 +175,20 @@ impl Guest {
         let started = Instant::now();
         let deadline = started + params.timeout;
         proc.arm_watchdog(deadline);
+        let keep_log = match &params.log_name {
+            Some(name) => {
+                let logs = crate::util::cache_dir()?.join("logs");
+                std::fs::create_dir_all(&logs)?;
+                Some(logs.join(format!("{name}.serial.log")))
+            }
+            None => None,
+        };
         Ok(Self {
             proc,
             serial,
             started,
             deadline,
+            keep_log,
             dir,
         })
     }
@@ -277,6 +296,38 @@ impl Guest {
         self.wait_exit(Duration::from_secs(20))
     }
 
+    /// Test helper: runs to completion and panics, with the serial tail, unless QEMU
+    /// exited cleanly after `boots` boots that each reported `VMBLK-DONE` with every
+    /// check passed.
+    pub fn expect_clean_run(&mut self, boots: usize) -> GuestOutcome {
+        let outcome = match self.run_to_completion(boots) {
+            Ok(o) => o,
+            Err(e) => panic!("guest run failed: {e:#}\n{}", self.diagnostics()),
+        };
+        if outcome.killed || !outcome.exit.is_some_and(|s| s.success()) {
+            panic!(
+                "guest did not power off cleanly (exit {:?}, killed {}, {:?})\n{}",
+                outcome.exit,
+                outcome.killed,
+                outcome.elapsed,
+                self.diagnostics()
+            );
+        }
+        if outcome.report.completed_boots() != boots {
+            panic!(
+                "expected {boots} completed boot(s), saw {}\n{}",
+                outcome.report.completed_boots(),
+                self.diagnostics()
+            );
+        }
+        for b in &outcome.report.boots {
+            if let Err(e) = b.ensure_passed() {
+                panic!("{e:#}\n{}", self.diagnostics());
+            }
+        }
+        outcome
+    }
+
     /// Kills QEMU now.
     pub fn kill(&mut self) -> Result<()> {
         self.proc.kill().map(|_| ())
@@ -312,6 +363,9 @@ impl Guest {
 impl Drop for Guest {
     fn drop(&mut self) {
         let _ = self.proc.kill();
+        if let Some(dst) = &self.keep_log {
+            let _ = std::fs::copy(&self.serial, dst);
+        }
         if std::thread::panicking() {
             eprintln!("{}", self.diagnostics());
         }

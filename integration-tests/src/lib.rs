@@ -45,6 +45,6 @@ pub use process::ManagedProcess;
 pub use report::{BootReport, Check, GuestReport};
 pub use util::{cache_dir, run, sha256_file, sha256_hex, tail, target_dir, wait_until};
 pub use volume::{
-    damage_with_direct_sgdisk, prepared_volume, write_image, DirectSgdiskRepair,
+    damage_with_direct_sgdisk, prepared_volume, write_image, CommandPrepare, DirectSgdiskRepair,
     ManualBridgeRepair, PrepareVolume, Volume, WriteRawImage, DEFAULT_VOLUME_BYTES,
 };

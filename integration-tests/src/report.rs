@@ -69,6 +69,9 @@ impl BootReport {
                 self.failed()
             );
         }
+        if self.checks.is_empty() {
+            bail!("boot {}: no checks reported", self.boot);
+        }
         if pass as usize != self.checks.len() {
             bail!(
                 "boot {}: VMBLK-DONE says {pass} passed, {} check lines seen",

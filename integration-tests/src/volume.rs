@@ -136,6 +136,32 @@ pub fn damage_with_direct_sgdisk(volume: &Volume) -> Result<String> {
     ))
 }
 
+/// Any command as a preparation step (e.g. `vmblk unpack {image} {volume}`): every
+/// `{image}` in the arguments becomes the raw image path, `{qcow2}` the qcow2 path and
+/// `{volume}` the volume's device.
+#[derive(Debug, Clone)]
+pub struct CommandPrepare {
+    /// Program to run.
+    pub program: PathBuf,
+    /// Its arguments, with placeholders.
+    pub args: Vec<String>,
+}
+
+impl PrepareVolume for CommandPrepare {
+    fn describe(&self) -> String {
+        format!("{} {}", self.program.display(), self.args.join(" "))
+    }
+
+    fn prepare(&self, image: &TestImage, volume: &Volume) -> Result<String> {
+        let subst = |a: &String| {
+            a.replace("{image}", &image.raw.display().to_string())
+                .replace("{qcow2}", &image.qcow2.display().to_string())
+                .replace("{volume}", &volume.device().display().to_string())
+        };
+        run(Command::new(&self.program).args(self.args.iter().map(subst)))
+    }
+}
+
 /// A volume with `image` prepared on it by `step`.
 pub fn prepared_volume(
     image: &TestImage,

@@ -12,7 +12,7 @@ fn image_on_512_sector_loop_boots_via_qsd_and_passes_checks() {
     let image = TestImage::standard().unwrap();
     let (volume, _) = prepared_volume(&image, 512, &WriteRawImage).unwrap();
     let export = QsdExport::start(QsdParams::host_device(volume.device())).unwrap();
-    let mut guest = Guest::start(&GuestParams::boot_from(&export)).unwrap();
+    let mut guest = Guest::start(&GuestParams::boot_from(&export).log_name("boot_512")).unwrap();
 
     let outcome = guest.run_to_completion(1).unwrap();
     eprintln!("guest finished in {:?}", outcome.elapsed);
