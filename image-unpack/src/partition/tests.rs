@@ -295,6 +295,52 @@ fn disagreeing_headers_refused_unless_forced() {
 }
 
 #[test]
+fn missing_protective_mbr_written() {
+    let mut buf = image_on_device(512, 16 * MIB, 16 * MIB);
+    buf[..512].fill(0);
+    let (r, out) = run(buf.clone(), 512, &RepairOptions::default());
+    let want = (16 * MIB / 512 - 1) as u32;
+    assert_eq!(
+        r.unwrap().actions,
+        vec![RepairAction::WriteProtectiveMbr { size: want }]
+    );
+    assert_eq!(out[..512], image_on_device(512, 16 * MIB, 16 * MIB)[..512]);
+    assert_eq!(out[512..], buf[512..]);
+}
+
+#[test]
+fn foreign_table_with_partitions_refused_unless_forced() {
+    // A 4K-native table with partitions, and a 512 table built over the
+    // first 4 KiB of it: two live layouts, which one is meant is unknown.
+    let mut buf = image_on_device(4096, 32 * MIB, 32 * MIB);
+    let mut small = vec![0u8; 32 * MIB as usize];
+    let parts = vec![Part {
+        type_guid: LINUX,
+        first: 40,
+        last: 100,
+        name: "x",
+    }];
+    write_gpt(&mut small, 512, 32 * MIB, &parts);
+    // Keep the 4K primary (at 4096..) intact: copy only the 512 header + 4 entries.
+    buf[..1536].copy_from_slice(&small[..1536]);
+    let rep = inspect(&mut cur(buf.clone()), 4096, 32 * MIB).unwrap();
+    assert!(
+        rep.problems.iter().any(|p| matches!(
+            p,
+            Problem::ForeignGpt {
+                sector_size: 512,
+                ..
+            }
+        )),
+        "{:?}",
+        rep.problems
+    );
+    let (r, out) = run(buf.clone(), 4096, &RepairOptions::default());
+    assert!(matches!(r, Err(Error::Unrecognised { .. })), "{r:?}");
+    assert_eq!(out, buf);
+}
+
+#[test]
 fn dry_run_writes_nothing() {
     let buf = image_on_device(512, 64 * MIB, 128 * MIB);
     let (r, out) = run(
