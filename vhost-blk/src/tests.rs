@@ -759,3 +759,16 @@ fn config_space_shows_512_byte_sectors_and_4k_physical_blocks() {
     assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 4);
     assert_eq!(u32::from_le_bytes(c[44..48].try_into().unwrap()), 8);
 }
+
+#[test]
+fn features_offer_ro_only_for_read_only_exports() {
+    use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_F_RO;
+    let rw = crate::backend::features(false);
+    let ro = crate::backend::features(true);
+    assert_eq!(rw & (1 << VIRTIO_BLK_F_RO), 0);
+    assert_ne!(ro & (1 << VIRTIO_BLK_F_RO), 0);
+    // VERSION_1, EVENT_IDX, INDIRECT_DESC and VHOST_USER_F_PROTOCOL_FEATURES.
+    for bit in [32u32, 29, 28, 30] {
+        assert_ne!(rw & (1 << bit), 0, "bit {bit}");
+    }
+}
