@@ -1,21 +1,92 @@
-//! `vmblk export`: serve a volume over vhost-user-blk.
+//! `vmblk export`: serve a volume over vhost-user-blk until SIGINT or SIGTERM.
 
 use std::path::PathBuf;
 
 use clap::Args;
+use nix::sys::signal::{SigSet, Signal};
+use vhost_blk::{ExportConfig, StopHandle};
 
 /// `vmblk export`.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// The volume: a block device or a regular file.
     pub volume: PathBuf,
-    /// The unix socket QEMU connects to.
+    /// The unix socket QEMU connects to (replaced if it exists).
     #[arg(long)]
     pub socket: PathBuf,
+    /// Logical block size the guest sees: the sector size the image was built for.
+    #[arg(long, default_value_t = 512)]
+    pub logical_block_size: u32,
+    /// Refuse writes (the guest sees a read-only disk).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Number of virtqueues, each served by its own thread.
+    #[arg(long, default_value_t = 1)]
+    pub num_queues: u16,
+    /// Largest virtqueue size offered.
+    #[arg(long, default_value_t = 256)]
+    pub queue_size: u16,
+    /// Serial number the guest reads (at most 20 bytes).
+    #[arg(long, default_value = "")]
+    pub serial: String,
+    /// Print the final counters as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
-/// Runs the export until interrupted.
-pub fn run(_a: ExportArgs) -> i32 {
-    eprintln!("vmblk export: not available yet");
-    1
+/// Runs the export until interrupted; prints its counters on exit.
+pub fn run(a: ExportArgs) -> i32 {
+    // Block the stop signals in every thread (the export's threads inherit the
+    // mask) and take them synchronously on one thread of our own.
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    if let Err(e) = set.thread_block() {
+        eprintln!("vmblk export: cannot block signals: {e}");
+        return 1;
+    }
+    let stop = match StopHandle::new() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmblk export: {}", crate::human::error_chain(&e));
+            return 1;
+        }
+    };
+    let s = stop.clone();
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            tracing::info!(signal = ?sig, "stopping the export");
+        }
+        s.stop();
+    });
+    let cfg = ExportConfig {
+        volume: a.volume,
+        socket: a.socket,
+        logical_block_size: a.logical_block_size,
+        read_only: a.read_only,
+        num_queues: a.num_queues,
+        queue_size: a.queue_size,
+        serial: a.serial,
+        ..ExportConfig::default()
+    };
+    tracing::info!(volume = %cfg.volume.display(), socket = %cfg.socket.display(), "exporting");
+    match vhost_blk::run(cfg, stop) {
+        Ok(m) => {
+            let text = if a.json {
+                serde_json::to_string_pretty(&m)
+            } else {
+                serde_json::to_string(&m)
+            };
+            match (text, a.json) {
+                (Ok(s), true) => println!("{s}"),
+                (Ok(s), false) => eprintln!("vmblk export: final counters: {s}"),
+                (Err(e), _) => eprintln!("vmblk export: {e}"),
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("vmblk export: {}", crate::human::error_chain(&e));
+            1
+        }
+    }
 }

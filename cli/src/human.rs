@@ -55,7 +55,16 @@ fn table(t: &TableWork) {
                     println!("verify: problem: {p}");
                 }
                 for p in &v.partitions {
-                    println!("  {p}");
+                    println!(
+                        "  {:>3}  {:<12} {:>10}  {:<6} uuid={} label={} partuuid={}",
+                        p.index,
+                        p.part_label,
+                        size(p.size_bytes),
+                        p.fs_type.as_deref().unwrap_or("-"),
+                        p.uuid.as_deref().unwrap_or("-"),
+                        p.label.as_deref().unwrap_or("-"),
+                        p.partuuid
+                    );
                 }
             }
         }
@@ -65,7 +74,12 @@ fn table(t: &TableWork) {
 
 /// `vmblk unpack` summary; the last line has the figures.
 pub fn unpack(r: &UnpackReport) {
-    println!("image: {} ({}, {})", r.image.display(), r.source_format, size(r.virtual_size));
+    println!(
+        "image: {} ({}, {})",
+        r.image.display(),
+        r.source_format,
+        size(r.virtual_size)
+    );
     println!(
         "target: {} ({:?}, {}, logical {} / physical {} bytes, direct I/O {})",
         r.target.path.display(),
@@ -76,7 +90,11 @@ pub fn unpack(r: &UnpackReport) {
         if r.target.direct_io { "on" } else { "off" }
     );
     table(&r.table);
-    let zm = r.copy.zero_method.map(|m| format!(" by {m:?}")).unwrap_or_default();
+    let zm = r
+        .copy
+        .zero_method
+        .map(|m| format!(" by {m:?}"))
+        .unwrap_or_default();
     println!(
         "wrote {} ({} bytes), skipped {} as zero{zm}, {}/s, {:.2} s",
         size(r.copy.bytes_written),
@@ -94,7 +112,11 @@ pub fn repair(r: &RepairCommandReport) {
         r.target.path.display(),
         size(r.target.size),
         r.target.logical_block_size,
-        if r.dry_run { " — dry run, nothing written" } else { "" }
+        if r.dry_run {
+            " — dry run, nothing written"
+        } else {
+            ""
+        }
     );
     table(&r.table);
 }

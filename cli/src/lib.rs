@@ -139,7 +139,9 @@ pub fn init_tracing(cli: &Cli) {
         _ => "debug",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
@@ -238,7 +240,10 @@ fn unpack(a: UnpackArgs) -> i32 {
         force: a.force,
         grow_last_partition: a.grow_last_partition,
         zero_tail: a.zero_tail,
-        copy: CopyOptions { threads: a.threads, ..CopyOptions::default() },
+        copy: CopyOptions {
+            threads: a.threads,
+            ..CopyOptions::default()
+        },
     };
     let bar = Bar::new(!a.json);
     let r = image_unpack::unpack(&a.image, &a.target, &opts, &bar);

@@ -35,7 +35,11 @@ pub struct CopyOptions {
 
 impl Default for CopyOptions {
     fn default() -> Self {
-        Self { threads: 0, window: 8 << 20, granule: 64 << 10 }
+        Self {
+            threads: 0,
+            window: 8 << 20,
+            granule: 64 << 10,
+        }
     }
 }
 
@@ -95,7 +99,9 @@ struct Job {
 
 impl Job {
     fn all_zero(&self) -> bool {
-        self.pieces.iter().all(|p| p.extent.kind == ExtentKind::Zero)
+        self.pieces
+            .iter()
+            .all(|p| p.extent.kind == ExtentKind::Zero)
     }
 }
 
@@ -126,7 +132,9 @@ pub fn copy(
     };
     let granule = round_up(opts.granule.max(align), align).min(window);
     let threads = match opts.threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2),
         n => n,
     }
     .clamp(1, 16);
@@ -216,11 +224,13 @@ fn produce(
     abort: &AtomicBool,
 ) -> Result<(), CopyError> {
     let vsize = source.virtual_size();
-    let mut job = Job { start: 0, len: window.min(end), pieces: Vec::new() };
-    let mut expect = 0u64;
-    let send = |job: Job| -> Result<(), CopyError> {
-        tx.send(job).map_err(|_| CopyError::Worker)
+    let mut job = Job {
+        start: 0,
+        len: window.min(end),
+        pieces: Vec::new(),
     };
+    let mut expect = 0u64;
+    let send = |job: Job| -> Result<(), CopyError> { tx.send(job).map_err(|_| CopyError::Worker) };
     for ext in source.extents() {
         if abort.load(Ordering::SeqCst) {
             return Ok(());
@@ -232,9 +242,16 @@ fn produce(
                 ext.guest_offset, ext.len
             )));
         }
-        let ext_end = ext.guest_offset.checked_add(ext.len).filter(|&e| e <= vsize).ok_or_else(
-            || CopyError::Extents(format!("extent at {} runs past the disk end", ext.guest_offset)),
-        )?;
+        let ext_end = ext
+            .guest_offset
+            .checked_add(ext.len)
+            .filter(|&e| e <= vsize)
+            .ok_or_else(|| {
+                CopyError::Extents(format!(
+                    "extent at {} runs past the disk end",
+                    ext.guest_offset
+                ))
+            })?;
         expect = ext_end;
         let mut pos = ext.guest_offset;
         while pos < ext_end {
@@ -242,7 +259,11 @@ fn produce(
                 let next = job.start + window;
                 let full = std::mem::replace(
                     &mut job,
-                    Job { start: next, len: window.min(end - next), pieces: Vec::new() },
+                    Job {
+                        start: next,
+                        len: window.min(end - next),
+                        pieces: Vec::new(),
+                    },
                 );
                 send(full)?;
             }
@@ -257,7 +278,9 @@ fn produce(
         }
     }
     if expect != vsize {
-        return Err(CopyError::Extents(format!("extents end at {expect}, disk is {vsize} bytes")));
+        return Err(CopyError::Extents(format!(
+            "extents end at {expect}, disk is {vsize} bytes"
+        )));
     }
     if job.len > 0 {
         send(job)?;
@@ -286,20 +309,35 @@ impl Worker<'_> {
             let dst = &mut win[p.at as usize..(p.at + p.take) as usize];
             match p.extent.kind {
                 ExtentKind::Zero => {}
-                ExtentKind::Data { compressed_len: None, host_offset } => {
+                ExtentKind::Data {
+                    compressed_len: None,
+                    host_offset,
+                } => {
                     let sub = Extent {
                         guest_offset: p.extent.guest_offset + p.skip,
                         len: p.take,
-                        kind: ExtentKind::Data { host_offset: host_offset + p.skip, compressed_len: None },
+                        kind: ExtentKind::Data {
+                            host_offset: host_offset + p.skip,
+                            compressed_len: None,
+                        },
                     };
-                    self.source.read_extent(&sub, dst).map_err(CopyError::Source)?;
+                    self.source
+                        .read_extent(&sub, dst)
+                        .map_err(CopyError::Source)?;
                 }
-                ExtentKind::Data { compressed_len: Some(_), .. } => {
+                ExtentKind::Data {
+                    compressed_len: Some(_),
+                    ..
+                } => {
                     if p.skip == 0 && p.take == p.extent.len {
-                        self.source.read_extent(&p.extent, dst).map_err(CopyError::Source)?;
+                        self.source
+                            .read_extent(&p.extent, dst)
+                            .map_err(CopyError::Source)?;
                     } else {
                         scratch.resize(p.extent.len as usize, 0);
-                        self.source.read_extent(&p.extent, &mut scratch).map_err(CopyError::Source)?;
+                        self.source
+                            .read_extent(&p.extent, &mut scratch)
+                            .map_err(CopyError::Source)?;
                         dst.copy_from_slice(&scratch[p.skip as usize..(p.skip + p.take) as usize]);
                     }
                 }
@@ -337,14 +375,20 @@ impl Worker<'_> {
         if zero {
             self.zero(base + from as u64, (to - from) as u64)
         } else {
-            self.target.write_at(&win[from..to], base + from as u64).map_err(CopyError::Target)?;
-            self.written.fetch_add((to - from) as u64, Ordering::Relaxed);
+            self.target
+                .write_at(&win[from..to], base + from as u64)
+                .map_err(CopyError::Target)?;
+            self.written
+                .fetch_add((to - from) as u64, Ordering::Relaxed);
             Ok(())
         }
     }
 
     fn zero(&self, offset: u64, len: u64) -> Result<(), CopyError> {
-        let m = self.target.zero_range(offset, len).map_err(CopyError::Target)?;
+        let m = self
+            .target
+            .zero_range(offset, len)
+            .map_err(CopyError::Target)?;
         self.zeroed.fetch_add(len, Ordering::Relaxed);
         if let Ok(mut g) = self.zero_method.lock() {
             *g = Some(m);
@@ -366,7 +410,7 @@ fn is_zero(b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::{SourceFormat, SourceError};
+    use crate::source::{SourceError, SourceFormat};
     use std::os::unix::fs::FileExt;
 
     /// A synthetic source: data described by a list of (len, Some(byte) | None).
@@ -410,7 +454,9 @@ mod tests {
             self.runs.iter().map(|r| r.0).max().unwrap_or(512)
         }
         fn read_extent(&self, e: &Extent, buf: &mut [u8]) -> Result<(), SourceError> {
-            let ExtentKind::Data { host_offset, .. } = e.kind else { panic!("zero read") };
+            let ExtentKind::Data { host_offset, .. } = e.kind else {
+                panic!("zero read")
+            };
             assert_eq!(buf.len() as u64, e.len);
             buf.fill((host_offset >> 40) as u8);
             Ok(())
@@ -429,25 +475,38 @@ mod tests {
         let size = f.virtual_size();
         let file = tempfile::NamedTempFile::new().unwrap();
         // Old data everywhere: zero extents must come back as zeros.
-        file.as_file().write_all_at(&vec![0xEE; size as usize], 0).unwrap();
+        file.as_file()
+            .write_all_at(&vec![0xEE; size as usize], 0)
+            .unwrap();
         let t = Target::open(file.path()).unwrap();
         let st = copy(f, &t, opts, &|_| {}).unwrap();
         t.sync().unwrap();
-        let mut out = vec![0u8; size as usize];
-        t.file().read_exact_at(&mut out, 0).unwrap();
+        let out = std::fs::read(file.path()).unwrap();
+        assert_eq!(out.len() as u64, size);
         (out, st)
     }
 
     #[test]
     fn zero_extents_overwrite_old_data_and_data_lands_exactly() {
         let f = Fake {
-            runs: vec![(512, Some(1)), (1536, None), (65536 * 3, Some(2)), (1 << 20, None), (4096, Some(3))],
+            runs: vec![
+                (512, Some(1)),
+                (1536, None),
+                (65536 * 3, Some(2)),
+                (1 << 20, None),
+                (4096, Some(3)),
+            ],
             compressed: false,
         };
-        let opts = CopyOptions { threads: 3, window: 128 << 10, granule: 4096 };
+        let opts = CopyOptions {
+            threads: 3,
+            window: 128 << 10,
+            granule: 4096,
+        };
         let (out, st) = run(&f, &opts);
         assert_eq!(out, expected(&f));
-        assert!(st.bytes_zeroed >= 1 << 20, "{st:?}");
+        // The 1 MiB zero run is not granule-aligned: all but its edge granules are skipped.
+        assert!(st.bytes_zeroed >= (1 << 20) - 2 * 4096, "{st:?}");
         assert!(st.bytes_written < f.virtual_size(), "{st:?}");
     }
 
@@ -455,20 +514,34 @@ mod tests {
     fn compressed_extents_straddling_windows_are_split() {
         // 96 KiB "clusters" against a 64 KiB window force straddling.
         let f = Fake {
-            runs: vec![(98304, Some(7)), (98304, Some(8)), (98304, None), (98304, Some(9))],
+            runs: vec![
+                (98304, Some(7)),
+                (98304, Some(8)),
+                (98304, None),
+                (98304, Some(9)),
+            ],
             compressed: true,
         };
-        let opts = CopyOptions { threads: 2, window: 65536, granule: 4096 };
+        let opts = CopyOptions {
+            threads: 2,
+            window: 65536,
+            granule: 4096,
+        };
         let (out, _) = run(&f, &opts);
         assert_eq!(out, expected(&f));
     }
 
     #[test]
     fn data_that_is_zero_is_not_written() {
-        let f = Fake { runs: vec![(1 << 20, Some(0)), (4096, Some(1))], compressed: false };
+        let f = Fake {
+            runs: vec![(1 << 20, Some(0)), (4096, Some(1))],
+            compressed: false,
+        };
         let (out, st) = run(&f, &CopyOptions::default());
         assert_eq!(out, expected(&f));
-        assert_eq!(st.bytes_written, 64 << 10, "one granule of real data: {st:?}");
+        // Only the 4 KiB tail holds data; the zero megabyte before it is not written.
+        assert_eq!(st.bytes_written, 4096, "{st:?}");
+        assert_eq!(st.bytes_zeroed, 1 << 20, "{st:?}");
     }
 
     #[test]
@@ -484,8 +557,12 @@ mod tests {
             }
             fn extents(&self) -> Box<dyn Iterator<Item = Result<Extent, SourceError>> + Send + '_> {
                 Box::new(
-                    vec![Ok(Extent { guest_offset: 4096, len: 4096, kind: ExtentKind::Zero })]
-                        .into_iter(),
+                    vec![Ok(Extent {
+                        guest_offset: 4096,
+                        len: 4096,
+                        kind: ExtentKind::Zero,
+                    })]
+                    .into_iter(),
                 )
             }
             fn max_extent_len(&self) -> u64 {

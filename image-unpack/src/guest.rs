@@ -1,9 +1,9 @@
 //! Random-access reads of an image's guest view, for looking at its partition
 //! table before anything is written.
 //!
-//! Each read walks the extent list from the start, so this is meant for the
-//! few kilobytes a partition table occupies at either end of the disk, not for
-//! bulk data (that is [`crate::copy`]'s job).
+//! Each read walks the extent list from the extent holding its offset, so it is
+//! cheap for the few kilobytes a partition table occupies at either end of the
+//! disk; bulk data is [`crate::copy`]'s job.
 
 use std::io::{self, Read, Seek, SeekFrom};
 
@@ -30,7 +30,7 @@ impl<'a> GuestReader<'a> {
             .filter(|&e| e <= self.source.virtual_size())
             .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "read past disk end"))?;
         let mut scratch = Vec::new();
-        for ext in self.source.extents() {
+        for ext in self.source.extents_from(offset) {
             let ext = ext.map_err(io::Error::other)?;
             let (es, ee) = (ext.guest_offset, ext.guest_offset + ext.len);
             if ee <= offset {
@@ -43,7 +43,10 @@ impl<'a> GuestReader<'a> {
             let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
             match ext.kind {
                 ExtentKind::Zero => dst.fill(0),
-                ExtentKind::Data { host_offset, compressed_len: None } => {
+                ExtentKind::Data {
+                    host_offset,
+                    compressed_len: None,
+                } => {
                     let sub = Extent {
                         guest_offset: from,
                         len: to - from,
@@ -52,11 +55,15 @@ impl<'a> GuestReader<'a> {
                             compressed_len: None,
                         },
                     };
-                    self.source.read_extent(&sub, dst).map_err(io::Error::other)?;
+                    self.source
+                        .read_extent(&sub, dst)
+                        .map_err(io::Error::other)?;
                 }
                 ExtentKind::Data { .. } => {
                     scratch.resize(ext.len as usize, 0);
-                    self.source.read_extent(&ext, &mut scratch).map_err(io::Error::other)?;
+                    self.source
+                        .read_extent(&ext, &mut scratch)
+                        .map_err(io::Error::other)?;
                     dst.copy_from_slice(&scratch[(from - es) as usize..(to - es) as usize]);
                 }
             }
@@ -87,7 +94,10 @@ impl Seek for GuestReader<'_> {
             SeekFrom::Current(d) => self.pos as i128 + d as i128,
         };
         if new < 0 || new > u64::MAX as i128 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "seek out of range"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek out of range",
+            ));
         }
         self.pos = new as u64;
         Ok(self.pos)

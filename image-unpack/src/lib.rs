@@ -13,8 +13,20 @@
 //!                                   report (JSON-serialisable)
 //! ```
 
+pub mod copy;
+mod guest;
 pub mod partition;
 pub mod source;
+mod sys;
+pub mod target;
+mod unpack;
 pub mod verify;
 
+pub use copy::{copy, CopyError, CopyOptions, CopyStats};
+pub use guest::GuestReader;
+pub use target::{Target, TargetError, TargetInfo, TargetKind, ZeroMethod};
+pub use unpack::{
+    inspect, repair, unpack, BridgeUsed, InspectReport, NoProgress, Progress, RepairCommandOptions,
+    RepairCommandReport, TableWork, UnpackError, UnpackOptions, UnpackReport,
+};
 pub use verify::{verify, verify_file, PartitionProbe, VerifyError, VerifyReport};

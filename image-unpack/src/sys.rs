@@ -13,7 +13,6 @@ nix::ioctl_read_bad!(blksszget, 0x1268, libc::c_int);
 nix::ioctl_read_bad!(blkpbszget, 0x127b, libc::c_uint);
 nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
 nix::ioctl_write_ptr_bad!(blkzeroout, 0x127f, [u64; 2]);
-nix::ioctl_write_ptr_bad!(blkdiscard, 0x1277, [u64; 2]);
 nix::ioctl_none_bad!(blkflsbuf, 0x1261);
 
 fn errno(e: nix::Error) -> io::Error {
@@ -58,16 +57,6 @@ pub fn zero_out(dev: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Discards `[offset, offset + len)` of a block device (BLKDISCARD). Gives no
-/// guarantee about what the range reads back as.
-pub fn discard(dev: &File, offset: u64, len: u64) -> io::Result<()> {
-    let range = [offset, len];
-    // SAFETY: `dev` is open for the call; `range` is a readable [u64; 2]
-    // (start, length), the argument BLKDISCARD reads.
-    unsafe { blkdiscard(dev.as_raw_fd(), &range) }.map_err(errno)?;
-    Ok(())
-}
-
 /// Writes back and drops the block device's buffer cache (BLKFLSBUF), so a
 /// later buffered reader sees what O_DIRECT writers and loop devices wrote.
 pub fn flush_buffers(dev: &File) -> io::Result<()> {
@@ -79,12 +68,22 @@ pub fn flush_buffers(dev: &File) -> io::Result<()> {
 /// Deallocates `[offset, offset + len)` of a regular file, keeping its size; the
 /// range reads back as zeros.
 pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    fallocate(file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+    fallocate(
+        file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    )
 }
 
 /// Zeroes `[offset, offset + len)` of a regular file by allocating zeroed extents.
 pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    fallocate(file, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+    fallocate(
+        file,
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    )
 }
 
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {

@@ -19,7 +19,9 @@ use serde::Serialize;
 
 use crate::copy::{copy, CopyError, CopyOptions, CopyStats};
 use crate::guest::GuestReader;
-use crate::partition::{self, DetectedLayout, Detection, RepairOptions, RepairReport, TableReport};
+use crate::partition::{
+    self, DetectedLayout, Detection, RepairOptions, RepairReport, TableKind, TableReport,
+};
 use crate::source::{self, SourceError, SourceFormat};
 use crate::target::{Target, TargetError, TargetInfo};
 use crate::verify::{self, VerifyReport};
@@ -216,6 +218,15 @@ pub enum UnpackError {
         /// The full report.
         report: Box<TableWork>,
     },
+    /// Verification could not run.
+    #[error("verifying {path}")]
+    Verify {
+        /// The device.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: verify::VerifyError,
+    },
     /// Opening a device for partition work failed.
     #[error("opening {path}")]
     Open {
@@ -250,7 +261,10 @@ fn open_image(
         metadata: opts.metadata.clone(),
         scratch_dir: opts.scratch_dir.clone(),
     };
-    source::open(image, &o).map_err(|source| UnpackError::Image { path: image.to_owned(), source })
+    source::open(image, &o).map_err(|source| UnpackError::Image {
+        path: image.to_owned(),
+        source,
+    })
 }
 
 /// Decides whether the image's table can be worked on; returns the sector size.
@@ -290,17 +304,30 @@ pub fn unpack(
     }
     // Look at the image's own table before writing anything.
     let image_detection = partition::detect_table_sector_size(&mut GuestReader::new(&*src), vsize)
-        .map_err(|source| UnpackError::Table { path: image.to_owned(), source })?;
+        .map_err(|source| UnpackError::Table {
+            path: image.to_owned(),
+            source,
+        })?;
     let table_ss = table_plan(&image_detection, opts.force, image)?;
     if let Some(ss) = table_ss {
-        let report = partition::inspect(&mut GuestReader::new(&*src), ss, vsize)
-            .map_err(|source| UnpackError::Table { path: image.to_owned(), source })?;
-        if !report.is_good() && !opts.force {
+        let report =
+            partition::inspect(&mut GuestReader::new(&*src), ss, vsize).map_err(|source| {
+                UnpackError::Table {
+                    path: image.to_owned(),
+                    source,
+                }
+            })?;
+        if report.kind == TableKind::Damaged && !opts.force {
             return Err(UnpackError::TableRefused {
                 path: image.to_owned(),
                 reason: format!(
                     "the image's own GPT is damaged: {}",
-                    report.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")
+                    report
+                        .problems
+                        .iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 ),
             });
         }
@@ -311,7 +338,10 @@ pub fn unpack(
     progress.phase("copy", Some(vsize));
     let tc = Instant::now();
     let stats = copy(&*src, &target, &opts.copy, &|d| progress.advance(d)).map_err(|source| {
-        UnpackError::Copy { path: target_path.to_owned(), source }
+        UnpackError::Copy {
+            path: target_path.to_owned(),
+            source,
+        }
     })?;
     let copy_secs = tc.elapsed().as_secs_f64();
     let mut tail_zeroed = 0;
@@ -331,6 +361,7 @@ pub fn unpack(
         dry_run: false,
         force: opts.force,
         grow_last_partition: opts.grow_last_partition,
+        image_size: Some(vsize),
     };
     let table = table_work(&target, table_ss, image_detection, &repair_opts, progress)?;
     Ok(UnpackReport {
@@ -342,7 +373,11 @@ pub fn unpack(
         tail_zeroed,
         table,
         elapsed_ms: t0.elapsed().as_millis() as u64,
-        throughput_bytes_per_sec: if copy_secs > 0.0 { (vsize as f64 / copy_secs) as u64 } else { 0 },
+        throughput_bytes_per_sec: if copy_secs > 0.0 {
+            (vsize as f64 / copy_secs) as u64
+        } else {
+            0
+        },
     })
 }
 
@@ -354,13 +389,20 @@ pub fn repair(
     progress: &dyn Progress,
 ) -> Result<RepairCommandReport, UnpackError> {
     let t0 = Instant::now();
-    let target =
-        if opts.dry_run { Target::open_read_only(target_path)? } else { Target::open(target_path)? };
+    let target = if opts.dry_run {
+        Target::open_read_only(target_path)?
+    } else {
+        Target::open(target_path)?
+    };
     let info = target.info().clone();
     let detection = {
         let mut f = open_rw(target_path, false)?;
-        partition::detect_table_sector_size(&mut f, info.size)
-            .map_err(|source| UnpackError::Table { path: target_path.to_owned(), source })?
+        partition::detect_table_sector_size(&mut f, info.size).map_err(|source| {
+            UnpackError::Table {
+                path: target_path.to_owned(),
+                source,
+            }
+        })?
     };
     let ss = table_plan(&detection, opts.force, target_path)?;
     if ss.is_none() && !matches!(detection.layout, DetectedLayout::Mbr) && !opts.force {
@@ -373,6 +415,7 @@ pub fn repair(
         dry_run: opts.dry_run,
         force: opts.force,
         grow_last_partition: opts.grow_last_partition,
+        image_size: None,
     };
     let table = table_work(&target, ss, detection, &repair_opts, progress)?;
     Ok(RepairCommandReport {
@@ -388,7 +431,10 @@ fn open_rw(path: &Path, write: bool) -> Result<File, UnpackError> {
         .read(true)
         .write(write)
         .open(path)
-        .map_err(|source| UnpackError::Open { path: path.to_owned(), source })
+        .map_err(|source| UnpackError::Open {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// Partition work on a written volume: directly, or through a bridge.
@@ -416,35 +462,57 @@ fn table_work(
         });
     };
     let bridge = if ss != target.info().logical_block_size {
-        let tag = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let b = loop_bridge::Bridge::open(path, ss, &tag)
-            .map_err(|source| UnpackError::Bridge { path: path.clone(), source })?;
+        let tag = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let b =
+            loop_bridge::Bridge::open(path, ss, &tag).map_err(|source| UnpackError::Bridge {
+                path: path.clone(),
+                source,
+            })?;
         tracing::info!(volume = %path.display(), bridge = %b.path().display(), sector_size = ss,
             "partition work through a loop bridge");
         Some(b)
     } else {
         None
     };
-    let work_path = bridge.as_ref().map(|b| b.path().to_owned()).unwrap_or_else(|| path.clone());
+    let work_path = bridge
+        .as_ref()
+        .map(|b| b.path().to_owned())
+        .unwrap_or_else(|| path.clone());
     let result = (|| {
         let mut dev = open_rw(&work_path, !opts.dry_run)?;
         let size = device_or_file_size(&dev, &work_path)?;
         progress.phase("repair", None);
-        let repair = partition::repair(&mut dev, ss, size, opts)
-            .map_err(|source| UnpackError::Table { path: work_path.clone(), source })?;
+        let repair =
+            partition::repair(&mut dev, ss, size, opts).map_err(|source| UnpackError::Table {
+                path: work_path.clone(),
+                source,
+            })?;
         if !opts.dry_run {
-            dev.sync_all().map_err(|source| UnpackError::Open { path: work_path.clone(), source })?;
+            dev.sync_all().map_err(|source| UnpackError::Open {
+                path: work_path.clone(),
+                source,
+            })?;
         }
         drop(dev);
         progress.phase("verify", None);
-        let verify = verify::verify(&work_path, ss)
-            .map_err(|source| UnpackError::Table { path: work_path.clone(), source })?;
+        let verify = verify::verify(&work_path, ss).map_err(|source| UnpackError::Verify {
+            path: work_path.clone(),
+            source,
+        })?;
         Ok::<_, UnpackError>((repair, verify))
     })();
-    let bridge_used =
-        bridge.as_ref().map(|b| BridgeUsed { device: b.path().to_owned(), sector_size: ss });
+    let bridge_used = bridge.as_ref().map(|b| BridgeUsed {
+        device: b.path().to_owned(),
+        sector_size: ss,
+    });
     if let Some(b) = bridge {
-        b.close().map_err(|source| UnpackError::Bridge { path: path.clone(), source })?;
+        b.close().map_err(|source| UnpackError::Bridge {
+            path: path.clone(),
+            source,
+        })?;
     }
     let (repair, verify) = result?;
     let work = TableWork {
@@ -466,30 +534,45 @@ fn table_work(
 }
 
 fn device_or_file_size(f: &File, path: &Path) -> Result<u64, UnpackError> {
-    let meta = f.metadata().map_err(|source| UnpackError::Open { path: path.to_owned(), source })?;
+    let meta = f.metadata().map_err(|source| UnpackError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
     if meta.is_file() {
         return Ok(meta.len());
     }
-    crate::sys::device_size(f).map_err(|source| UnpackError::Open { path: path.to_owned(), source })
+    crate::sys::device_size(f).map_err(|source| UnpackError::Open {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Looks at an image file or a volume: format, sizes, and its partition table
 /// at the sector size it was built for.
 pub fn inspect(path: &Path) -> Result<InspectReport, UnpackError> {
-    let meta = std::fs::metadata(path)
-        .map_err(|source| UnpackError::Open { path: path.to_owned(), source })?;
+    let meta = std::fs::metadata(path).map_err(|source| UnpackError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
     use std::os::unix::fs::FileTypeExt;
     if meta.file_type().is_block_device() {
         let target = Target::open_read_only(path)?;
         let info = target.info().clone();
         let mut f = open_rw(path, false)?;
-        let detection = partition::detect_table_sector_size(&mut f, info.size)
-            .map_err(|source| UnpackError::Table { path: path.to_owned(), source })?;
+        let detection =
+            partition::detect_table_sector_size(&mut f, info.size).map_err(|source| {
+                UnpackError::Table {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?;
         let table = match detection.sector_size() {
-            Some(ss) => Some(
-                partition::inspect(&mut f, ss, info.size)
-                    .map_err(|source| UnpackError::Table { path: path.to_owned(), source })?,
-            ),
+            Some(ss) => Some(partition::inspect(&mut f, ss, info.size).map_err(|source| {
+                UnpackError::Table {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?),
             None => None,
         };
         return Ok(InspectReport {
@@ -505,11 +588,18 @@ pub fn inspect(path: &Path) -> Result<InspectReport, UnpackError> {
     let src = open_image(path, &UnpackOptions::default())?;
     let vsize = src.virtual_size();
     let detection = partition::detect_table_sector_size(&mut GuestReader::new(&*src), vsize)
-        .map_err(|source| UnpackError::Table { path: path.to_owned(), source })?;
+        .map_err(|source| UnpackError::Table {
+            path: path.to_owned(),
+            source,
+        })?;
     let table = match detection.sector_size() {
         Some(ss) => Some(
-            partition::inspect(&mut GuestReader::new(&*src), ss, vsize)
-                .map_err(|source| UnpackError::Table { path: path.to_owned(), source })?,
+            partition::inspect(&mut GuestReader::new(&*src), ss, vsize).map_err(|source| {
+                UnpackError::Table {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?,
         ),
         None => None,
     };
