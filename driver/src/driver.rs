@@ -1484,6 +1484,12 @@ impl Progress for EventProgress<'_> {
             "progress"
         );
         self.send(name, 0, total.unwrap_or(0));
+        drop(p);
+        if self.operation == "create" && name == "verify" {
+            // Partition work and verification run through the loop bridge on devices
+            // whose sector size differs from the image's.
+            self.driver.pause("verify");
+        }
     }
 
     fn advance(&self, done: u64) {
