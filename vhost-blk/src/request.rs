@@ -129,9 +129,12 @@ pub enum RequestError {
     /// Write-type request on a read-only export.
     #[error("request type {0:?} refused: the export is read-only")]
     ReadOnly(RequestType),
-    /// Unknown type, or unknown flags of a discard / write-zeroes segment.
+    /// Unknown request type.
     #[error("unsupported request type {0}")]
     Unsupported(u32),
+    /// Unknown flags in a discard / write-zeroes segment.
+    #[error("unsupported discard/write-zeroes flags {0:#x}")]
+    UnsupportedFlags(u32),
     /// The volume failed the operation.
     #[error("volume operation failed")]
     Volume(#[source] VolumeError),
@@ -141,14 +144,16 @@ impl RequestError {
     /// The status byte this error is answered with.
     pub fn status(&self) -> u8 {
         match self {
-            RequestError::Unsupported(_) => VIRTIO_BLK_S_UNSUPP,
+            RequestError::Unsupported(_) | RequestError::UnsupportedFlags(_) => VIRTIO_BLK_S_UNSUPP,
             _ => VIRTIO_BLK_S_IOERR,
         }
     }
 
     fn failure(&self) -> Failure {
         match self {
-            RequestError::Unsupported(_) => Failure::Unsupported,
+            RequestError::Unsupported(_) | RequestError::UnsupportedFlags(_) => {
+                Failure::Unsupported
+            }
             RequestError::ReadOnly(_) => Failure::ReadOnly,
             RequestError::Volume(_) => Failure::Io,
             _ => Failure::Malformed,
@@ -397,7 +402,7 @@ fn execute(dev: &Device, req: &Request<'_>) -> Result<u64, RequestError> {
                     0
                 };
                 if flags & !allowed != 0 {
-                    return Err(RequestError::Unsupported(flags));
+                    return Err(RequestError::UnsupportedFlags(flags));
                 }
                 let (off, len) = check_range(dev, sector, count)?;
                 ranges.push((off, len, flags & FLAG_UNMAP != 0));

@@ -30,6 +30,14 @@ impl Server {
             .unwrap()
             .set_len(size)
             .unwrap();
+        Server::start_on(dir, volume, tweak)
+    }
+
+    fn start_on(
+        dir: tempfile::TempDir,
+        volume: PathBuf,
+        tweak: impl FnOnce(&mut ExportConfig),
+    ) -> Server {
         let mut cfg = ExportConfig {
             volume,
             socket: dir.path().join("vhost.sock"),
@@ -277,4 +285,83 @@ fn blkio_sees_a_read_only_export_as_read_only() {
         b,
     };
     assert_eq!(c.read(0, 0, 4096), 0);
+}
+
+/// A 4096-sector loop device over a sparse file; detached on drop. Loop-device tests of
+/// every crate serialize on the same lock file.
+struct LoopDev {
+    path: PathBuf,
+    _backing: tempfile::NamedTempFile,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+fn loop_4k(size: u64) -> Option<LoopDev> {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipping: loop devices need root");
+        return None;
+    }
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/tmp/vmblk-loop-tests.lock")
+        .unwrap();
+    let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .unwrap();
+    let backing = tempfile::NamedTempFile::new().unwrap();
+    backing.as_file().set_len(size).unwrap();
+    let out = std::process::Command::new("losetup")
+        .args(["-f", "--show", "--sector-size", "4096"])
+        .arg(backing.path())
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!("skipping: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    Some(LoopDev {
+        path,
+        _backing: backing,
+        _lock: lock,
+    })
+}
+
+#[test]
+fn blkio_on_a_4096_sector_loop_device_sees_512_byte_sectors() {
+    let Some(ld) = loop_4k(16 << 20) else { return };
+    let s = Server::start_on(tempfile::tempdir().unwrap(), ld.path.clone(), |_| {});
+    let mut c = Client::connect(&s, 1, 4 << 20);
+    assert_eq!(c.capacity(), 16 << 20);
+    assert_eq!(c.b.get_i32("request-alignment").unwrap(), 512);
+    // Scattered 512-byte writes inside 4K blocks, then whole-block and 1 MiB I/O.
+    for (i, sector) in [1u64, 3, 8, 9, 15, 4095].into_iter().enumerate() {
+        round_trip(&mut c, sector * 512, 512, i as u8 + 1);
+    }
+    round_trip(&mut c, 64 << 10, 4096, 20);
+    round_trip(&mut c, (1 << 20) + 512, 1 << 20, 21);
+    assert_eq!(c.read(0, 0, 8192), 0);
+    assert_eq!(&c.mem()[512..1024], &pattern(1, 512)[..]);
+    assert_eq!(&c.mem()[1536..2048], &pattern(2, 512)[..]);
+    assert!(c.mem()[..512].iter().all(|&b| b == 0));
+    assert!(c.mem()[1024..1536].iter().all(|&b| b == 0));
+    vectored(&mut c, 515, 8 << 20);
+    c.q.write_zeroes(1024, 512, 0, ReqFlags::empty());
+    assert_eq!(c.wait(), 0);
+    assert_eq!(c.read(0, 0, 4096), 0);
+    assert_eq!(&c.mem()[512..1024], &pattern(1, 512)[..]);
+    assert!(c.mem()[1024..1536].iter().all(|&b| b == 0));
+    assert_eq!(&c.mem()[1536..2048], &pattern(2, 512)[..]);
+    drop(c);
+    drop(s);
 }
