@@ -93,6 +93,16 @@ impl GuestParams {
     }
 }
 
+/// Serial-log markers whose first appearance [`Guest`] timestamps (see
+/// [`GuestOutcome::milestones`]): firmware starts the boot option, the kernel's EFI stub
+/// runs, the test init reports, the first round of checks ends.
+pub const MILESTONES: &[(&str, &str)] = &[
+    ("firmware_boots_disk", "BdsDxe: starting Boot"),
+    ("kernel_efi_stub", "EFI stub:"),
+    ("init_first_report", "VMBLK-BOOT n="),
+    ("checks_done", "VMBLK-DONE"),
+];
+
 /// How a guest run ended.
 #[derive(Debug, Clone)]
 pub struct GuestOutcome {
@@ -104,6 +114,9 @@ pub struct GuestOutcome {
     pub elapsed: Duration,
     /// Parsed guest output.
     pub report: GuestReport,
+    /// Time from QEMU start at which each [`MILESTONES`] marker was first seen (to the
+    /// 100 ms polling step), in order; missing markers are left out.
+    pub milestones: Vec<(&'static str, Duration)>,
 }
 
 /// A running QEMU.
@@ -114,6 +127,7 @@ pub struct Guest {
     started: Instant,
     deadline: Instant,
     keep_log: Option<PathBuf>,
+    milestones: Vec<(&'static str, Duration)>,
     dir: tempfile::TempDir,
 }
 
@@ -189,6 +203,7 @@ impl Guest {
             started,
             deadline,
             keep_log,
+            milestones: Vec::new(),
             dir,
         })
     }
@@ -253,7 +268,9 @@ impl Guest {
             // Read the log before checking for exit, so output written just before
             // QEMU exits is seen.
             let exited = self.proc.try_wait()?.is_some();
-            if let Some(v) = pred(&self.serial_log()) {
+            let log = self.serial_log();
+            self.note_milestones(&log);
+            if let Some(v) = pred(&log) {
                 return Ok(Some(v));
             }
             if exited || Instant::now() >= end {
@@ -261,6 +278,19 @@ impl Guest {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    fn note_milestones(&mut self, log: &str) {
+        for (name, marker) in MILESTONES {
+            if !self.milestones.iter().any(|(n, _)| n == name) && log.contains(marker) {
+                self.milestones.push((name, self.started.elapsed()));
+            }
+        }
+    }
+
+    /// Milestones seen so far (see [`GuestOutcome::milestones`]).
+    pub fn milestones(&self) -> &[(&'static str, Duration)] {
+        &self.milestones
     }
 
     /// Waits for QEMU to exit on its own, at most `timeout` (and the deadline); kills it
@@ -277,11 +307,14 @@ impl Guest {
                 None
             }
         };
+        let log = self.serial_log();
+        self.note_milestones(&log);
         Ok(GuestOutcome {
             exit,
             killed: killed || exit.is_none(),
             elapsed: self.started.elapsed(),
-            report: self.report(),
+            report: GuestReport::parse(&log),
+            milestones: self.milestones.clone(),
         })
     }
 

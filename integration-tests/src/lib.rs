@@ -31,7 +31,8 @@ pub use export::{
     EXPORT_READY_TIMEOUT,
 };
 pub use guest::{
-    Guest, GuestDisk, GuestOutcome, GuestParams, DEFAULT_GUEST_TIMEOUT, OVMF_CODE, OVMF_VARS,
+    Guest, GuestDisk, GuestOutcome, GuestParams, DEFAULT_GUEST_TIMEOUT, MILESTONES, OVMF_CODE,
+    OVMF_VARS,
 };
 pub use image::{
     copy_into, BootMode, GuestFile, ImageSpec, PartitionSpec, TestImage, DISK_GUID, ESP,
