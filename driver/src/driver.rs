@@ -848,10 +848,16 @@ impl Driver {
             )));
         }
         if r.size_bytes == rec.size_bytes {
+            // Same size: repair the table if an earlier grow could not (it was attached).
+            let (table_repaired, note) = if rec.attachment.is_some() {
+                (false, "size unchanged".to_owned())
+            } else {
+                self.repair_table(&rec, r.grow_last_partition)?
+            };
             return Ok(pb::GrowVolumeResponse {
                 volume: Some(self.volume_pb(&rec)),
-                table_repaired: false,
-                note: "size unchanged".into(),
+                table_repaired,
+                note,
             });
         }
         check_size(r.size_bytes)?;
@@ -878,31 +884,11 @@ impl Driver {
                 return Ok((
                     false,
                     "attached: the guest owns the partition table; repair it in the guest \
-                     or grow again after detaching"
+                     or grow to this size again once detached"
                         .into(),
                 ));
             }
-            if !has_gpt(&rec.path) {
-                return Ok((false, "no GPT on the volume: nothing to repair".into()));
-            }
-            let progress = EventProgress::new(self, pool, name, "grow");
-            let o = RepairCommandOptions {
-                grow_last_partition: r.grow_last_partition,
-                ..Default::default()
-            };
-            let rep =
-                image_unpack::repair(&rec.path, &o, &progress).map_err(|source| Error::Unpack {
-                    step: "repairing",
-                    path: rec.path.clone(),
-                    source: Box::new(source),
-                })?;
-            let repaired = rep
-                .table
-                .repair
-                .as_ref()
-                .is_some_and(|x| !x.actions.is_empty());
-            let note = rep.table.skipped.clone().unwrap_or_default();
-            Ok((repaired, note))
+            self.repair_table(&rec, r.grow_last_partition)
         })();
         // The file has its new size whether or not the repair succeeded.
         rec.size_bytes = fs::metadata(&rec.path).map(|m| m.len()).unwrap_or(old);
@@ -923,6 +909,40 @@ impl Driver {
             table_repaired,
             note,
         })
+    }
+
+    /// Repairs a volume's GPT for its size (backup header to the end); returns whether
+    /// anything was written, and why not.
+    fn repair_table(
+        &self,
+        rec: &VolumeRecord,
+        grow_last_partition: bool,
+    ) -> Result<(bool, String)> {
+        if !has_gpt(&rec.path) {
+            return Ok((false, "no GPT on the volume: nothing to repair".into()));
+        }
+        let progress = EventProgress::new(self, &rec.pool, &rec.name, "grow");
+        let o = RepairCommandOptions {
+            grow_last_partition,
+            ..Default::default()
+        };
+        let rep =
+            image_unpack::repair(&rec.path, &o, &progress).map_err(|source| Error::Unpack {
+                step: "repairing",
+                path: rec.path.clone(),
+                source: Box::new(source),
+            })?;
+        let repaired = rep
+            .table
+            .repair
+            .as_ref()
+            .is_some_and(|x| !x.actions.is_empty());
+        let note = match &rep.table.skipped {
+            Some(s) => s.clone(),
+            None if !repaired => "the partition table needed nothing".into(),
+            None => String::new(),
+        };
+        Ok((repaired, note))
     }
 
     /// DeleteVolume: returns whether it existed.

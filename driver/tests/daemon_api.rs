@@ -581,6 +581,14 @@ async fn attach_detach_and_attached_volume_preconditions() {
             .was_attached
     );
     assert!(!std::path::Path::new(&a.socket_path).exists());
+    // Once detached, growing to the same size repairs what the attached grow left.
+    let g = c
+        .grow_volume(grow(2 * IMAGE_BYTES))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(g.table_repaired, "{g:?}");
+    assert_gpt_clean(v.path.as_ref());
     assert!(c.delete_volume(del).await.unwrap().into_inner().existed);
     // The watch saw the attach (hotplug) and the state changes of the create.
     let mut seen = Vec::new();

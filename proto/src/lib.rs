@@ -13,7 +13,12 @@
 
 /// Package `vmblk.v1`: messages, the `StorageDriver` client and server.
 pub mod v1 {
-    #![allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
+    #![allow(
+        missing_docs,
+        missing_debug_implementations,
+        clippy::all,
+        clippy::pedantic
+    )]
     include!("gen/vmblk.v1.rs");
 
     /// The encoded `FileDescriptorSet` of `vmblk.v1`, for gRPC server reflection.

@@ -224,8 +224,8 @@ pub struct GrowVolumeResponse {
     #[prost(message, optional, tag = "1")]
     pub volume: ::core::option::Option<Volume>,
     /// Whether the partition table was repaired (backup GPT moved to the new end). False
-    /// when the size did not change, the volume has no GPT, or it is attached (the guest
-    /// owns the table then; run the repair in the guest or after detaching).
+    /// when the table needed nothing, the volume has no GPT, or it is attached (the guest
+    /// owns the table then; repair in the guest, or grow to the same size once detached).
     #[prost(bool, tag = "2")]
     pub table_repaired: bool,
     /// Why the table was not repaired, if it was not.
@@ -875,7 +875,8 @@ pub mod storage_driver_client {
             self.inner.unary(req, path, codec).await
         }
         /// Grows a volume and moves its backup GPT header to the new end (repair). Growing
-        /// to the current size succeeds and does nothing; shrinking is refused.
+        /// to the current size changes nothing but repairs the table if it needs it (after a
+        /// grow while attached, once detached); shrinking is refused.
         pub async fn grow_volume(
             &mut self,
             request: impl tonic::IntoRequest<super::GrowVolumeRequest>,
@@ -1162,7 +1163,8 @@ pub mod storage_driver_server {
             tonic::Status,
         >;
         /// Grows a volume and moves its backup GPT header to the new end (repair). Growing
-        /// to the current size succeeds and does nothing; shrinking is refused.
+        /// to the current size changes nothing but repairs the table if it needs it (after a
+        /// grow while attached, once detached); shrinking is refused.
         async fn grow_volume(
             &self,
             request: tonic::Request<super::GrowVolumeRequest>,
