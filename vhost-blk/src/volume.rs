@@ -440,6 +440,16 @@ impl Volume {
         })
     }
 
+    /// Bounce buffer size for `[offset, offset + len)`: its aligned span, at most one chunk.
+    fn bounce_len(&self, offset: u64, len: u64) -> usize {
+        let a = self.block_size;
+        let chunk = BOUNCE_CHUNK.max(a);
+        let span = align_up(offset.saturating_add(len), a)
+            .unwrap_or(u64::MAX)
+            .saturating_sub(align_down(offset, a));
+        usize::try_from(span.min(chunk)).unwrap_or(usize::MAX)
+    }
+
     fn bounce_read(
         &self,
         offset: u64,
@@ -447,7 +457,7 @@ impl Volume {
     ) -> Result<(), VolumeError> {
         let len: u64 = slices.iter().map(|s| s.len() as u64).sum();
         let mut cur = SliceCursor::new(slices);
-        let mut buf = AlignedBuf::new(BOUNCE_CHUNK.max(self.block_size) as usize, 4096);
+        let mut buf = AlignedBuf::new(self.bounce_len(offset, len), 4096);
         for (al_start, al_end, start, end) in self.chunks(offset, len) {
             let b = &mut buf.as_mut()[..(al_end - al_start) as usize];
             self.pread_full(b, al_start)?;
@@ -466,7 +476,7 @@ impl Volume {
     /// Writes `len` bytes at `offset` through a bounce buffer, merging partial device blocks.
     fn rmw_write(&self, offset: u64, len: u64, mut src: Source<'_, '_>) -> Result<(), VolumeError> {
         let a = self.block_size;
-        let mut buf = AlignedBuf::new(BOUNCE_CHUNK.max(a) as usize, 4096);
+        let mut buf = AlignedBuf::new(self.bounce_len(offset, len), 4096);
         for (al_start, al_end, start, end) in self.chunks(offset, len) {
             let _g = self.lock(al_start, al_end);
             let b = &mut buf.as_mut()[..(al_end - al_start) as usize];
