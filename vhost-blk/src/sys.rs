@@ -136,3 +136,25 @@ pub fn borrow_fd<'a>(fd: std::os::fd::RawFd) -> std::os::fd::BorrowedFd<'a> {
     // across the short poll call that uses the borrow.
     unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }
+
+/// O_DIRECT alignment of a regular file (`statx` `STATX_DIOALIGN`): (memory, offset), or
+/// None where the kernel or filesystem does not report it.
+pub fn dio_alignment(file: &File) -> Option<(u32, u32)> {
+    // SAFETY: `statx` is a plain C struct of integers, for which all-zero bytes are valid.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open for the call, the path is a NUL-terminated empty string used
+    // with AT_EMPTY_PATH, and `stx` is a valid, writable statx buffer.
+    let ret = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if ret != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
+        return None;
+    }
+    Some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
+}

@@ -30,11 +30,12 @@ struct Fixture {
     _file: Option<tempfile::NamedTempFile>,
 }
 
+/// Files behave as 4096-byte-sector devices, so the bridge is exercised without root.
 fn params() -> VolumeParams {
     VolumeParams {
         read_only: false,
         direct: true,
-        min_block_size: 0,
+        min_block_size: 4096,
         max_iovecs: 1024,
     }
 }
@@ -161,7 +162,7 @@ fn write_then_read_round_trips() {
 
 #[test]
 fn misaligned_512_byte_write_keeps_neighbouring_sectors() {
-    // O_DIRECT on the tempfile works in 4096-byte units: sector 3 is inside block 0.
+    // The volume works in 4096-byte units: sector 3 is inside block 0.
     let f = fixture();
     let data = pattern(9, 512);
     f.write_sectors(3, &data);
@@ -709,9 +710,26 @@ fn loop_4k(size: u64) -> Option<LoopDev> {
 }
 
 #[test]
+fn regular_file_uses_the_filesystem_direct_io_alignment() {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    f.as_file().set_len(1 << 20).unwrap();
+    let mut p = params();
+    p.min_block_size = 0;
+    let v = Volume::open(f.path(), &p).unwrap();
+    if v.is_direct() {
+        let (_, off) = crate::sys::dio_alignment(f.as_file()).unwrap_or((0, 4096));
+        assert_eq!(v.block_size(), u64::from(off).max(512));
+    } else {
+        assert_eq!(v.block_size(), 512);
+    }
+}
+
+#[test]
 fn misaligned_writes_on_a_4096_sector_loop_device_read_modify_write() {
     let Some(ld) = loop_4k(4 << 20) else { return };
-    let volume = Volume::open(ld.path.as_ref(), &params()).unwrap();
+    let mut p = params();
+    p.min_block_size = 0;
+    let volume = Volume::open(ld.path.as_ref(), &p).unwrap();
     assert_eq!(volume.block_size(), 4096);
     let f = Fixture {
         mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
@@ -735,8 +753,11 @@ fn misaligned_writes_on_a_4096_sector_loop_device_read_modify_write() {
 #[test]
 fn concurrent_rmw_on_a_4096_sector_loop_device_keeps_every_write() {
     let Some(ld) = loop_4k(4 << 20) else { return };
-    let volume = Volume::open(ld.path.as_ref(), &params()).unwrap();
+    let mut p = params();
+    p.min_block_size = 0;
+    let volume = Volume::open(ld.path.as_ref(), &p).unwrap();
     assert!(volume.is_direct());
+    assert_eq!(volume.block_size(), 4096);
     concurrent_rmw_survives(Arc::new(device(volume)));
 }
 

@@ -258,9 +258,13 @@ impl Volume {
             let (min, opt) = sys::io_sizes(&file).unwrap_or((0, 0));
             (true, size, u64::from(lbs), u64::from(pbs), min, opt)
         } else if ft.is_file() {
-            // O_DIRECT on files: the filesystem block is a safe alignment for offsets and
-            // buffers. Buffered files take any 512-byte aligned request.
-            let blk = if direct { 4096 } else { SECTOR_SIZE };
+            // O_DIRECT on files: the alignment the filesystem reports, else 4096 (safe on
+            // every common filesystem). Buffered files take any 512-byte aligned request.
+            let blk = match (direct, sys::dio_alignment(&file)) {
+                (false, _) => SECTOR_SIZE,
+                (true, Some((_, off))) => u64::from(off),
+                (true, None) => 4096,
+            };
             (false, meta.len(), blk, blk, 0, 0)
         } else {
             return Err(VolumeError::NotAVolume(path.to_owned()));
