@@ -84,6 +84,8 @@ struct Guest {
     mem: GuestMemoryMmap<()>,
     kick: EventFd,
     _call: EventFd,
+    host: u64,
+    info: VhostUserMemoryRegionInfo,
     avail_idx: u16,
     used_seen: u16,
 }
@@ -119,6 +121,29 @@ impl Guest {
         fe.set_mem_table(&[info]).unwrap();
         let kick = EventFd::new(0).unwrap();
         let call = EventFd::new(0).unwrap();
+        let mut g = Guest {
+            fe,
+            mem,
+            kick,
+            _call: call,
+            host,
+            info,
+            avail_idx: 0,
+            used_seen: 0,
+        };
+        g.setup_ring();
+        g
+    }
+
+    /// SET_VRING_NUM/ADDR/BASE/CALL/KICK/ENABLE for queue 0 over zeroed rings.
+    fn setup_ring(&mut self) {
+        self.mem
+            .write_slice(&[0u8; 0x3000], GuestAddress(DESC))
+            .unwrap();
+        self.avail_idx = 0;
+        self.used_seen = 0;
+        let host = self.host;
+        let fe = &mut self.fe;
         fe.set_vring_num(0, QSIZE).unwrap();
         fe.set_vring_addr(
             0,
@@ -134,19 +159,19 @@ impl Guest {
         )
         .unwrap();
         fe.set_vring_base(0, 0).unwrap();
-        fe.set_vring_call(0, &call).unwrap();
-        fe.set_vring_kick(0, &kick).unwrap();
+        fe.set_vring_call(0, &self._call).unwrap();
+        fe.set_vring_kick(0, &self.kick).unwrap();
         fe.set_vring_enable(0, true).unwrap();
-        Guest {
-            fe,
-            mem,
-            kick,
-            _call: call,
-            avail_idx: 0,
-            used_seen: 0,
-        }
     }
 
+    /// What QEMU does on a guest reboot: stop the ring, resend the memory table, and set
+    /// the ring up again from index 0.
+    fn reboot(&mut self) {
+        self.fe.set_vring_enable(0, false).unwrap();
+        self.fe.get_vring_base(0).unwrap();
+        self.fe.set_mem_table(&[self.info]).unwrap();
+        self.setup_ring();
+    }
     fn desc(&self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let at = GuestAddress(table + 16 * u64::from(i));
         self.mem.write_obj(addr, at).unwrap();
@@ -266,6 +291,13 @@ fn hostile_chains_are_answered_and_the_export_keeps_serving() {
     // Disconnect without any cleanup (QEMU crash / reconnect=1), then a new frontend.
     drop(g);
     let mut g = Guest::connect(&s);
+    assert_eq!(g.io(0, 8, 4096, true), (4097, 0));
+    g.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert!(back.iter().all(|&b| b == 0x5a));
+
+    // Guest reboot on the same connection.
+    g.reboot();
+    g.mem.write_slice(&[0u8; 4096], GuestAddress(DATA)).unwrap();
     assert_eq!(g.io(0, 8, 4096, true), (4097, 0));
     g.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
     assert!(back.iter().all(|&b| b == 0x5a));
