@@ -172,3 +172,51 @@ impl Drop for ManagedProcess {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alive(pid: u32) -> bool {
+        // Signal 0 only checks existence; a reaped child is gone.
+        nix::sys::signal::kill(Pid::from_raw(pid as i32), None).is_ok()
+    }
+
+    fn sleeper(dir: &Path) -> ManagedProcess {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("600");
+        ManagedProcess::spawn("sleeper", cmd, dir).unwrap()
+    }
+
+    #[test]
+    fn drop_kills_and_reaps_even_when_panicking() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = sleeper(dir.path());
+        let pid = p.pid();
+        assert!(alive(pid));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _p = p;
+            panic!("test failure");
+        }));
+        assert!(r.is_err());
+        assert!(!alive(pid));
+    }
+
+    #[test]
+    fn watchdog_kills_at_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = sleeper(dir.path());
+        p.arm_watchdog(Instant::now() + Duration::from_millis(300));
+        let st = p.wait_timeout(Duration::from_secs(10)).unwrap();
+        assert!(st.is_some_and(|s| !s.success()));
+    }
+
+    #[test]
+    fn terminate_stops_a_process_that_honours_sigterm() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = sleeper(dir.path());
+        let st = p.terminate(Duration::from_secs(5)).unwrap();
+        assert!(!st.success());
+        assert!(p.try_wait().unwrap().is_some());
+    }
+}
