@@ -1534,3 +1534,161 @@ impl Progress for EventProgress<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The driver in-process with a fake exporter: the attach/detach paths, restart
+    //! re-exports, export failures as events and as INTERNAL.
+
+    use super::*;
+    use crate::export::FakeExporter;
+
+    fn open(dir: &Path, fake: &FakeExporter) -> Arc<Driver> {
+        Driver::open(DriverParams {
+            state_dir: dir.join("state"),
+            export_dir: dir.join("exports"),
+            config: Config::default(),
+            exporter: Box::new(fake.clone()),
+            pause_at: None,
+            pause_marker: None,
+        })
+        .unwrap()
+    }
+
+    fn empty(name: &str) -> pb::CreateVolumeRequest {
+        pb::CreateVolumeRequest {
+            pool: DEFAULT_POOL.into(),
+            name: name.into(),
+            size_bytes: 1 << 20,
+            origin: None,
+            grow_last_partition: false,
+        }
+    }
+
+    fn attach(name: &str) -> pb::AttachVolumeRequest {
+        pb::AttachVolumeRequest {
+            pool: DEFAULT_POOL.into(),
+            name: name.into(),
+            logical_block_size: 0,
+            read_only: true,
+            num_queues: 2,
+            queue_size: 0,
+        }
+    }
+
+    #[test]
+    fn attach_starts_one_export_with_the_requested_parameters() {
+        let t = tempfile::tempdir().unwrap();
+        let fake = FakeExporter::default();
+        let d = open(t.path(), &fake);
+        let v = d.create_volume(empty("a")).unwrap();
+        let a = d.attach_volume(attach("a")).unwrap();
+        let running = fake.running.lock().unwrap().clone();
+        assert_eq!(running.len(), 1);
+        assert_eq!(running[0].volume, PathBuf::from(&v.path));
+        assert_eq!(running[0].socket, PathBuf::from(&a.socket_path));
+        assert_eq!(
+            (running[0].logical_block_size, running[0].num_queues),
+            (512, 2)
+        );
+        assert!(running[0].read_only);
+        assert_eq!(running[0].serial.len(), 20);
+        // Same parameters: no second export.
+        d.attach_volume(attach("a")).unwrap();
+        assert_eq!(fake.running.lock().unwrap().len(), 1);
+        assert!(d.detach_volume(DEFAULT_POOL, "a").unwrap());
+        assert!(fake.running.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn attached_volumes_are_exported_again_after_a_restart() {
+        let t = tempfile::tempdir().unwrap();
+        let fake = FakeExporter::default();
+        let d = open(t.path(), &fake);
+        d.create_volume(empty("a")).unwrap();
+        d.attach_volume(attach("a")).unwrap();
+        drop(d);
+        let fake2 = FakeExporter::default();
+        let d2 = open(t.path(), &fake2);
+        assert_eq!(fake2.running.lock().unwrap().len(), 1);
+        assert!(d2
+            .get_volume(DEFAULT_POOL, "a")
+            .unwrap()
+            .attachment
+            .is_some());
+    }
+
+    #[test]
+    fn a_failed_re_export_marks_the_volume_detached() {
+        let t = tempfile::tempdir().unwrap();
+        let fake = FakeExporter::default();
+        let d = open(t.path(), &fake);
+        d.create_volume(empty("a")).unwrap();
+        d.attach_volume(attach("a")).unwrap();
+        drop(d);
+        let broken = FakeExporter::default();
+        *broken.fail_start.lock().unwrap() = Some("socket busy".into());
+        let d2 = open(t.path(), &broken);
+        assert!(d2
+            .get_volume(DEFAULT_POOL, "a")
+            .unwrap()
+            .attachment
+            .is_none());
+    }
+
+    #[test]
+    fn export_start_failure_is_internal_and_leaves_the_volume_detached() {
+        let t = tempfile::tempdir().unwrap();
+        let fake = FakeExporter::default();
+        *fake.fail_start.lock().unwrap() = Some("no vhost".into());
+        let d = open(t.path(), &fake);
+        d.create_volume(empty("a")).unwrap();
+        let e = d.attach_volume(attach("a")).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Internal);
+        assert!(e.chain().contains("no vhost"), "{}", e.chain());
+        assert!(d
+            .get_volume(DEFAULT_POOL, "a")
+            .unwrap()
+            .attachment
+            .is_none());
+    }
+
+    #[test]
+    fn a_failing_export_is_reported_on_watch() {
+        let t = tempfile::tempdir().unwrap();
+        let fake = FakeExporter::default();
+        let d = open(t.path(), &fake);
+        d.create_volume(empty("a")).unwrap();
+        let mut rx = d.subscribe();
+        d.attach_volume(attach("a")).unwrap();
+        fake.fail_running("guest memory mapping failed");
+        let mut kinds = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            kinds.push(e.kind);
+        }
+        assert!(matches!(kinds.first(), Some(Some(pb::event::Kind::Hotplug(h))) if h.attached));
+        assert!(
+            kinds
+                .iter()
+                .any(|k| matches!(k, Some(pb::event::Kind::ExportError(e))
+                if e.message.contains("guest memory"))),
+            "{kinds:?}"
+        );
+    }
+
+    #[test]
+    fn a_busy_volume_refuses_other_operations_with_aborted() {
+        let t = tempfile::tempdir().unwrap();
+        let fake = FakeExporter::default();
+        let d = open(t.path(), &fake);
+        d.create_volume(empty("a")).unwrap();
+        let _g = d.begin(vkey(DEFAULT_POOL, "a"), "a").unwrap();
+        for e in [
+            d.delete_volume(DEFAULT_POOL, "a").unwrap_err(),
+            d.attach_volume(attach("a")).unwrap_err(),
+            d.create_volume(empty("a")).unwrap_err(),
+        ] {
+            assert_eq!(e.code(), tonic::Code::Aborted);
+        }
+    }
+}

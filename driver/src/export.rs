@@ -9,7 +9,9 @@
 //! ```
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+#[cfg(any(test, feature = "test-utils"))]
+use std::sync::Arc;
+use std::sync::Mutex;
 use std::thread::JoinHandle;
 
 /// What to export.
@@ -108,19 +110,51 @@ impl Exporter for VhostExporter {
     }
 }
 
-/// An exporter that only records what it was asked (tests).
-#[derive(Debug, Default, Clone)]
+/// An exporter that only records what it was asked, and can be told to fail (tests).
+#[cfg(any(test, feature = "test-utils"))]
+#[derive(Default, Clone)]
 pub struct FakeExporter {
     /// Exports started and not stopped.
     pub running: Arc<Mutex<Vec<ExportParams>>>,
+    /// Make the next starts fail with this message.
+    pub fail_start: Arc<Mutex<Option<String>>>,
+    /// The exit callbacks of running exports, to simulate an export failing.
+    pub on_exit: Arc<Mutex<Vec<OnExit>>>,
 }
 
+#[cfg(any(test, feature = "test-utils"))]
+impl std::fmt::Debug for FakeExporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeExporter")
+            .field("running", &self.running)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(any(test, feature = "test-utils"))]
+impl FakeExporter {
+    /// Simulates every running export failing with `message`.
+    pub fn fail_running(&self, message: &str) {
+        let cbs: Vec<OnExit> = self
+            .on_exit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        for cb in cbs {
+            cb(Some(message.to_owned()));
+        }
+    }
+}
+
+#[cfg(any(test, feature = "test-utils"))]
 #[derive(Debug)]
 struct FakeHandle {
     params: ExportParams,
     running: Arc<Mutex<Vec<ExportParams>>>,
 }
 
+#[cfg(any(test, feature = "test-utils"))]
 impl ExportHandle for FakeHandle {
     fn stop(&self) {
         let mut r = self.running.lock().unwrap_or_else(|e| e.into_inner());
@@ -128,8 +162,21 @@ impl ExportHandle for FakeHandle {
     }
 }
 
+#[cfg(any(test, feature = "test-utils"))]
 impl Exporter for FakeExporter {
-    fn start(&self, p: &ExportParams, _on_exit: OnExit) -> anyhow::Result<Box<dyn ExportHandle>> {
+    fn start(&self, p: &ExportParams, on_exit: OnExit) -> anyhow::Result<Box<dyn ExportHandle>> {
+        if let Some(m) = self
+            .fail_start
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            anyhow::bail!("{m}");
+        }
+        self.on_exit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(on_exit);
         self.running
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -34,6 +34,8 @@ pub use config::{
 };
 pub use driver::{Driver, DriverParams};
 pub use error::Error;
-pub use export::{ExportHandle, ExportParams, Exporter, FakeExporter, OnExit, VhostExporter};
+#[cfg(any(test, feature = "test-utils"))]
+pub use export::FakeExporter;
+pub use export::{ExportHandle, ExportParams, Exporter, OnExit, VhostExporter};
 pub use server::{init_tracing, run, serve, Args, LogFormat, Settings};
 pub use service::Service;
