@@ -2,7 +2,8 @@
 //!
 //! `export VOLUME SOCKET [LOGICAL_BLOCK_SIZE] [NUM_QUEUES] [QUEUE_SIZE] [ro]`
 //!
-//! Prints the export's counters as JSON on exit.
+//! `IO_THREADS` in the environment sets the I/O threads per queue. Prints the export's
+//! counters as JSON on exit.
 
 use std::path::PathBuf;
 
@@ -28,6 +29,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         queue_size: u16::try_from(num(5, 256)?)?,
         read_only: args.get(6).is_some_and(|s| s == "ro"),
         serial: "vmblk-example".into(),
+        io_threads_per_queue: match std::env::var("IO_THREADS") {
+            Ok(v) => v.parse()?,
+            Err(_) => vhost_blk::DEFAULT_IO_THREADS,
+        },
         ..ExportConfig::default()
     };
     let export = Export::new(cfg)?;

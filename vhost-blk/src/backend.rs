@@ -7,7 +7,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{mpsc, Arc, Mutex, PoisonError, RwLock};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -119,48 +119,84 @@ pub(crate) struct Session {
     geometry: Geometry,
     mem: RwLock<Mem>,
     event_idx: AtomicBool,
+    /// I/O threads, one pool per queue (empty: every request runs on its queue thread).
+    pools: Vec<Pool>,
 }
 
 impl Session {
-    pub(crate) fn new(dev: Arc<Device>, geometry: Geometry, mem: Mem) -> Session {
-        Session {
+    pub(crate) fn new(
+        dev: Arc<Device>,
+        geometry: Geometry,
+        mem: Mem,
+        io_threads: usize,
+    ) -> io::Result<Session> {
+        let pools = if io_threads == 0 {
+            Vec::new()
+        } else {
+            (0..usize::from(geometry.num_queues))
+                .map(|q| Pool::new(io_threads, q))
+                .collect::<io::Result<_>>()?
+        };
+        Ok(Session {
             dev,
             geometry,
             mem: RwLock::new(mem),
             event_idx: AtomicBool::new(false),
-        }
+            pools,
+        })
     }
 
-    /// Serves every available chain of `vring`, signalling the guest as completions land.
-    fn process_vring(&self, vring: &VringRwLock<Mem>) -> io::Result<()> {
+    /// Serves every available chain of `vring`. All but the last chain of a batch go to
+    /// the queue's I/O threads (if any); the last runs on this thread, so a lone request
+    /// (queue depth 1) never pays a thread handoff.
+    fn process_vring(&self, vring: &VringRwLock<Mem>, queue: usize) -> io::Result<()> {
         let mem = self
             .mem
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .memory();
+            .memory()
+            .into_inner();
+        let pool = self.pools.get(queue);
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
-            // Completions are signalled in small batches: one eventfd write per batch
-            // instead of per request, without holding early completions back for long.
+            let mut batch = Vec::new();
+            while let Some(chain) = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone())
+            {
+                batch.push(chain);
+            }
+            let last = batch.pop();
             let mut unsignalled = 0u32;
-            loop {
-                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
-                let Some(chain) = chain else { break };
-                let done = process_chain(&self.dev, &mem, chain);
-                vring
-                    .add_used(done.head, done.used_len)
-                    .map_err(io::Error::other)?;
-                unsignalled += 1;
-                if unsignalled >= SIGNAL_BATCH {
-                    self.signal(vring)?;
-                    unsignalled = 0;
+            for chain in batch {
+                match pool {
+                    Some(pool) => {
+                        let (dev, vring, mem) = (self.dev.clone(), vring.clone(), mem.clone());
+                        pool.submit(Box::new(move || {
+                            let done = process_chain(&dev, &mem, chain);
+                            if let Err(e) = complete(&vring, done.head, done.used_len, true) {
+                                tracing::warn!(error = %e, "completing a request failed");
+                            }
+                        }));
+                    }
+                    None => {
+                        let done = process_chain(&self.dev, &mem, chain);
+                        unsignalled += 1;
+                        let signal = unsignalled >= SIGNAL_BATCH;
+                        complete(vring, done.head, done.used_len, signal)?;
+                        if signal {
+                            unsignalled = 0;
+                        }
+                    }
                 }
             }
-            if unsignalled > 0 {
-                self.signal(vring)?;
+            if let Some(chain) = last {
+                let done = process_chain(&self.dev, &mem, chain);
+                complete(vring, done.head, done.used_len, true)?;
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
                 break;
@@ -170,12 +206,82 @@ impl Session {
     }
 }
 
-impl Session {
-    fn signal(&self, vring: &VringRwLock<Mem>) -> io::Result<()> {
-        if vring.needs_notification().unwrap_or(true) {
-            vring.signal_used_queue()?;
+/// Adds the used element and, if `signal`, notifies the guest when it asked for it.
+fn complete(vring: &VringRwLock<Mem>, head: u16, len: u32, signal: bool) -> io::Result<()> {
+    vring.add_used(head, len).map_err(io::Error::other)?;
+    if signal && vring.needs_notification().unwrap_or(true) {
+        vring.signal_used_queue()?;
+    }
+    Ok(())
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// I/O threads of one queue. Dropping the pool finishes every queued request and joins
+/// the threads, so no request of a session outlives it.
+struct Pool {
+    tx: Option<mpsc::Sender<Job>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("threads", &self.threads.len())
+            .finish()
+    }
+}
+
+impl Pool {
+    fn new(threads: usize, queue: usize) -> io::Result<Pool> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut handles = Vec::new();
+        for i in 0..threads {
+            let rx = rx.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("vhost-blk-q{queue}-io{i}"))
+                .spawn(move || loop {
+                    let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => break,
+                    }
+                });
+            match h {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    drop(tx);
+                    for h in handles {
+                        let _ = h.join();
+                    }
+                    return Err(e);
+                }
+            }
         }
-        Ok(())
+        Ok(Pool {
+            tx: Some(tx),
+            threads: handles,
+        })
+    }
+
+    fn submit(&self, job: Job) {
+        let job = match self.tx.as_ref().map(|tx| tx.send(job)) {
+            Some(Ok(())) => return,
+            Some(Err(mpsc::SendError(job))) => job,
+            None => return,
+        };
+        // Every I/O thread is gone: run it here rather than lose the request.
+        job();
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.tx = None;
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
     }
 }
 
@@ -245,7 +351,7 @@ impl VhostUserBackend for Session {
         device_event: u16,
         evset: EventSet,
         vrings: &[Self::Vring],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Ok(());
@@ -255,7 +361,8 @@ impl VhostUserBackend for Session {
         };
         // An error here would end the worker thread; the queue is broken (bad ring
         // addresses), so log it and wait for the frontend to reset or reconnect.
-        if let Err(e) = self.process_vring(vring) {
+        // One thread per queue: the thread index is the queue index.
+        if let Err(e) = self.process_vring(vring, thread_id) {
             tracing::warn!(queue = device_event, error = %e, "virtqueue processing stopped");
         }
         Ok(())

@@ -50,6 +50,9 @@ pub enum ExportError {
     /// Waiting for a connection failed.
     #[error("waiting for a vhost-user connection failed")]
     Poll(#[source] nix::Error),
+    /// The I/O threads of a session could not be started.
+    #[error("cannot start I/O threads")]
+    Threads(#[source] std::io::Error),
     /// A per-connection vhost-user daemon could not be created.
     #[error("cannot set up a vhost-user session: {0}")]
     Session(String),
@@ -79,7 +82,13 @@ pub struct ExportConfig {
     pub max_iovecs_per_io: usize,
     /// Treat the volume as having at least this block size (0: the volume's own).
     pub min_device_block_size: u32,
+    /// I/O threads per queue that run requests in parallel when the guest queues several
+    /// (0: each queue's thread runs its requests one after the other).
+    pub io_threads_per_queue: usize,
 }
+
+/// Default I/O threads per queue.
+pub const DEFAULT_IO_THREADS: usize = 8;
 
 impl Default for ExportConfig {
     fn default() -> Self {
@@ -94,6 +103,7 @@ impl Default for ExportConfig {
             direct_io: true,
             max_iovecs_per_io: crate::sys::IOV_MAX,
             min_device_block_size: 0,
+            io_threads_per_queue: DEFAULT_IO_THREADS,
         }
     }
 }
@@ -132,6 +142,12 @@ impl ExportConfig {
             return bad(format!(
                 "device block size {} is not a power of two in 512..=65536",
                 self.min_device_block_size
+            ));
+        }
+        if self.io_threads_per_queue > 256 {
+            return bad(format!(
+                "{} I/O threads per queue is more than 256",
+                self.io_threads_per_queue
             ));
         }
         Ok(())
@@ -335,7 +351,14 @@ impl Export {
     /// Accepts one frontend and serves it until it disconnects or the export is stopped.
     fn serve_one(&self, listener: &mut Listener) -> Result<(), ExportError> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let session = Arc::new(Session::new(self.dev.clone(), self.geometry, mem.clone()));
+        let session = Session::new(
+            self.dev.clone(),
+            self.geometry,
+            mem.clone(),
+            self.cfg.io_threads_per_queue,
+        )
+        .map_err(ExportError::Threads)?;
+        let session = Arc::new(session);
         let mut daemon = VhostUserDaemon::new("vhost-blk".to_string(), session, mem)
             .map_err(|e| ExportError::Session(e.to_string()))?;
         if let Err(e) = daemon.start(listener) {

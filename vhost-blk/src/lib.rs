@@ -24,7 +24,7 @@ mod request;
 mod sys;
 mod volume;
 
-pub use export::{run, Export, ExportConfig, ExportError, StopHandle};
+pub use export::{run, Export, ExportConfig, ExportError, StopHandle, DEFAULT_IO_THREADS};
 pub use metrics::{ErrorCounts, Metrics, MetricsSnapshot, RequestCounts, LATENCY_BUCKETS};
 pub use request::{RequestError, RequestType};
 pub use volume::VolumeError;

@@ -365,3 +365,52 @@ fn blkio_on_a_4096_sector_loop_device_sees_512_byte_sectors() {
     drop(c);
     drop(s);
 }
+
+#[test]
+fn blkio_queue_depth_32_of_512_byte_writes_in_shared_4k_blocks() {
+    // 32 in-flight 512-byte writes, 8 per 4 KiB block: the I/O threads run them in
+    // parallel and the range locks keep every one.
+    let s = Server::start(4 << 20, |cfg| {
+        cfg.min_device_block_size = 4096;
+        cfg.io_threads_per_queue = 4;
+    });
+    let mut c = Client::connect(&s, 1, 1 << 20);
+    for round in 0..4u8 {
+        for i in 0..32usize {
+            let data = pattern(round.wrapping_mul(32).wrapping_add(i as u8), 512);
+            c.mem()[i * 512..(i + 1) * 512].copy_from_slice(&data);
+        }
+        let base = c.buf.addr;
+        for i in 0..32usize {
+            c.q.write(
+                i as u64 * 512,
+                (base + i * 512) as *const u8,
+                512,
+                i,
+                ReqFlags::empty(),
+            );
+        }
+        let mut comps: Vec<MaybeUninit<Completion>> =
+            (0..32).map(|_| MaybeUninit::uninit()).collect();
+        let mut got = 0;
+        while got < 32 {
+            let mut t = TIMEOUT;
+            let n = c.q.do_io(&mut comps[got..], 1, Some(&mut t), None).unwrap();
+            assert!(n > 0, "no completion within {TIMEOUT:?}");
+            for comp in &comps[got..got + n] {
+                // SAFETY: do_io initialised these `n` completions.
+                assert_eq!(unsafe { comp.assume_init_ref() }.ret, 0);
+            }
+            got += n;
+        }
+        assert_eq!(c.read(0, 65536, 32 * 512), 0);
+        for i in 0..32usize {
+            let want = pattern(round.wrapping_mul(32).wrapping_add(i as u8), 512);
+            assert_eq!(
+                &c.mem()[65536 + i * 512..65536 + (i + 1) * 512],
+                &want[..],
+                "round {round} sector {i}"
+            );
+        }
+    }
+}
