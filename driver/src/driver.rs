@@ -288,11 +288,15 @@ impl Driver {
             PoolKind::Block { devices } => {
                 p.r#type = pb::PoolType::Block as i32;
                 p.devices = devices.iter().map(|d| d.display().to_string()).collect();
-                let used: HashSet<&Path> = vols.iter().map(|v| v.path.as_path()).collect();
+                let used: HashSet<u64> = inner
+                    .volumes
+                    .values()
+                    .filter_map(|v| device_number(&v.path))
+                    .collect();
                 for d in devices {
                     let size = sys::size_and_sector(d).map(|s| s.0).unwrap_or(0);
                     p.capacity_bytes += size;
-                    if !used.contains(d.as_path()) {
+                    if device_number(d).is_some_and(|n| !used.contains(&n)) {
                         p.available_bytes += size;
                     }
                 }
@@ -704,15 +708,20 @@ impl Driver {
     }
 
     fn pick_device(&self, pool: &str, devices: &[PathBuf], size: u64) -> Result<(PathBuf, u64)> {
-        let used: HashSet<PathBuf> = self
+        // Devices are compared by device number: two stable names (by-id, by-path) of
+        // one device are one device, whichever pool or volume names it.
+        let used_paths: Vec<PathBuf> = self
             .lock()
             .volumes
             .values()
-            .filter(|v| v.pool == pool)
             .map(|v| v.path.clone())
             .collect();
+        let used: HashSet<u64> = used_paths.iter().filter_map(|p| device_number(p)).collect();
         let mut best: Option<(PathBuf, u64)> = None;
-        for d in devices.iter().filter(|d| !used.contains(*d)) {
+        let free = devices
+            .iter()
+            .filter(|d| device_number(d).is_some_and(|n| !used.contains(&n)));
+        for d in free {
             match sys::size_and_sector(d) {
                 Ok((s, _)) if s >= size && best.as_ref().is_none_or(|b| s < b.1) => {
                     best = Some((d.clone(), s));
@@ -1375,6 +1384,15 @@ fn attachment_pb(rec: &VolumeRecord, a: &AttachRecord) -> pb::Attachment {
         qemu_device,
         attached_unix_ms: a.attached_unix_ms,
     }
+}
+
+/// The device number of a block device (None for anything else).
+fn device_number(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path)
+        .ok()
+        .filter(|m| m.file_type().is_block_device())
+        .map(|m| m.rdev())
 }
 
 /// Whether the volume at `path` holds a GPT (of either sector size).

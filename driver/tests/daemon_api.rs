@@ -904,3 +904,54 @@ fn a_second_daemon_on_the_same_state_dir_is_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("another vmblkd"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let t = tmp();
+    let opts = DaemonOpts {
+        args: vec!["--log-format".into(), "json".into()],
+        ..Default::default()
+    };
+    let mut d = Daemon::start(t.path(), opts);
+    let mut c = d.client().await;
+    c.create_volume(empty_request("default", "v", 4 * MIB))
+        .await
+        .unwrap();
+    d.stop();
+    let log = d.log_text();
+    let mut n = 0;
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+        n += 1;
+    }
+    assert!(n >= 3 && log.contains("volume created"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_incus_images_import_and_create() {
+    let t = tmp();
+    let d = Daemon::start(t.path(), DaemonOpts::default());
+    let mut c = d.client().await;
+    let what = vmblkd::hook::ImageImport {
+        fingerprint: "abcdef0123456789".into(),
+        image: images().qcow2.clone(),
+        metadata: Some(images().metadata.clone()),
+        pool: "default".into(),
+    };
+    assert!(
+        vmblkd::hook::image_import(&mut c, &what)
+            .await
+            .unwrap()
+            .unpacked
+    );
+    let mut req = image_request("default", "split", &images().qcow2, 0);
+    if let Some(pb::volume_origin::Source::Image(f)) =
+        req.origin.as_mut().and_then(|o| o.source.as_mut())
+    {
+        f.metadata_path = images().metadata.display().to_string();
+    }
+    let v = c.create_volume(req).await.unwrap().into_inner();
+    assert_gpt_clean(v.path.as_ref());
+}

@@ -199,6 +199,7 @@ async fn block_pool_hands_out_devices_and_unpacks_through_the_bridge_on_4k() {
         DaemonOpts {
             config: Some(cfg),
             env,
+            ..Default::default()
         },
     );
     let c = d.client().await;

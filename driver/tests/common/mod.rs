@@ -26,6 +26,7 @@ pub struct Daemon {
     pub state_dir: PathBuf,
     pub config: Option<PathBuf>,
     pub env: Vec<(String, String)>,
+    pub args: Vec<String>,
     pub log: PathBuf,
     child: Option<Child>,
 }
@@ -37,6 +38,8 @@ pub struct DaemonOpts {
     pub config: Option<String>,
     /// Extra environment.
     pub env: Vec<(String, String)>,
+    /// Extra arguments.
+    pub args: Vec<String>,
 }
 
 impl Daemon {
@@ -53,6 +56,7 @@ impl Daemon {
             state_dir: dir.join("state"),
             config,
             env: opts.env,
+            args: opts.args,
             log: dir.join("vmblkd.log"),
             child: None,
         };
@@ -74,6 +78,7 @@ impl Daemon {
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
+        cmd.args(&self.args);
         cmd.env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
@@ -190,6 +195,8 @@ pub struct Images {
     pub unified: PathBuf,
     /// A corrupt qcow2 file.
     pub garbage: PathBuf,
+    /// The metadata tarball of the split form (rootfs: `qcow2`).
+    pub metadata: PathBuf,
 }
 
 /// The test images.
@@ -242,6 +249,13 @@ fn build_images() -> Images {
         .arg("-cf")
         .arg(&unified)
         .args(["metadata.yaml", "rootfs.img"]));
+    let metadata = dir.path().join("metadata.tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&tdir)
+        .arg("-cf")
+        .arg(&metadata)
+        .arg("metadata.yaml"));
     let garbage = dir.path().join("garbage.img");
     // qcow2 magic and version, then nonsense: a corrupt image.
     let mut g = b"QFI\xfb\x00\x00\x00\x03".to_vec();
@@ -253,6 +267,7 @@ fn build_images() -> Images {
         qcow2,
         unified,
         garbage,
+        metadata,
     }
 }
 
