@@ -22,9 +22,21 @@ pub type Client = StorageDriverClient<Channel>;
 
 /// Connects to vmblkd's gRPC unix socket.
 pub async fn connect(socket: impl AsRef<Path>) -> Result<Client, tonic::transport::Error> {
+    connect_with_timeout(socket, None).await
+}
+
+/// Connects with a bound on every call (until its response starts).
+pub async fn connect_with_timeout(
+    socket: impl AsRef<Path>,
+    timeout: Option<std::time::Duration>,
+) -> Result<Client, tonic::transport::Error> {
     let socket: PathBuf = socket.as_ref().to_owned();
     // The URI is required by the API but unused: every connection goes to the socket.
-    let channel = Endpoint::from_static("http://vmblkd.local")
+    let mut endpoint = Endpoint::from_static("http://vmblkd.local");
+    if let Some(t) = timeout {
+        endpoint = endpoint.timeout(t);
+    }
+    let channel = endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
             async move {

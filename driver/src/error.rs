@@ -49,6 +49,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A worker task of the service died (a bug: it panicked).
+    #[error("internal task failed: {0}")]
+    Task(String),
     /// Starting or running an export failed.
     #[error("exporting {path}")]
     Export {
@@ -85,7 +88,9 @@ impl Error {
             Error::Unpack { source, .. } if matches!(source.exit_code(), 3 | 5) => {
                 Code::InvalidArgument
             }
-            Error::Unpack { .. } | Error::Io { .. } | Error::Export { .. } => Code::Internal,
+            Error::Unpack { .. } | Error::Io { .. } | Error::Export { .. } | Error::Task(_) => {
+                Code::Internal
+            }
         }
     }
 

@@ -173,6 +173,15 @@ async fn shutdown_signal() {
 /// Serves `settings` until a stop signal.
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let _lock = lock_state_dir(&settings.state_dir)?;
+    tracing::info!(
+        pools = settings.config.pools.len(),
+        "configuration loaded{}",
+        if settings.config == Config::default() {
+            " (embedded default)"
+        } else {
+            ""
+        }
+    );
     match loop_bridge::cleanup_stale_bridges() {
         Ok(removed) if !removed.is_empty() => {
             tracing::warn!(

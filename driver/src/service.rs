@@ -32,10 +32,7 @@ impl Service {
         let d = self.driver.clone();
         let r = tokio::task::spawn_blocking(move || f(&d))
             .await
-            .map_err(|e| Error::Export {
-                path: "task".into(),
-                source: anyhow::anyhow!("{e}"),
-            });
+            .map_err(|e| Error::Task(e.to_string()));
         Ok(Response::new(r.and_then(|r| r)?))
     }
 }

@@ -16,6 +16,8 @@ use vmblkd::client::Client;
 
 /// Image size of the test images.
 pub const IMAGE_BYTES: u64 = 64 << 20;
+/// Most time one call may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(180);
 /// Most time a daemon may take to start.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
