@@ -7,7 +7,8 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, PoisonError, RwLock};
+use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -121,6 +122,8 @@ pub(crate) struct Session {
     event_idx: AtomicBool,
     /// I/O threads, one pool per queue (empty: every request runs on its queue thread).
     pools: Vec<Pool>,
+    /// Requests in flight, per queue.
+    inflight: Vec<Arc<InFlight>>,
 }
 
 impl Session {
@@ -143,6 +146,9 @@ impl Session {
             mem: RwLock::new(mem),
             event_idx: AtomicBool::new(false),
             pools,
+            inflight: (0..geometry.num_queues)
+                .map(|_| Arc::new(InFlight::default()))
+                .collect(),
         })
     }
 
@@ -170,15 +176,24 @@ impl Session {
             {
                 batch.push(chain);
             }
+            let inflight = self.inflight.get(queue);
+            if let Some(f) = inflight {
+                f.add(batch.len());
+            }
             let last = batch.pop();
             let mut unsignalled = 0u32;
             for chain in batch {
                 match pool {
                     Some(pool) => {
                         let (dev, vring, mem) = (self.dev.clone(), vring.clone(), mem.clone());
+                        let inflight = inflight.cloned();
                         pool.submit(Box::new(move || {
                             let done = process_chain(&dev, &mem, chain);
-                            if let Err(e) = complete(&vring, done.head, done.used_len, true) {
+                            let r = complete(&vring, done.head, done.used_len, true);
+                            if let Some(f) = inflight {
+                                f.done();
+                            }
+                            if let Err(e) = r {
                                 tracing::warn!(error = %e, "completing a request failed");
                             }
                         }));
@@ -187,7 +202,11 @@ impl Session {
                         let done = process_chain(&self.dev, &mem, chain);
                         unsignalled += 1;
                         let signal = unsignalled >= SIGNAL_BATCH;
-                        complete(vring, done.head, done.used_len, signal)?;
+                        let r = complete(vring, done.head, done.used_len, signal);
+                        if let Some(f) = inflight {
+                            f.done();
+                        }
+                        r?;
                         if signal {
                             unsignalled = 0;
                         }
@@ -196,7 +215,11 @@ impl Session {
             }
             if let Some(chain) = last {
                 let done = process_chain(&self.dev, &mem, chain);
-                complete(vring, done.head, done.used_len, true)?;
+                let r = complete(vring, done.head, done.used_len, true);
+                if let Some(f) = inflight {
+                    f.done();
+                }
+                r?;
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
                 break;
@@ -213,6 +236,40 @@ fn complete(vring: &VringRwLock<Mem>, head: u16, len: u32, signal: bool) -> io::
         vring.signal_used_queue()?;
     }
     Ok(())
+}
+
+/// Requests of one queue taken from the avail ring and not yet in the used ring.
+#[derive(Debug, Default)]
+struct InFlight {
+    count: Mutex<usize>,
+    drained: Condvar,
+}
+
+/// How long stopping a queue waits for its requests to complete.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl InFlight {
+    fn add(&self, n: usize) {
+        *self.count.lock().unwrap_or_else(PoisonError::into_inner) += n;
+    }
+
+    fn done(&self) {
+        let mut c = self.count.lock().unwrap_or_else(PoisonError::into_inner);
+        *c = c.saturating_sub(1);
+        if *c == 0 {
+            self.drained.notify_all();
+        }
+    }
+
+    /// Waits until no request is in flight; false if `timeout` passed first.
+    fn wait_drained(&self, timeout: Duration) -> bool {
+        let c = self.count.lock().unwrap_or_else(PoisonError::into_inner);
+        let (c, _) = self
+            .drained
+            .wait_timeout_while(c, timeout, |c| *c > 0)
+            .unwrap_or_else(PoisonError::into_inner);
+        *c == 0
+    }
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -340,6 +397,18 @@ impl VhostUserBackend for Session {
         (0..self.geometry.num_queues.min(64))
             .map(|i| 1u64 << i)
             .collect()
+    }
+
+    /// GET_VRING_BASE (guest reset, QEMU stop): the ring is already marked not ready, so
+    /// nothing new is taken; wait until every request taken has its used element, so none
+    /// lands in guest memory after the frontend considers the ring stopped.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(f) = self.inflight.get(queue_index as usize) {
+            if !f.wait_drained(DRAIN_TIMEOUT) {
+                tracing::warn!(queue = queue_index, "requests still in flight after 30 s");
+            }
+        }
+        Ok(())
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
