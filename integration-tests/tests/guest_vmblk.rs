@@ -11,8 +11,9 @@ use std::path::Path;
 use std::process::Command;
 
 use integration_tests::{
-    damage_with_direct_sgdisk, loop_tests_lock, run, target_dir, write_image, CommandExport,
-    CommandExportParams, Export, Guest, GuestFile, GuestParams, ImageSpec, TestImage, Volume,
+    damage_with_direct_sgdisk, loop_tests_lock, run, target_dir, write_image, BootMode,
+    CommandExport, CommandExportParams, Export, Guest, GuestFile, GuestParams, ImageSpec,
+    TestImage, Volume,
 };
 
 const VOLUME_BYTES: u64 = 192 << 20;
@@ -99,6 +100,12 @@ fn export(volume: &Volume, queues: u16) -> CommandExport {
 }
 
 fn boot_and_check(export: &CommandExport, name: &str) {
+    boot_and_check_on(export, name, 4096);
+}
+
+/// Boots once from `export` and checks what the guest saw; `physical` is the physical
+/// block size the guest must report (the volume's, so that it aligns its I/O).
+fn boot_and_check_on(export: &CommandExport, name: &str, physical: u32) {
     let mut guest = Guest::start(&GuestParams::boot_from(export).log_name(name)).unwrap();
     let outcome = guest.expect_clean_run(1);
     eprintln!("{name}: guest run {:?}", outcome.elapsed);
@@ -111,7 +118,7 @@ fn boot_and_check(export: &CommandExport, name: &str) {
     );
     assert_eq!(
         boot.value("physical_block_size"),
-        Some("4096"),
+        Some(physical.to_string().as_str()),
         "{}",
         guest.diagnostics()
     );
@@ -132,29 +139,77 @@ fn boot_and_check(export: &CommandExport, name: &str) {
     );
 }
 
-fn unpack_and_boot(queues: u16) {
+#[test]
+fn unpacked_on_4k_volume_boots_through_vmblk_export_one_queue_and_again_after_qemu_exits() {
     let _lock = loop_tests_lock().unwrap();
     let image = image_with_sector_checks();
     let volume = Volume::new(4096, VOLUME_BYTES).unwrap();
-    let out = vmblk_unpack(&image.qcow2, &volume);
-    eprintln!("{out}");
-    let export = export(&volume, queues);
-    boot_and_check(&export, &format!("vmblk_4k_q{queues}"));
-    let boot_report = export.logs();
+    vmblk_unpack(&image.qcow2, &volume);
+    let export = export(&volume, 1);
+    boot_and_check(&export, "vmblk_4k_q1");
+    // QEMU exited and disconnected; a new QEMU connects to the same export process.
+    boot_and_check(&export, "vmblk_4k_q1_second_qemu");
     assert!(
-        !boot_report.contains("panicked"),
-        "export panicked:\n{boot_report}"
+        !export.logs().contains("panicked"),
+        "export panicked:\n{}",
+        export.logs()
     );
 }
 
 #[test]
-fn unpacked_on_4k_volume_boots_through_vmblk_export_one_queue() {
-    unpack_and_boot(1);
+fn unpacked_on_512_volume_boots_through_vmblk_export() {
+    let _lock = loop_tests_lock().unwrap();
+    let image = image_with_sector_checks();
+    let volume = Volume::new(512, VOLUME_BYTES).unwrap();
+    vmblk_unpack(&image.qcow2, &volume);
+    let export = export(&volume, 1);
+    boot_and_check_on(&export, "vmblk_512", 512);
+}
+
+#[test]
+fn guest_reboot_through_vmblk_export_runs_checks_twice() {
+    let _lock = loop_tests_lock().unwrap();
+    let image = ImageSpec {
+        boot_mode: BootMode::RebootOnce,
+        ..ImageSpec::default()
+    }
+    .build()
+    .unwrap();
+    let volume = Volume::new(4096, VOLUME_BYTES).unwrap();
+    vmblk_unpack(&image.qcow2, &volume);
+    let export = export(&volume, 2);
+    let mut params = GuestParams::boot_from(&export).log_name("vmblk_reboot");
+    params.allow_reboot = true;
+    let mut guest = Guest::start(&params).unwrap();
+    let outcome = guest.expect_clean_run(2);
+    eprintln!("two boots in {:?}", outcome.elapsed);
+    let boots: Vec<u32> = outcome.report.boots.iter().map(|b| b.boot).collect();
+    assert_eq!(boots, [1, 2]);
+    for b in &outcome.report.boots {
+        assert_eq!(b.value("physical_block_size"), Some("4096"));
+        assert!(b.check("fs_pattern").is_some_and(|c| c.ok));
+    }
 }
 
 #[test]
 fn unpacked_on_4k_volume_boots_through_vmblk_export_four_queues() {
-    unpack_and_boot(4);
+    let _lock = loop_tests_lock().unwrap();
+    let image = image_with_sector_checks();
+    let volume = Volume::new(4096, VOLUME_BYTES).unwrap();
+    vmblk_unpack(&image.qcow2, &volume);
+    let export = export(&volume, 4);
+    let mut params = GuestParams::boot_from(&export).log_name("vmblk_4k_q4");
+    params.cpus = 2;
+    let mut guest = Guest::start(&params).unwrap();
+    let outcome = guest.expect_clean_run(1);
+    let boot = outcome.report.last().unwrap();
+    assert_eq!(boot.value("physical_block_size"), Some("4096"));
+    let io = boot.check("extra:sector_io");
+    assert!(
+        io.is_some_and(|c| c.ok),
+        "sector I/O check: {io:?}\n{}",
+        guest.diagnostics()
+    );
 }
 
 #[test]
