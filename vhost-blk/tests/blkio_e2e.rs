@@ -414,3 +414,25 @@ fn blkio_queue_depth_32_of_512_byte_writes_in_shared_4k_blocks() {
         }
     }
 }
+
+#[test]
+fn blkio_reads_of_a_volume_that_shrank_underneath_fail_promptly() {
+    // The backing disappears under the export (here: the file is truncated): reads are
+    // answered with an error at once, never left hanging, and the export keeps serving.
+    let s = Server::start(4 << 20, |_| {});
+    let mut c = Client::connect(&s, 1, 1 << 20);
+    round_trip(&mut c, 1 << 20, 4096, 3);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&s.export.config().volume)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    assert_ne!(c.read(1 << 20, 0, 4096), 0);
+    assert_ne!(c.read(0, 0, 512), 0);
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(s.export.metrics().errors.io >= 2);
+    // Writes still work (they extend the file) and read back.
+    round_trip(&mut c, 0, 4096, 4);
+}
