@@ -182,6 +182,9 @@ impl Session {
             }
             let last = batch.pop();
             let mut unsignalled = 0u32;
+            // A failed completion (broken used ring) must not strand the rest of the batch
+            // in the in-flight count: finish the batch, report the first error.
+            let mut first_err: Option<io::Error> = None;
             for chain in batch {
                 match pool {
                     Some(pool) => {
@@ -206,7 +209,9 @@ impl Session {
                         if let Some(f) = inflight {
                             f.done();
                         }
-                        r?;
+                        if let Err(e) = r {
+                            first_err.get_or_insert(e);
+                        }
                         if signal {
                             unsignalled = 0;
                         }
@@ -219,7 +224,12 @@ impl Session {
                 if let Some(f) = inflight {
                     f.done();
                 }
-                r?;
+                if let Err(e) = r {
+                    first_err.get_or_insert(e);
+                }
+            }
+            if let Some(e) = first_err {
+                return Err(e);
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
                 break;

@@ -6,7 +6,7 @@
 //! { "requests": { "read", "write", "flush", "get_id", "discard", "write_zeroes", "unsupported" },
 //!   "bytes_read", "bytes_written",
 //!   "errors": { "io", "malformed", "unsupported", "read_only" },
-//!   "latency_us_log2": [count of requests that took < 2^(i+1) µs, ...] }
+//!   "latency_us_log2": [n0, n1, ...] }   n0: under 1 µs; ni: [2^(i-1), 2^i) µs; last: the rest
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-/// Number of power-of-two latency buckets (bucket `i` counts latencies below `2^(i+1)` µs).
+/// Number of power-of-two latency buckets: bucket 0 counts latencies under 1 µs, bucket
+/// `i` those in `[2^(i-1), 2^i)` µs, the last one everything longer.
 pub const LATENCY_BUCKETS: usize = 32;
 
 /// Lock-free counters of one export, shared by every queue and connection.
