@@ -363,6 +363,8 @@ impl Export {
             .map_err(|e| ExportError::Session(e.to_string()))?;
         if let Err(e) = daemon.start(listener) {
             tracing::warn!(error = %e, "accepting a vhost-user connection failed");
+            // Do not spin if accepting keeps failing (for example out of file descriptors).
+            std::thread::sleep(std::time::Duration::from_millis(100));
             return Ok(());
         }
         tracing::info!("vhost-user frontend connected");
