@@ -1426,20 +1426,18 @@ fn clone_file(src: &Path, dst: &Path) -> Result<bool> {
 }
 
 fn sparse_copy(s: &File, d: &File) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
+    // Only the data extents are copied (SEEK_DATA/SEEK_HOLE), in the kernel
+    // (copy_file_range); holes stay holes.
     let len = s.metadata()?.len();
-    let mut buf = vec![0u8; 1 << 20];
+    d.set_len(len)?;
     let mut off = 0u64;
     while off < len {
-        let n = ((len - off) as usize).min(buf.len());
-        s.read_exact_at(&mut buf[..n], off)?;
-        if buf[..n].iter().any(|b| *b != 0) {
-            d.write_all_at(&buf[..n], off)?;
-        }
-        off += n as u64;
-    }
-    if d.metadata()?.len() < len {
-        d.set_len(len)?;
+        let Some(start) = sys::next_data(s, off)? else {
+            break;
+        };
+        let end = sys::next_hole(s, start)?.min(len);
+        sys::copy_range(s, d, start, end - start)?;
+        off = end;
     }
     Ok(())
 }

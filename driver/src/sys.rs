@@ -79,3 +79,41 @@ pub fn allocated_bytes(path: &Path) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
     Ok(std::fs::metadata(path)?.blocks() * 512)
 }
+
+/// The offset of the first data at or after `off`, or None past the last data.
+pub fn next_data(f: &File, off: u64) -> io::Result<Option<u64>> {
+    let off = i64::try_from(off).map_err(io::Error::other)?;
+    match nix::unistd::lseek(f.as_raw_fd(), off, nix::unistd::Whence::SeekData) {
+        Ok(o) => Ok(Some(o as u64)),
+        Err(nix::Error::ENXIO) => Ok(None),
+        Err(e) => Err(errno(e)),
+    }
+}
+
+/// The offset of the first hole at or after `off` (the end of the file at the latest).
+pub fn next_hole(f: &File, off: u64) -> io::Result<u64> {
+    let off = i64::try_from(off).map_err(io::Error::other)?;
+    nix::unistd::lseek(f.as_raw_fd(), off, nix::unistd::Whence::SeekHole)
+        .map(|o| o as u64)
+        .map_err(errno)
+}
+
+/// Copies `len` bytes at `off` from `src` to the same offset of `dst`, in the kernel.
+pub fn copy_range(src: &File, dst: &File, off: u64, len: u64) -> io::Result<()> {
+    let mut done = 0u64;
+    while done < len {
+        let mut a = i64::try_from(off + done).map_err(io::Error::other)?;
+        let mut b = a;
+        let chunk = usize::try_from((len - done).min(1 << 30)).map_err(io::Error::other)?;
+        let n = nix::fcntl::copy_file_range(src, Some(&mut a), dst, Some(&mut b), chunk)
+            .map_err(errno)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "source ended early",
+            ));
+        }
+        done += n as u64;
+    }
+    Ok(())
+}

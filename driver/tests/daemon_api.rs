@@ -766,6 +766,17 @@ async fn images_import_once_and_clone_into_volumes() {
         .unwrap()
         .into_inner();
     assert_eq!(v.size_bytes, IMAGE_BYTES);
+    let pool = c
+        .get_pool(pb::GetPoolRequest {
+            name: "default".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        v.reflinked, pool.reflink,
+        "clone method does not match the pool's capability"
+    );
     assert_gpt_clean(v.path.as_ref());
     let v2 = c
         .create_volume(from_fp("c2", 4 * IMAGE_BYTES))

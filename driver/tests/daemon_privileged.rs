@@ -70,8 +70,9 @@ async fn hook_imports_once_and_volumes_from_it_are_reflinked_fast_on_xfs() {
     let mount = Mount { dir: mnt.clone() };
     let image = big_unified(t.path());
     let cfg = format!(
-        "pools:\n  - name: fast\n    type: dir\n    path: {}\n",
-        mnt.join("pool").display()
+        "pools:\n  - name: fast\n    type: dir\n    path: {}\n  - name: plain\n    type: dir\n    path: {}\n",
+        mnt.join("pool").display(),
+        t.path().join("plain").display()
     );
     let mut d = Daemon::start(
         t.path(),
@@ -153,6 +154,46 @@ async fn hook_imports_once_and_volumes_from_it_are_reflinked_fast_on_xfs() {
         clone_time < Duration::from_secs(1),
         "create from fingerprint took {clone_time:?}"
     );
+    // For comparison: the same on the test's own file system, if it cannot reflink
+    // (ext4): the clone is a sparse copy.
+    let plain = c
+        .get_pool(pb::GetPoolRequest {
+            name: "plain".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    if !plain.reflink {
+        let what = vmblkd::hook::ImageImport {
+            pool: "plain".into(),
+            ..what.clone()
+        };
+        assert!(
+            vmblkd::hook::image_import(&mut c, &what)
+                .await
+                .unwrap()
+                .unpacked
+        );
+        let t4 = Instant::now();
+        let p = c
+            .create_volume(pb::CreateVolumeRequest {
+                pool: "plain".into(),
+                ..from_fp("vm3", 0)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let copy_time = t4.elapsed();
+        assert!(!p.reflinked);
+        assert_gpt_clean(p.path.as_ref());
+        eprintln!("no reflink (sparse copy fallback): create from fingerprint {copy_time:?}");
+        c.delete_volume(pb::DeleteVolumeRequest {
+            pool: "plain".into(),
+            name: "vm3".into(),
+        })
+        .await
+        .unwrap();
+    }
     for n in ["vm1", "vm2"] {
         c.delete_volume(pb::DeleteVolumeRequest {
             pool: "fast".into(),
