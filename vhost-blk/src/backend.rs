@@ -378,7 +378,9 @@ impl VhostUserBackend for Session {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let cfg = config_space(&self.dev, &self.geometry);
-        let mut out = vec![0u8; size as usize];
+        // The vhost-user protocol caps config messages at 256 bytes; never trust `size`
+        // for an allocation beyond that.
+        let mut out = vec![0u8; (size as usize).min(256)];
         let start = (offset as usize).min(CONFIG_LEN);
         let end = (offset as usize)
             .saturating_add(size as usize)
