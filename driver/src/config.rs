@@ -7,6 +7,7 @@
 //! state_dir: /var/lib/vmblk           # records, default pool, scratch space
 //! export_dir: /run/vmblk/exports      # vhost-user sockets of attached volumes
 //! exports: { num_queues: 1, queue_size: 256, direct_io: true }
+//! shutdown_grace_secs: 30             # after SIGTERM, then running operations are abandoned
 //! pools:
 //!   - name: default
 //!     type: dir
@@ -51,6 +52,9 @@ pub struct Config {
     /// The pools (default: one dir pool `default` under the state directory).
     #[serde(default)]
     pub pools: Vec<PoolConfig>,
+    /// Seconds running operations get to finish after SIGTERM (default 30); an
+    /// operation still running then is abandoned as if the daemon had crashed.
+    pub shutdown_grace_secs: Option<u64>,
 }
 
 /// Defaults for attachments that do not say.
@@ -249,6 +253,11 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The shutdown grace period (default 30 s).
+    pub fn shutdown_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.shutdown_grace_secs.unwrap_or(30))
     }
 
     /// The socket's mode (default 0o660).

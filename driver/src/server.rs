@@ -117,7 +117,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .thread_name("vmblkd")
         .build()
         .context("starting the runtime")?;
-    rt.block_on(serve(settings))
+    let r = rt.block_on(serve(settings));
+    // Do not wait for an operation abandoned after the grace period.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    r
 }
 
 fn lock_state_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
@@ -225,13 +228,34 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         "vmblkd serving"
     );
     let d2 = Arc::clone(&driver);
-    tonic::transport::Server::builder()
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown_signal().await;
+        let _ = stopping_tx.send(());
+    };
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(StorageDriverServer::new(Service::new(driver)))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
-        .await?;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
+    // Running operations get a grace period to finish; one that does not is abandoned
+    // like a crash (its volume stays CREATING and is removed at the next start).
+    let grace_period = settings.config.shutdown_grace();
+    let grace = async move {
+        if stopping_rx.await.is_ok() {
+            tokio::time::sleep(grace_period).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = server => r?,
+        () = grace => tracing::warn!(
+            grace_secs = grace_period.as_secs(),
+            "operations still running after the grace period; stopping without them"
+        ),
+    }
     tokio::task::spawn_blocking(move || d2.shutdown()).await?;
     let _ = std::fs::remove_file(&settings.socket);
     tracing::info!("vmblkd stopped");

@@ -966,3 +966,42 @@ async fn split_incus_images_import_and_create() {
     let v = c.create_volume(req).await.unwrap().into_inner();
     assert_gpt_clean(v.path.as_ref());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_within_the_grace_period_even_with_a_stuck_operation() {
+    let t = tmp();
+    let marker = t.path().join("paused");
+    let env = vec![
+        ("VMBLKD_TEST_PAUSE_AT".to_string(), "filled".to_string()),
+        (
+            "VMBLKD_TEST_PAUSE_MARKER".to_string(),
+            marker.display().to_string(),
+        ),
+    ];
+    let opts = DaemonOpts {
+        config: Some("shutdown_grace_secs: 1\n".into()),
+        env,
+        ..Default::default()
+    };
+    let mut d = Daemon::start(t.path(), opts);
+    let mut c = d.client().await;
+    let req = image_request("default", "stuck", &images().qcow2, 0);
+    let pending = tokio::spawn(async move { c.create_volume(req).await });
+    wait_for_file(&marker, Duration::from_secs(30), &d);
+    let t0 = std::time::Instant::now();
+    d.stop(); // SIGTERM; panics if the daemon is still alive after 10 s
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(d.log_text().contains("grace period"), "{}", d.log_text());
+    let _ = pending.await;
+    // The abandoned create is cleaned up like a crash.
+    d.restart_with_env(vec![]);
+    let mut c = d.client().await;
+    assert_code(
+        c.get_volume(pb::GetVolumeRequest {
+            pool: "default".into(),
+            name: "stuck".into(),
+        })
+        .await,
+        Code::NotFound,
+    );
+}
