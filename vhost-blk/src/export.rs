@@ -88,7 +88,7 @@ pub struct ExportConfig {
 }
 
 /// Default I/O threads per queue.
-pub const DEFAULT_IO_THREADS: usize = 8;
+pub const DEFAULT_IO_THREADS: usize = 32;
 
 impl Default for ExportConfig {
     fn default() -> Self {
