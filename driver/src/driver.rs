@@ -85,6 +85,8 @@ pub struct Driver {
     pause_at: Option<String>,
     pause_marker: Option<PathBuf>,
     paused: AtomicBool,
+    /// Serializes space and device allocation between creates of different volumes.
+    alloc: Mutex<()>,
 }
 
 /// Removes its key from the busy set on drop.
@@ -141,6 +143,7 @@ impl Driver {
             pause_at: p.pause_at,
             pause_marker: p.pause_marker,
             paused: AtomicBool::new(false),
+            alloc: Mutex::new(()),
         });
         let mut pools = p.config.pools.clone();
         if pools.is_empty() {
@@ -636,6 +639,9 @@ impl Driver {
             round_up(min_size)
         };
         let uuid = uuid::Uuid::new_v4().to_string();
+        // Choosing a device (or checking the quota) and recording the choice is one step:
+        // two creates of different names must not both take the last device or space.
+        let alloc = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
         let (path, temp_path) = match &pe.kind {
             PoolKind::Dir { path: dir, .. } => {
                 self.quota_check(pool, &pe, size)?;
@@ -666,6 +672,7 @@ impl Driver {
             requested_bytes: r.size_bytes,
         };
         self.put_record(&rec)?;
+        drop(alloc);
         self.emit_state(pool, name, None, Some(VolState::Creating));
         self.pause("record-written");
         let progress = EventProgress::new(self, pool, name, "create");

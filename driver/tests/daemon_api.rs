@@ -433,6 +433,26 @@ async fn pool_quota_is_resource_exhausted() {
         },
     );
     let mut c = d.client().await;
+    // Two creates of different names racing for the same space: one wins.
+    let (mut c1, mut c2) = (c.clone(), c.clone());
+    let (r1, r2) = tokio::join!(
+        c1.create_volume(image_request("small", "r1", &images().qcow2, 64 * MIB)),
+        c2.create_volume(image_request("small", "r2", &images().qcow2, 64 * MIB)),
+    );
+    let codes: Vec<Code> = [&r1, &r2]
+        .iter()
+        .map(|r| r.as_ref().map_or_else(|s| s.code(), |_| Code::Ok))
+        .collect();
+    assert!(
+        codes.contains(&Code::Ok) && codes.contains(&Code::ResourceExhausted),
+        "{codes:?}"
+    );
+    let winner = if r1.is_ok() { "r1" } else { "r2" };
+    let del = pb::DeleteVolumeRequest {
+        pool: "small".into(),
+        name: winner.into(),
+    };
+    c.delete_volume(del).await.unwrap();
     c.create_volume(empty_request("small", "a", 64 * MIB))
         .await
         .unwrap();
