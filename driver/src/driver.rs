@@ -883,10 +883,15 @@ impl Driver {
                 rec.size_bytes
             )));
         }
-        self.quota_check(pool, &pe, r.size_bytes - rec.size_bytes)?;
         let old = rec.size_bytes;
-        rec.state = VolState::Growing;
-        self.put_record(&rec)?;
+        {
+            // The GROWING record carries the new size, so concurrent quota checks count it.
+            let _alloc = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
+            self.quota_check(pool, &pe, r.size_bytes - rec.size_bytes)?;
+            rec.state = VolState::Growing;
+            rec.size_bytes = r.size_bytes;
+            self.put_record(&rec)?;
+        }
         self.emit_state(pool, name, Some(VolState::Ready), Some(VolState::Growing));
         let grown = (|| -> Result<(bool, String)> {
             let f = File::options()
