@@ -52,12 +52,12 @@ echo "bench: staged $((total / 1000000)) MB" >&2
 
 RAW=$WORK/image.raw
 truncate -s "${GIB}G" "$RAW"
-sgdisk -q -o -n1:2048:+100M -t1:ef00 -c1:esp -n2:0:0 -t2:8300 -c2:root "$RAW"
+sgdisk -o -n1:2048:+100M -t1:ef00 -c1:esp -n2:0:0 -t2:8300 -c2:root "$RAW" >/dev/null
 ESP_OFF=$((2048 * 512)); ESP_SIZE=$((100 << 20))
 ROOT_OFF=$(( (2048 + (100 << 11)) * 512 ))
 ROOT_SIZE=$(( ( $(sgdisk -i2 "$RAW" | awk '/Last sector/{print $3}') + 1 ) * 512 - ROOT_OFF ))
 mkfs.vfat -C "$WORK/esp.fs" $((ESP_SIZE / 1024)) >/dev/null
-mkfs.ext4 -q -F -d "$STAGE" "$WORK/root.fs" $((ROOT_SIZE / 1024))k
+mkfs.ext4 -q -F -d "$STAGE" "$WORK/root.fs" $((ROOT_SIZE / 4096 * 4))k
 dd if="$WORK/esp.fs" of="$RAW" bs=1M seek=$((ESP_OFF)) oflag=seek_bytes conv=notrunc,sparse status=none
 dd if="$WORK/root.fs" of="$RAW" bs=1M seek=$((ROOT_OFF)) oflag=seek_bytes conv=notrunc,sparse status=none
 rm -rf "$STAGE" "$WORK/esp.fs" "$WORK/root.fs"

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# vhost-user-blk export benchmark: `vmblk export` against qemu-storage-daemon serving
+# the same backing, in the same run, with libblkio (virtio-blk-vhost-user, queue size
+# 1024) as the client. Server pinned to CPU 0, client to CPU 1 (unpinned runs vary
+# several-fold on 2 cores). Each point is the median of BENCH_RUNS (default 3) runs of
+# BENCH_SECS (default 5) seconds.
+#
+# Backings: a file on tmpfs; a 4096-sector loop device over a tmpfs file, exported with
+# 512-byte guest sectors (the 4K NVMe case). Workloads: 4 KiB random read at QD1 and
+# QD32, 128 KiB sequential read and write at QD8. Reported as ratios vmblk/QSD: IOPS,
+# p50 latency, and IOPS per server CPU-second.
+#
+# Usage: bench/vhost.sh [--quick]   (--quick: 1 run of 2 s)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${BENCH_RUNS:-3}
+SECS=${BENCH_SECS:-5}
+if [ "${1:-}" = "--quick" ]; then RUNS=1; SECS=2; fi
+
+[ "$(id -u)" = 0 ] || { echo "bench: needs root (loop devices, vhost-user)" >&2; exit 1; }
+./scripts/setup.sh >/dev/null
+cargo build --release --locked -p vmblk -p vhost-blk --bins --example blkio_bench >/dev/null 2>&1
+VMBLK=$PWD/target/release/vmblk
+CLIENT=$PWD/target/release/examples/blkio_bench
+
+SHM=$(mktemp -d /dev/shm/vmblk-vbench.XXXXXX)
+LOOP=""
+SERVER=""
+cleanup() {
+  [ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null
+  [ -n "$LOOP" ] && losetup -d "$LOOP" 2>/dev/null
+  rm -rf "$SHM"
+}
+trap cleanup EXIT
+
+truncate -s 1G "$SHM/file.img"
+dd if=/dev/urandom of="$SHM/file.img" bs=1M count=1024 conv=notrunc status=none
+cp "$SHM/file.img" "$SHM/loop.img"
+LOOP=$(losetup -f --show --sector-size 4096 "$SHM/loop.img")
+SOCK=$SHM/vhost.sock
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+start_server() { # tool backing-kind path
+  rm -f "$SOCK"
+  if [ "$1" = vmblk ]; then
+    taskset -c 0 "$VMBLK" export "$3" --socket "$SOCK" --logical-block-size 512 \
+      --queue-size 1024 2>"$SHM/server.log" &
+  else
+    local drv=file direct=off
+    if [ "$2" = loop ]; then drv=host_device; direct=on; fi
+    taskset -c 0 qemu-storage-daemon \
+      --blockdev "driver=$drv,node-name=disk,filename=$3,cache.direct=$direct,aio=threads" \
+      --export "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path=$SOCK,writable=on,logical-block-size=512,num-queues=1" \
+      2>"$SHM/server.log" &
+  fi
+  SERVER=$!
+  for _ in $(seq 100); do [ -S "$SOCK" ] && return 0; sleep 0.05; done
+  echo "bench: $1 did not create its socket:" >&2; cat "$SHM/server.log" >&2; exit 1
+}
+stop_server() {
+  kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; SERVER=""
+}
+
+# run tool kind path mode bs qd -> "iops p50 iops_per_cpu_s"
+run_one() {
+  start_server "$1" "$2" "$3"
+  local t0 t1 out
+  t0=$(cpu_ticks "$SERVER")
+  out=$(taskset -c 1 "$CLIENT" "$SOCK" "$4" "$5" "$6" "$SECS")
+  t1=$(cpu_ticks "$SERVER")
+  stop_server
+  python3 -c '
+import json, os, sys
+r = json.loads(sys.argv[1]); ticks = (int(sys.argv[2]) - int(sys.argv[3])) / os.sysconf("SC_CLK_TCK")
+print(r["iops"], r["p50_us"], r["iops"] * float(sys.argv[4]) / max(ticks, 1e-3))' "$out" "$t1" "$t0" "$SECS"
+}
+
+median() { sort -g | awk '{a[NR]=$1} END{ if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+
+printf '| backing | workload | vmblk IOPS | QSD IOPS | IOPS ratio | vmblk p50 µs | QSD p50 µs | p50 ratio | IOPS/CPU-s ratio |\n|---|---|---|---|---|---|---|---|---|\n'
+for kind in tmpfs loop; do
+  path=$SHM/file.img; [ "$kind" = loop ] && path=$LOOP
+  for w in "randread 4096 1" "randread 4096 32" "seqread 131072 8" "seqwrite 131072 8"; do
+    set -- $w
+    declare -A iops=() p50=() eff=()
+    for tool in vmblk qsd; do
+      is=(); ps=(); es=()
+      for _ in $(seq "$RUNS"); do
+        read -r a b c < <(run_one "$tool" "$kind" "$path" "$1" "$2" "$3")
+        is+=("$a"); ps+=("$b"); es+=("$c")
+      done
+      iops[$tool]=$(printf '%s\n' "${is[@]}" | median)
+      p50[$tool]=$(printf '%s\n' "${ps[@]}" | median)
+      eff[$tool]=$(printf '%s\n' "${es[@]}" | median)
+    done
+    label="$1 $(( $2 / 1024 ))K QD$3"
+    awk -v k="$kind" -v w="$label" -v vi="${iops[vmblk]}" -v qi="${iops[qsd]}" \
+        -v vp="${p50[vmblk]}" -v qp="${p50[qsd]}" -v ve="${eff[vmblk]}" -v qe="${eff[qsd]}" \
+      'BEGIN{printf "| %s | %s | %.0f | %.0f | %.2fx | %d | %d | %.2fx | %.2fx |\n", k, w, vi, qi, vi/qi, vp, qp, (qp>0?vp/qp:0), ve/qe}'
+  done
+done
