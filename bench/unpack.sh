@@ -25,15 +25,19 @@ if [ "${1:-}" = "--quick" ]; then GIB=1; DATA_MB=500; RUNS=3; fi
 cargo build --release -p vmblk --locked >/dev/null
 VMBLK=$PWD/target/release/vmblk
 
-WORK=$(mktemp -d /var/tmp/vmblk-bench.XXXXXX)
+# The images are kept between runs (they take minutes to build): remove the folder to
+# rebuild them.
+WORK=/var/tmp/vmblk-bench-${GIB}g-${DATA_MB}mb
 SHM=$(mktemp -d /dev/shm/vmblk-bench.XXXXXX)
 LOOPS=()
 cleanup() {
   for l in "${LOOPS[@]}"; do losetup -d "$l" 2>/dev/null || true; done
-  rm -rf "$WORK" "$SHM"
+  rm -rf "$SHM"
 }
 trap cleanup EXIT
 
+if [ ! -f "$WORK/zstd.qcow2" ]; then
+rm -rf "$WORK"; mkdir -p "$WORK"
 echo "bench: building a ${GIB} GiB image with ~${DATA_MB} MB of files in $WORK" >&2
 STAGE=$WORK/stage
 mkdir -p "$STAGE"
@@ -64,8 +68,10 @@ rm -rf "$STAGE" "$WORK/esp.fs" "$WORK/root.fs"
 
 qemu-img convert -f raw -O qcow2 "$RAW" "$WORK/plain.qcow2"
 qemu-img convert -f raw -O qcow2 -c "$RAW" "$WORK/zlib.qcow2"
-qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd "$RAW" "$WORK/zstd.qcow2"
+qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd "$RAW" "$WORK/zstd.qcow2.tmp"
+mv "$WORK/zstd.qcow2.tmp" "$WORK/zstd.qcow2"
 rm -f "$RAW"
+fi
 ls -l "$WORK"/*.qcow2 >&2
 
 VOL=$SHM/volume
