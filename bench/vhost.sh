@@ -21,8 +21,9 @@ if [ "${1:-}" = "--quick" ]; then RUNS=1; SECS=2; fi
 [ "$(id -u)" = 0 ] || { echo "bench: needs root (loop devices, vhost-user)" >&2; exit 1; }
 ./scripts/setup.sh >/dev/null
 cargo build --release --locked -p vmblk -p vhost-blk --bins --example blkio_bench >/dev/null 2>&1
-VMBLK=$PWD/target/release/vmblk
-CLIENT=$PWD/target/release/examples/blkio_bench
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
+VMBLK=$TARGET/release/vmblk
+CLIENT=$TARGET/release/examples/blkio_bench
 
 SHM=$(mktemp -d /dev/shm/vmblk-vbench.XXXXXX)
 LOOP=""

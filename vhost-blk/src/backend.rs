@@ -28,7 +28,8 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::request::{process_chain, Device, MAX_DWZ_SEGS};
+use crate::engine::Engine;
+use crate::request::{process_chain, Completion, Device, MAX_DWZ_SEGS};
 use crate::volume::SECTOR_SIZE;
 
 /// Guest memory as the vhost-user handler maps it.
@@ -124,6 +125,8 @@ pub(crate) struct Session {
     pools: Vec<Pool>,
     /// Requests in flight, per queue.
     inflight: Vec<Arc<InFlight>>,
+    /// io_uring engines, one per queue (empty: the synchronous path serves every request).
+    engines: Vec<Engine>,
 }
 
 impl Session {
@@ -132,7 +135,21 @@ impl Session {
         geometry: Geometry,
         mem: Mem,
         io_threads: usize,
+        io_uring: bool,
     ) -> io::Result<Session> {
+        let mut engines = Vec::new();
+        if io_uring {
+            for _ in 0..geometry.num_queues {
+                match Engine::new(dev.clone(), geometry.queue_size) {
+                    Ok(e) => engines.push(e),
+                    Err(e) => {
+                        tracing::info!(error = %e, "io_uring unavailable, using I/O threads");
+                        engines.clear();
+                        break;
+                    }
+                }
+            }
+        }
         let pools = if io_threads == 0 {
             Vec::new()
         } else {
@@ -149,13 +166,135 @@ impl Session {
             inflight: (0..geometry.num_queues)
                 .map(|_| Arc::new(InFlight::default()))
                 .collect(),
+            engines,
         })
+    }
+
+    /// The io_uring fds to watch, by queue (empty without io_uring).
+    pub(crate) fn engine_fds(&self) -> Vec<(usize, std::os::fd::RawFd)> {
+        self.engines.iter().map(Engine::fd).enumerate().collect()
+    }
+
+    /// Adds completions to the used ring and notifies the guest once, if it asked.
+    fn complete_batch(
+        &self,
+        vring: &VringRwLock<Mem>,
+        queue: usize,
+        done: &mut Vec<Completion>,
+    ) -> io::Result<()> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let n = done.len();
+        let mut first_err: Option<io::Error> = None;
+        let signal = {
+            let mut v = vring.get_mut();
+            for c in done.drain(..) {
+                if let Err(e) = v.add_used(c.head, c.used_len) {
+                    first_err.get_or_insert(io::Error::other(e));
+                }
+            }
+            v.needs_notification().unwrap_or(true)
+        };
+        if let Some(f) = self.inflight.get(queue) {
+            f.done_n(n);
+        }
+        if signal {
+            vring.signal_used_queue()?;
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Serves every available chain of `vring` through the queue's io_uring engine:
+    /// aligned reads and writes are submitted together, the rest go to the I/O threads
+    /// (or run here once the engine is idle); completions are batched.
+    fn process_vring_uring(
+        &self,
+        vring: &VringRwLock<Mem>,
+        queue: usize,
+        engine: &Engine,
+    ) -> io::Result<()> {
+        let mem = self
+            .mem
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .memory()
+            .into_inner();
+        let pool = self.pools.get(queue);
+        let inflight = self.inflight.get(queue);
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let mut inner = engine.lock();
+        let mut done = Vec::new();
+        let mut declined = Vec::new();
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            let mut taken = 0usize;
+            {
+                let mut v = vring.get_mut();
+                let q = v.get_queue_mut();
+                while let Some(chain) = q.pop_descriptor_chain(mem.clone()) {
+                    taken += 1;
+                    if let Some(chain) = inner.start(&mem, chain, &mut done) {
+                        declined.push(chain);
+                    }
+                }
+            }
+            if let Some(f) = inflight {
+                f.add(taken);
+            }
+            inner.submit()?;
+            for chain in declined.drain(..) {
+                match pool {
+                    Some(pool) => {
+                        let (dev, vring, mem) = (self.dev.clone(), vring.clone(), mem.clone());
+                        let inflight = inflight.cloned();
+                        pool.submit(Box::new(move || {
+                            let done = process_chain(&dev, &mem, chain);
+                            let r = complete(&vring, done.head, done.used_len, true);
+                            if let Some(f) = inflight {
+                                f.done();
+                            }
+                            if let Err(e) = r {
+                                tracing::warn!(error = %e, "completing a request failed");
+                            }
+                        }));
+                    }
+                    None => {
+                        // A synchronous write may wait for a range lock held by this
+                        // engine's own writes: let them complete first.
+                        inner.wait_all(&mut done)?;
+                        done.push(process_chain(&self.dev, &mem, chain));
+                    }
+                }
+            }
+            inner.reap(&mut done);
+            self.complete_batch(vring, queue, &mut done)?;
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The queue's io_uring has completions: reap them into the used ring.
+    fn reap_vring(&self, vring: &VringRwLock<Mem>, queue: usize) -> io::Result<()> {
+        let Some(engine) = self.engines.get(queue) else {
+            return Ok(());
+        };
+        let mut done = Vec::new();
+        engine.lock().reap(&mut done);
+        self.complete_batch(vring, queue, &mut done)
     }
 
     /// Serves every available chain of `vring`. All but the last chain of a batch go to
     /// the queue's I/O threads (if any); the last runs on this thread, so a lone request
     /// (queue depth 1) never pays a thread handoff.
     fn process_vring(&self, vring: &VringRwLock<Mem>, queue: usize) -> io::Result<()> {
+        if let Some(engine) = self.engines.get(queue) {
+            return self.process_vring_uring(vring, queue, engine);
+        }
         let mem = self
             .mem
             .read()
@@ -264,8 +403,12 @@ impl InFlight {
     }
 
     fn done(&self) {
+        self.done_n(1);
+    }
+
+    fn done_n(&self, n: usize) {
         let mut c = self.count.lock().unwrap_or_else(PoisonError::into_inner);
-        *c = c.saturating_sub(1);
+        *c = c.saturating_sub(n);
         if *c == 0 {
             self.drained.notify_all();
         }
@@ -435,6 +578,16 @@ impl VhostUserBackend for Session {
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
+            return Ok(());
+        }
+        if usize::from(device_event) > usize::from(self.geometry.num_queues) {
+            // An io_uring fd (registered as num_queues + 1 + queue): completions to reap.
+            // One thread per queue: the thread index is the queue index.
+            if let Some(vring) = vrings.get(thread_id) {
+                if let Err(e) = self.reap_vring(vring, thread_id) {
+                    tracing::warn!(queue = thread_id, error = %e, "completing requests failed");
+                }
+            }
             return Ok(());
         }
         let Some(vring) = vrings.get(usize::from(device_event)) else {

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{Geometry, Session};
@@ -85,6 +86,9 @@ pub struct ExportConfig {
     /// I/O threads per queue that run requests in parallel when the guest queues several
     /// (0: each queue's thread runs its requests one after the other).
     pub io_threads_per_queue: usize,
+    /// Serve aligned reads and writes of each queue through io_uring, where the kernel
+    /// allows it (the I/O threads then serve the rest: read-modify-write, flush, discard).
+    pub io_uring: bool,
 }
 
 /// Default I/O threads per queue.
@@ -104,6 +108,7 @@ impl Default for ExportConfig {
             max_iovecs_per_io: crate::sys::IOV_MAX,
             min_device_block_size: 0,
             io_threads_per_queue: DEFAULT_IO_THREADS,
+            io_uring: true,
         }
     }
 }
@@ -356,11 +361,24 @@ impl Export {
             self.geometry,
             mem.clone(),
             self.cfg.io_threads_per_queue,
+            self.cfg.io_uring,
         )
         .map_err(ExportError::Threads)?;
         let session = Arc::new(session);
+        let fds = session.engine_fds();
         let mut daemon = VhostUserDaemon::new("vhost-blk".to_string(), session, mem)
             .map_err(|e| ExportError::Session(e.to_string()))?;
+        // Each queue's io_uring fd is watched by that queue's worker thread; event ids
+        // above num_queues are the backend's own.
+        let handlers = daemon.get_epoll_handlers();
+        for (q, fd) in fds {
+            let h = handlers
+                .get(q)
+                .ok_or_else(|| ExportError::Session(format!("no worker thread for queue {q}")))?;
+            let id = u64::from(self.geometry.num_queues) + 1 + q as u64;
+            h.register_listener(fd, EventSet::IN, id)
+                .map_err(|e| ExportError::Session(format!("cannot watch io_uring: {e}")))?;
+        }
         if let Err(e) = daemon.start(listener) {
             tracing::warn!(error = %e, "accepting a vhost-user connection failed");
             // Do not spin if accepting keeps failing (for example out of file descriptors).

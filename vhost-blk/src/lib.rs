@@ -17,6 +17,7 @@
 //! Entry points: [`Export`] with [`ExportConfig`], [`StopHandle`], or [`run`].
 
 mod backend;
+mod engine;
 mod export;
 mod metrics;
 mod rangelock;

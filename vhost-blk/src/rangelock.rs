@@ -38,18 +38,32 @@ impl RangeLock {
     }
 }
 
-impl Drop for RangeGuard<'_> {
-    fn drop(&mut self) {
-        let mut held = self
-            .lock
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(i) = held.iter().position(|r| *r == self.range) {
+impl RangeLock {
+    /// Holds `[start, end)` if it overlaps no held range; the caller releases it with
+    /// [`RangeLock::unlock`] (for writes that outlive the submitting call).
+    pub(crate) fn try_lock(&self, start: u64, end: u64) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if held.iter().any(|&(s, e)| s < end && start < e) {
+            return false;
+        }
+        held.push((start, end));
+        true
+    }
+
+    /// Releases a range taken with [`RangeLock::try_lock`].
+    pub(crate) fn unlock(&self, start: u64, end: u64) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = held.iter().position(|r| *r == (start, end)) {
             held.swap_remove(i);
         }
         drop(held);
-        self.lock.freed.notify_all();
+        self.freed.notify_all();
+    }
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        self.lock.unlock(self.range.0, self.range.1);
     }
 }
 

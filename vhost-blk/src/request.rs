@@ -432,28 +432,50 @@ pub(crate) struct Completion {
     pub status: Option<u8>,
 }
 
-/// Parses, validates, executes and completes one chain: the single completion site.
-pub(crate) fn process_chain<M>(
+/// Where a validated chain is answered: its head, status byte and start time.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    head: u16,
+    status_addr: GuestAddress,
+    start: Instant,
+}
+
+/// The request type an error is counted under.
+fn error_kind(e: &RequestError) -> Option<RequestType> {
+    match e {
+        RequestError::Unsupported(t) => Some(RequestType::Unsupported(*t)),
+        RequestError::ReadOnly(k)
+        | RequestError::WrongDirection(k)
+        | RequestError::BadLength { kind: k, .. } => Some(*k),
+        _ => None,
+    }
+}
+
+/// Collects and validates a chain. `Err`: the chain has no usable status byte and is
+/// already completed (used length 0).
+#[allow(clippy::type_complexity)]
+fn open<'m, M>(
     dev: &Device,
-    mem: &GuestMemoryMmap<()>,
+    mem: &'m GuestMemoryMmap<()>,
     chain: DescriptorChain<M>,
-) -> Completion
+) -> Result<(Answer, Result<Request<'m>, RequestError>), Completion>
 where
     M: Deref<Target = GuestMemoryMmap<()>>,
 {
     let start = Instant::now();
     let head = chain.head_index();
-    let done = |kind: Option<Kind>, failure: Option<Failure>, bytes: u64| {
-        dev.metrics.record(kind, failure, bytes, start.elapsed());
-    };
-    let Some(mut segs) = collect(chain) else {
-        tracing::debug!(head, "broken descriptor chain");
-        done(None, Some(Failure::Malformed), 0);
-        return Completion {
+    let unanswerable = || {
+        dev.metrics
+            .record(None, Some(Failure::Malformed), 0, start.elapsed());
+        Completion {
             head,
             used_len: 0,
             status: None,
-        };
+        }
+    };
+    let Some(mut segs) = collect(chain) else {
+        tracing::debug!(head, "broken descriptor chain");
+        return Err(unanswerable());
     };
     // The status is the last byte of the last buffer, which must be device-writable.
     let status_addr = match segs.last_mut() {
@@ -463,31 +485,32 @@ where
         }
         _ => None,
     };
-    let Some(status_addr) = status_addr.filter(|&a| mem.address_in_range(GuestAddress(a))) else {
+    let Some(status_addr) = status_addr
+        .map(GuestAddress)
+        .filter(|&a| mem.address_in_range(a))
+    else {
         tracing::debug!(head, "request without a usable status byte");
-        done(None, Some(Failure::Malformed), 0);
-        return Completion {
-            head,
-            used_len: 0,
-            status: None,
-        };
+        return Err(unanswerable());
     };
-    let (kind, result) = match parse(dev, mem, segs) {
-        Ok(req) => {
-            let r = execute(dev, &req);
-            (Some(req.kind), r.map(|w| (w, req.data_len)))
-        }
-        Err(e) => {
-            let kind = match &e {
-                RequestError::Unsupported(t) => Some(RequestType::Unsupported(*t)),
-                RequestError::ReadOnly(k)
-                | RequestError::WrongDirection(k)
-                | RequestError::BadLength { kind: k, .. } => Some(*k),
-                _ => None,
-            };
-            (kind, Err(e))
-        }
+    let answer = Answer {
+        head,
+        status_addr,
+        start,
     };
+    Ok((answer, parse(dev, mem, segs)))
+}
+
+/// Writes the status byte, records the metrics and returns the used element: the single
+/// completion site of every answerable request. `result`: (bytes written into guest data
+/// buffers, data length) on success.
+fn finish(
+    dev: &Device,
+    mem: &GuestMemoryMmap<()>,
+    answer: Answer,
+    kind: Option<RequestType>,
+    result: Result<(u64, u64), RequestError>,
+) -> Completion {
+    let head = answer.head;
     let (status, written, failure, bytes) = match result {
         Ok((written, data_len)) => (VIRTIO_BLK_S_OK, written, None, data_len),
         Err(e) => {
@@ -495,12 +518,17 @@ where
             (e.status(), 0, Some(e.failure()), 0)
         }
     };
-    let status = if mem.write_obj(status, GuestAddress(status_addr)).is_ok() {
+    let status = if mem.write_obj(status, answer.status_addr).is_ok() {
         Some(status)
     } else {
         None
     };
-    done(kind.map(RequestType::kind), failure, bytes);
+    dev.metrics.record(
+        kind.map(RequestType::kind),
+        failure,
+        bytes,
+        answer.start.elapsed(),
+    );
     let used_len = if status.is_some() {
         u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX)
     } else {
@@ -511,4 +539,115 @@ where
         used_len,
         status,
     }
+}
+
+/// Parses, validates, executes and completes one chain.
+pub(crate) fn process_chain<M>(
+    dev: &Device,
+    mem: &GuestMemoryMmap<()>,
+    chain: DescriptorChain<M>,
+) -> Completion
+where
+    M: Deref<Target = GuestMemoryMmap<()>>,
+{
+    let (answer, parsed) = match open(dev, mem, chain) {
+        Ok(x) => x,
+        Err(done) => return done,
+    };
+    let (kind, result) = match parsed {
+        Ok(req) => {
+            let r = execute(dev, &req);
+            (Some(req.kind), r.map(|w| (w, req.data_len)))
+        }
+        Err(e) => (error_kind(&e), Err(e)),
+    };
+    finish(dev, mem, answer, kind, result)
+}
+
+/// A validated read or write whose data transfer the caller runs (asynchronously), then
+/// completes with [`finish_io`].
+#[derive(Debug)]
+pub(crate) struct Pending {
+    answer: Answer,
+    /// Write (OUT) rather than read (IN).
+    pub write: bool,
+    /// Byte offset in the volume.
+    pub offset: u64,
+    /// Data length in bytes.
+    pub len: u64,
+}
+
+/// What [`begin`] did with a chain.
+pub(crate) enum Begun<'m, T> {
+    /// Refused and completed already (status written, metrics recorded).
+    Done(Completion),
+    /// A validated read or write the caller accepted: transfer `slices`, then [`finish_io`].
+    Io(Pending, Vec<VolatileSlice<'m, ()>>, T),
+    /// Valid, but not a read or write the caller accepted: nothing was done, the caller
+    /// serves the chain with [`process_chain`].
+    Declined,
+}
+
+/// Validates a chain for asynchronous execution. Reads and writes (writes only with the
+/// write cache enabled) are offered to `accept` (type is write, byte offset, guest
+/// buffers), which returns `Some` to take over the data transfer. Invalid chains are
+/// completed here, anything else is declined.
+pub(crate) fn begin<'m, M, T>(
+    dev: &Device,
+    mem: &'m GuestMemoryMmap<()>,
+    chain: DescriptorChain<M>,
+    accept: impl FnOnce(bool, u64, &[VolatileSlice<'m, ()>]) -> Option<T>,
+) -> Begun<'m, T>
+where
+    M: Deref<Target = GuestMemoryMmap<()>>,
+{
+    let (answer, parsed) = match open(dev, mem, chain) {
+        Ok(x) => x,
+        Err(done) => return Begun::Done(done),
+    };
+    let req = match parsed {
+        Ok(req) => req,
+        Err(e) => return Begun::Done(finish(dev, mem, answer, error_kind(&e), Err(e))),
+    };
+    let write = match req.kind {
+        RequestType::In => false,
+        RequestType::Out if dev.wce.load(std::sync::atomic::Ordering::Relaxed) => true,
+        _ => return Begun::Declined,
+    };
+    // parse() checked `sector + count <= capacity`, so the offset cannot overflow.
+    let Some(offset) = req.sector.checked_mul(SECTOR_SIZE) else {
+        return Begun::Declined;
+    };
+    match accept(write, offset, &req.data) {
+        Some(t) => Begun::Io(
+            Pending {
+                answer,
+                write,
+                offset,
+                len: req.data_len,
+            },
+            req.data,
+            t,
+        ),
+        None => Begun::Declined,
+    }
+}
+
+/// Completes a read or write taken with [`begin`], once its transfer ended.
+pub(crate) fn finish_io(
+    dev: &Device,
+    mem: &GuestMemoryMmap<()>,
+    p: Pending,
+    result: Result<(), VolumeError>,
+) -> Completion {
+    let kind = if p.write {
+        RequestType::Out
+    } else {
+        RequestType::In
+    };
+    let written = if p.write { 0 } else { p.len };
+    let result = result
+        .map(|()| (written, p.len))
+        .map_err(RequestError::Volume);
+    finish(dev, mem, p.answer, Some(kind), result)
 }

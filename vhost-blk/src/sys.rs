@@ -158,3 +158,97 @@ pub fn dio_alignment(file: &File) -> Option<(u32, u32)> {
     }
     Some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
 }
+
+/// An io_uring instance with the volume registered as fixed file 0.
+///
+/// Only reads and writes of guest memory are submitted; each submission's buffers must
+/// stay valid until its completion has been reaped (see [`Uring::push_rw`]).
+pub struct Uring {
+    ring: io_uring::IoUring,
+}
+
+impl std::fmt::Debug for Uring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uring")
+            .field("fd", &self.ring.as_raw_fd())
+            .finish()
+    }
+}
+
+impl Uring {
+    /// A ring of `entries` submission slots (the completion queue is twice as large), with
+    /// `file` registered. Fails with ENOSYS / EPERM where io_uring is unavailable.
+    pub fn new(entries: u32, file: &File) -> io::Result<Uring> {
+        let ring = io_uring::IoUring::new(entries.max(1))?;
+        ring.submitter().register_files(&[file.as_raw_fd()])?;
+        Ok(Uring { ring })
+    }
+
+    /// The ring's fd: readable while completions are waiting.
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
+
+    /// Queues a vectored read (or write) of the registered file at `offset`, submitting
+    /// what is queued first if the submission queue is full.
+    ///
+    /// # Safety
+    /// `iov` must point to `iovcnt` iovecs, and those iovecs and every byte of memory they
+    /// describe must stay valid (mapped, not freed, not moved) until the completion
+    /// carrying `user_data` has been reaped by [`Uring::reap`] or [`Uring::wait`]: the
+    /// kernel may read the iovecs and access the memory at any time until then.
+    pub unsafe fn push_rw(
+        &mut self,
+        write: bool,
+        iov: *const libc::iovec,
+        iovcnt: u32,
+        offset: u64,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let fd = io_uring::types::Fixed(0);
+        let sqe = if write {
+            io_uring::opcode::Writev::new(fd, iov, iovcnt)
+                .offset(offset)
+                .build()
+        } else {
+            io_uring::opcode::Readv::new(fd, iov, iovcnt)
+                .offset(offset)
+                .build()
+        }
+        .user_data(user_data);
+        loop {
+            // SAFETY: the entry refers to the registered file and to iovecs the caller keeps
+            // valid, with the memory they describe, until its completion is reaped.
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                return Ok(());
+            }
+            self.submit()?;
+        }
+    }
+
+    /// Submits every queued entry (one system call); returns how many were submitted.
+    pub fn submit(&mut self) -> io::Result<usize> {
+        loop {
+            match self.ring.submit() {
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // The completion queue is congested: completions must be reaped first; the
+                // entries stay queued and go with the next submit.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(0),
+                r => return r,
+            }
+        }
+    }
+
+    /// Submits what is queued and blocks until at least one completion is waiting.
+    pub fn wait(&mut self) -> io::Result<()> {
+        match self.ring.submit_and_wait(1) {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
+    /// Appends `(user_data, result)` of every waiting completion to `out`.
+    pub fn reap(&mut self, out: &mut Vec<(u64, i32)>) {
+        out.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+    }
+}

@@ -319,6 +319,40 @@ impl Volume {
         self.read_only
     }
 
+    /// The volume's file (for the io_uring engine).
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Whether a read or write of `slices` at `offset` goes straight to the volume as one
+    /// vectored system call: aligned for O_DIRECT and at most `max_iovecs` buffers.
+    pub(crate) fn direct_ok(&self, offset: u64, slices: &[VolatileSlice<'_, ()>]) -> bool {
+        slices.len() <= self.max_iovecs && self.aligned(offset, slices)
+    }
+
+    /// Takes the write lock of `[offset, offset + len)` without waiting, for a write that
+    /// completes after this call returns: `Some(None)` when the volume needs no locks,
+    /// `Some(Some(range))` when held (release with [`Volume::unlock_write`]), `None` when
+    /// another write holds part of it.
+    pub(crate) fn try_lock_write(&self, offset: u64, len: u64) -> Option<Option<(u64, u64)>> {
+        let Some(locks) = self.locks.as_ref() else {
+            return Some(None);
+        };
+        let a = self.block_size;
+        let r = (
+            align_down(offset, a),
+            align_up(offset.saturating_add(len), a).unwrap_or(u64::MAX),
+        );
+        locks.try_lock(r.0, r.1).then_some(Some(r))
+    }
+
+    /// Releases a range taken by [`Volume::try_lock_write`].
+    pub(crate) fn unlock_write(&self, range: (u64, u64)) {
+        if let Some(l) = self.locks.as_ref() {
+            l.unlock(range.0, range.1);
+        }
+    }
+
     fn aligned(&self, offset: u64, slices: &[VolatileSlice<'_, ()>]) -> bool {
         let total: u64 = slices.iter().map(|s| s.len() as u64).sum();
         offset % self.block_size == 0

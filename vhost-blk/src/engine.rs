@@ -1,0 +1,345 @@
+//! The io_uring engine of one virtqueue.
+//!
+//! ```text
+//!  kick -> pop every available chain -> begin(): validate
+//!            aligned read / write (write cache on) -> slot + iovecs -> SQE   } one submit
+//!            anything else (misaligned RMW, flush, discard, ...) -> declined  } per batch
+//!  ring fd readable (or right after the submit) -> reap CQEs -> finish_io()
+//!            -> used ring, one guest notification per batch
+//! ```
+//!
+//! Only the queue's own worker thread submits and reaps. Each in-flight request owns a slot
+//! holding its iovecs and a reference to the guest memory map they point into; both live
+//! until the completion is reaped, and dropping the engine waits for every completion
+//! first. Writes to a volume with range locks hold their device-aligned range from submit
+//! to completion, taken without waiting (a busy range declines the request to the
+//! synchronous path, which may wait), so the queue thread never blocks on a range lock.
+
+use std::io;
+use std::ops::Deref;
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use virtio_queue::DescriptorChain;
+use vm_memory::GuestMemoryMmap;
+
+use crate::request::{begin, finish_io, Begun, Completion, Device, Pending};
+use crate::sys::Uring;
+use crate::volume::VolumeError;
+
+/// Iovecs of one slot.
+#[derive(Debug, Default)]
+struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the raw pointers in the iovecs are only handed to the kernel (never dereferenced
+// by this crate); they point into guest memory that the owning slot keeps mapped through an
+// `Arc` of the memory map, which is itself Send + Sync. Moving the list between threads
+// (the engine is created on the accept thread and used on the queue thread) is sound.
+unsafe impl Send for IoVecs {}
+
+/// A read or write in flight.
+#[derive(Debug)]
+struct Io {
+    pending: Pending,
+    /// Keeps the guest memory the iovecs point into mapped until the completion is reaped.
+    mem: Arc<GuestMemoryMmap<()>>,
+    /// First iovec not yet (fully) transferred.
+    first: usize,
+    /// Volume offset of the next byte to transfer.
+    offset: u64,
+    /// Bytes still to transfer.
+    left: u64,
+    /// Range-lock range held until completion.
+    lock: Option<(u64, u64)>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    io: Option<Io>,
+    iov: IoVecs,
+}
+
+/// The io_uring engine of one queue.
+#[derive(Debug)]
+pub(crate) struct Engine {
+    fd: RawFd,
+    inner: Mutex<Inner>,
+}
+
+/// The engine's state; locked by the queue thread for a whole batch.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    dev: Arc<Device>,
+    ring: Uring,
+    /// Never resized after creation: iovec lists of in-flight slots do not move.
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    /// Completions reaped, reused between calls.
+    cqes: Vec<(u64, i32)>,
+}
+
+impl Engine {
+    /// An engine for a queue of `queue_size` descriptors; fails where io_uring is
+    /// unavailable (ENOSYS, EPERM) or cannot be set up.
+    pub(crate) fn new(dev: Arc<Device>, queue_size: u16) -> io::Result<Engine> {
+        let n = usize::from(queue_size.max(1));
+        let entries = u32::from(queue_size.max(1));
+        let ring = Uring::new(entries, dev.volume.file())?;
+        let fd = ring.as_raw_fd();
+        let slots = (0..n).map(|_| Slot::default()).collect();
+        Ok(Engine {
+            fd,
+            inner: Mutex::new(Inner {
+                dev,
+                ring,
+                slots,
+                free: (0..n).rev().collect(),
+                cqes: Vec::with_capacity(n),
+            }),
+        })
+    }
+
+    /// The ring fd, readable while completions wait to be reaped.
+    pub(crate) fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Inner {
+    /// Requests in flight.
+    pub(crate) fn busy(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Takes one chain: invalid chains are completed into `done`, aligned reads and writes
+    /// are queued (sent with [`Inner::submit`]); anything else is handed back for the
+    /// synchronous path.
+    pub(crate) fn start<M>(
+        &mut self,
+        mem: &Arc<GuestMemoryMmap<()>>,
+        chain: DescriptorChain<M>,
+        done: &mut Vec<Completion>,
+    ) -> Option<DescriptorChain<M>>
+    where
+        M: Deref<Target = GuestMemoryMmap<()>> + Clone,
+    {
+        let copy = chain.clone();
+        let has_slot = !self.free.is_empty();
+        let dev = self.dev.clone();
+        let vol = &dev.volume;
+        let begun = begin(&dev, mem, chain, |write, offset, slices| {
+            if !has_slot || !vol.direct_ok(offset, slices) {
+                return None;
+            }
+            if write {
+                let len: u64 = slices.iter().map(|s| s.len() as u64).sum();
+                vol.try_lock_write(offset, len)
+            } else {
+                Some(None)
+            }
+        });
+        let (pending, slices, lock) = match begun {
+            Begun::Done(c) => {
+                done.push(c);
+                return None;
+            }
+            Begun::Declined => return Some(copy),
+            Begun::Io(p, s, l) => (p, s, l),
+        };
+        if pending.len == 0 {
+            if let Some(r) = lock {
+                vol.unlock_write(r);
+            }
+            done.push(finish_io(&dev, mem, pending, Ok(())));
+            return None;
+        }
+        let Some(idx) = self.free.pop() else {
+            // `has_slot` was checked above; unreachable, but never lose a request.
+            if let Some(r) = lock {
+                vol.unlock_write(r);
+            }
+            done.push(finish_io(
+                &dev,
+                mem,
+                pending,
+                Err(VolumeError::Short {
+                    op: "io_uring slot",
+                    offset: 0,
+                }),
+            ));
+            return None;
+        };
+        let slot = &mut self.slots[idx];
+        slot.iov.0.clear();
+        slot.iov.0.extend(slices.iter().map(|s| libc::iovec {
+            iov_base: s.ptr_guard_mut().as_ptr().cast(),
+            iov_len: s.len(),
+        }));
+        drop(slices);
+        slot.io = Some(Io {
+            offset: pending.offset,
+            left: pending.len,
+            pending,
+            mem: mem.clone(),
+            first: 0,
+            lock,
+        });
+        if let Err(e) = self.push(idx) {
+            self.complete(idx, Err(e), done);
+        }
+        None
+    }
+
+    /// Queues the remaining transfer of slot `idx`.
+    fn push(&mut self, idx: usize) -> Result<(), VolumeError> {
+        let slot = &self.slots[idx];
+        let Some(io) = slot.io.as_ref() else {
+            return Ok(());
+        };
+        let op = if io.pending.write {
+            "io_uring writev"
+        } else {
+            "io_uring readv"
+        };
+        let err = |source| VolumeError::Io {
+            op,
+            offset: io.offset,
+            source,
+        };
+        let iov = slot.iov.0.get(io.first..).unwrap_or(&[]);
+        let cnt = u32::try_from(iov.len())
+            .map_err(|_| err(io::Error::from_raw_os_error(libc::EINVAL)))?;
+        // SAFETY: the iovecs live in `self.slots[idx].iov`, whose heap buffer is neither
+        // modified, reallocated nor freed until the completion with user_data `idx` is
+        // reaped: only `reap` (after that completion) and `start` (on a free slot) touch
+        // it, `slots` is never resized, and dropping the engine reaps every completion
+        // first. The memory they describe is guest memory kept mapped by `io.mem`, an Arc
+        // of the memory map held in the same slot for the same time; `direct_ok` checked
+        // the buffers lie inside it (they came from validated `VolatileSlice`s).
+        unsafe {
+            self.ring
+                .push_rw(io.pending.write, iov.as_ptr(), cnt, io.offset, idx as u64)
+        }
+        .map_err(err)
+    }
+
+    /// Finishes slot `idx`: releases its lock, completes the request, frees the slot.
+    fn complete(&mut self, idx: usize, r: Result<(), VolumeError>, done: &mut Vec<Completion>) {
+        let Some(io) = self.slots.get_mut(idx).and_then(|s| s.io.take()) else {
+            return;
+        };
+        if let Some(range) = io.lock {
+            self.dev.volume.unlock_write(range);
+        }
+        done.push(finish_io(&self.dev, &io.mem, io.pending, r));
+        self.free.push(idx);
+    }
+
+    /// Submits every queued request (one system call).
+    pub(crate) fn submit(&mut self) -> io::Result<()> {
+        self.ring.submit().map(|_| ())
+    }
+
+    /// Reaps waiting completions into `done`; short transfers are resubmitted for the rest.
+    pub(crate) fn reap(&mut self, done: &mut Vec<Completion>) {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        self.ring.reap(&mut cqes);
+        let mut resubmit = false;
+        for &(ud, res) in &cqes {
+            let idx = usize::try_from(ud).unwrap_or(usize::MAX);
+            let Some(slot) = self.slots.get_mut(idx) else {
+                continue;
+            };
+            let Some(io) = slot.io.as_mut() else {
+                continue;
+            };
+            let op = if io.pending.write {
+                "io_uring writev"
+            } else {
+                "io_uring readv"
+            };
+            let outcome = if res == -libc::EAGAIN || res == -libc::EINTR {
+                None
+            } else if res < 0 {
+                Some(Err(VolumeError::Io {
+                    op,
+                    offset: io.offset,
+                    source: io::Error::from_raw_os_error(-res),
+                }))
+            } else if res == 0 {
+                Some(Err(VolumeError::Short {
+                    op,
+                    offset: io.offset,
+                }))
+            } else {
+                let n = res.unsigned_abs() as u64;
+                if n >= io.left {
+                    Some(Ok(()))
+                } else {
+                    // Short transfer: skip what was done and go on with the rest.
+                    io.left -= n;
+                    io.offset += n;
+                    let mut n = n as usize;
+                    while n > 0 {
+                        let Some(v) = slot.iov.0.get_mut(io.first) else {
+                            break;
+                        };
+                        if n >= v.iov_len {
+                            n -= v.iov_len;
+                            io.first += 1;
+                        } else {
+                            v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+                            v.iov_len -= n;
+                            n = 0;
+                        }
+                    }
+                    None
+                }
+            };
+            match outcome {
+                Some(r) => self.complete(idx, r, done),
+                None => match self.push(idx) {
+                    Ok(()) => resubmit = true,
+                    Err(e) => self.complete(idx, Err(e), done),
+                },
+            }
+        }
+        self.cqes = cqes;
+        if resubmit {
+            if let Err(e) = self.submit() {
+                tracing::warn!(error = %e, "io_uring resubmission failed");
+            }
+        }
+    }
+
+    /// Waits until every request in flight has completed, into `done`.
+    pub(crate) fn wait_all(&mut self, done: &mut Vec<Completion>) -> io::Result<()> {
+        while self.busy() > 0 {
+            self.ring.wait()?;
+            self.reap(done);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The kernel may still access guest memory and iovecs of requests in flight: wait
+        // for all of them before the slots (and their memory references) are dropped.
+        let mut done = Vec::new();
+        if let Err(e) = self.wait_all(&mut done) {
+            tracing::error!(error = %e, "cannot wait for io_uring requests; leaking their buffers");
+            for s in self.slots.drain(..) {
+                if let Some(io) = s.io.as_ref().and_then(|io| io.lock) {
+                    self.dev.volume.unlock_write(io);
+                }
+                std::mem::forget(s);
+            }
+        }
+    }
+}
