@@ -1,6 +1,10 @@
 //! End to end: libblkio's virtio-blk-vhost-user driver as a real vhost-user frontend
 //! against an export served in-process. Every wait is bounded; the export is stopped and
 //! joined when a test ends, pass or fail.
+//!
+//! Every data-path check is written once and run against each engine (module per engine
+//! at the end): io_uring with I/O threads for the rest, io_uring alone (everything it
+//! declines runs on the queue thread), and the synchronous I/O threads without io_uring.
 
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
@@ -13,6 +17,30 @@ use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use vhost_blk::{Export, ExportConfig, StopHandle};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How the export runs its requests.
+#[derive(Debug, Clone, Copy)]
+enum Engine {
+    /// io_uring for aligned reads and writes, I/O threads for the rest (the default).
+    Uring,
+    /// io_uring, and no I/O threads: declined requests run on the queue thread.
+    UringOnly,
+    /// I/O threads only, as where io_uring is unavailable.
+    Threads,
+}
+
+impl Engine {
+    fn apply(self, cfg: &mut ExportConfig) {
+        match self {
+            Engine::Uring => cfg.io_uring = true,
+            Engine::UringOnly => {
+                cfg.io_uring = true;
+                cfg.io_threads_per_queue = 0;
+            }
+            Engine::Threads => cfg.io_uring = false,
+        }
+    }
+}
 
 /// An export serving on a thread; stopped and joined on drop.
 struct Server {
@@ -149,9 +177,8 @@ fn round_trip(c: &mut Client, off: u64, len: usize, seed: u8) {
     assert_eq!(&c.mem()[len..2 * len], &data[..], "data at {off}+{len}");
 }
 
-#[test]
-fn blkio_reads_back_writes_of_512_bytes_4k_and_1m() {
-    let s = Server::start(16 << 20, |_| {});
+fn blkio_reads_back_writes_of_512_bytes_4k_and_1m(e: Engine) {
+    let s = Server::start(16 << 20, |cfg| e.apply(cfg));
     let mut c = Client::connect(&s, 1, 4 << 20);
     assert_eq!(c.capacity(), 16 << 20);
     round_trip(&mut c, 512, 512, 1);
@@ -170,9 +197,8 @@ fn blkio_reads_back_writes_of_512_bytes_4k_and_1m() {
     assert!(m.requests.write >= 5 && m.requests.flush >= 1);
 }
 
-#[test]
-fn blkio_discard_and_write_zeroes() {
-    let s = Server::start(8 << 20, |_| {});
+fn blkio_discard_and_write_zeroes(e: Engine) {
+    let s = Server::start(8 << 20, |cfg| e.apply(cfg));
     let mut c = Client::connect(&s, 1, 1 << 20);
     round_trip(&mut c, 0, 64 << 10, 7);
     c.q.write_zeroes(4096, 8192, 0, ReqFlags::empty());
@@ -224,9 +250,11 @@ fn vectored(c: &mut Client, n: usize, off: u64) {
     }
 }
 
-#[test]
-fn blkio_readv_writev_of_515_and_1000_iovecs() {
-    let s = Server::start(8 << 20, |cfg| cfg.max_iovecs_per_io = 128);
+fn blkio_readv_writev_of_515_and_1000_iovecs(e: Engine) {
+    let s = Server::start(8 << 20, |cfg| {
+        e.apply(cfg);
+        cfg.max_iovecs_per_io = 128;
+    });
     let mut c = Client::connect(&s, 1, 4 << 20);
     vectored(&mut c, 515, 4096);
     vectored(&mut c, 1000, 1 << 20);
@@ -234,9 +262,8 @@ fn blkio_readv_writev_of_515_and_1000_iovecs() {
     assert_eq!(m.errors.io + m.errors.malformed, 0);
 }
 
-#[test]
-fn blkio_read_past_the_end_fails_without_hanging() {
-    let s = Server::start(1 << 20, |_| {});
+fn blkio_read_past_the_end_fails_without_hanging(e: Engine) {
+    let s = Server::start(1 << 20, |cfg| e.apply(cfg));
     let mut c = Client::connect(&s, 1, 64 << 10);
     assert_ne!(c.read(1 << 20, 0, 4096), 0);
     assert_ne!(c.read((1 << 20) - 512, 0, 1024), 0);
@@ -245,9 +272,11 @@ fn blkio_read_past_the_end_fails_without_hanging() {
     round_trip(&mut c, (1 << 20) - 4096, 2048, 9);
 }
 
-#[test]
-fn blkio_multi_queue_and_reconnect() {
-    let s = Server::start(4 << 20, |cfg| cfg.num_queues = 4);
+fn blkio_multi_queue_and_reconnect(e: Engine) {
+    let s = Server::start(4 << 20, |cfg| {
+        e.apply(cfg);
+        cfg.num_queues = 4;
+    });
     {
         let mut c = Client::connect(&s, 4, 64 << 10);
         round_trip(&mut c, 0, 4096, 1);
@@ -258,9 +287,11 @@ fn blkio_multi_queue_and_reconnect() {
     assert_eq!(&c.mem()[..4096], &pattern(1, 4096)[..]);
 }
 
-#[test]
-fn blkio_sees_a_read_only_export_as_read_only() {
-    let s = Server::start(1 << 20, |cfg| cfg.read_only = true);
+fn blkio_sees_a_read_only_export_as_read_only(e: Engine) {
+    let s = Server::start(1 << 20, |cfg| {
+        e.apply(cfg);
+        cfg.read_only = true;
+    });
     // The RO feature bit makes libblkio refuse a read-write start ...
     let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
     b.set_str("path", s.socket().to_str().unwrap()).unwrap();
@@ -337,10 +368,11 @@ fn loop_4k(size: u64) -> Option<LoopDev> {
     })
 }
 
-#[test]
-fn blkio_on_a_4096_sector_loop_device_sees_512_byte_sectors() {
+fn blkio_on_a_4096_sector_loop_device_sees_512_byte_sectors(e: Engine) {
     let Some(ld) = loop_4k(16 << 20) else { return };
-    let s = Server::start_on(tempfile::tempdir().unwrap(), ld.path.clone(), |_| {});
+    let s = Server::start_on(tempfile::tempdir().unwrap(), ld.path.clone(), |cfg| {
+        e.apply(cfg)
+    });
     let mut c = Client::connect(&s, 1, 4 << 20);
     assert_eq!(c.capacity(), 16 << 20);
     assert_eq!(c.b.get_i32("request-alignment").unwrap(), 512);
@@ -366,13 +398,13 @@ fn blkio_on_a_4096_sector_loop_device_sees_512_byte_sectors() {
     drop(s);
 }
 
-#[test]
-fn blkio_queue_depth_32_of_512_byte_writes_in_shared_4k_blocks() {
+fn blkio_queue_depth_32_of_512_byte_writes_in_shared_4k_blocks(e: Engine) {
     // 32 in-flight 512-byte writes, 8 per 4 KiB block: the I/O threads run them in
     // parallel and the range locks keep every one.
     let s = Server::start(4 << 20, |cfg| {
         cfg.min_device_block_size = 4096;
         cfg.io_threads_per_queue = 4;
+        e.apply(cfg);
     });
     let mut c = Client::connect(&s, 1, 1 << 20);
     for round in 0..4u8 {
@@ -415,11 +447,10 @@ fn blkio_queue_depth_32_of_512_byte_writes_in_shared_4k_blocks() {
     }
 }
 
-#[test]
-fn blkio_reads_of_a_volume_that_shrank_underneath_fail_promptly() {
+fn blkio_reads_of_a_volume_that_shrank_underneath_fail_promptly(e: Engine) {
     // The backing disappears under the export (here: the file is truncated): reads are
     // answered with an error at once, never left hanging, and the export keeps serving.
-    let s = Server::start(4 << 20, |_| {});
+    let s = Server::start(4 << 20, |cfg| e.apply(cfg));
     let mut c = Client::connect(&s, 1, 1 << 20);
     round_trip(&mut c, 1 << 20, 4096, 3);
     std::fs::OpenOptions::new()
@@ -436,3 +467,112 @@ fn blkio_reads_of_a_volume_that_shrank_underneath_fail_promptly() {
     // Writes still work (they extend the file) and read back.
     round_trip(&mut c, 0, 4096, 4);
 }
+
+/// Waits (bounded) for `n` completions, each successful.
+fn wait_ok(c: &mut Client, n: usize) {
+    let mut comps: Vec<MaybeUninit<Completion>> = (0..n).map(|_| MaybeUninit::uninit()).collect();
+    let mut got = 0;
+    while got < n {
+        let mut t = TIMEOUT;
+        let k = c.q.do_io(&mut comps[got..], 1, Some(&mut t), None).unwrap();
+        assert!(k > 0, "no completion within {TIMEOUT:?}");
+        for comp in &comps[got..got + k] {
+            // SAFETY: do_io initialised these `k` completions.
+            let comp = unsafe { comp.assume_init_ref() };
+            assert_eq!(comp.ret, 0, "request {}", comp.user_data);
+        }
+        got += k;
+    }
+}
+
+fn blkio_aligned_and_read_modify_write_requests_in_flight_together(e: Engine) {
+    // On a 4 KiB device: 16 512-byte writes (read-modify-write, 8 per block) and 16
+    // whole-block writes in flight at once, then 32 reads of both kinds; every byte is
+    // where the guest put it.
+    let s = Server::start(4 << 20, |cfg| {
+        cfg.min_device_block_size = 4096;
+        e.apply(cfg);
+    });
+    let mut c = Client::connect(&s, 1, 1 << 20);
+    let base = c.buf.addr;
+    for round in 0..3u8 {
+        let small = |i: usize| pattern(round.wrapping_mul(64).wrapping_add(i as u8), 512);
+        let big = |i: usize| pattern(round.wrapping_mul(64).wrapping_add(32 + i as u8), 4096);
+        for i in 0..16usize {
+            c.mem()[i * 512..(i + 1) * 512].copy_from_slice(&small(i));
+            let at = 8192 + i * 4096;
+            c.mem()[at..at + 4096].copy_from_slice(&big(i));
+        }
+        for i in 0..16usize {
+            let p = (base + i * 512) as *const u8;
+            c.q.write(i as u64 * 512, p, 512, i, ReqFlags::empty());
+            let p = (base + 8192 + i * 4096) as *const u8;
+            let off = 8192 + i as u64 * 4096;
+            c.q.write(off, p, 4096, 16 + i, ReqFlags::empty());
+        }
+        wait_ok(&mut c, 32);
+        let rb = 512 << 10;
+        c.mem()[rb..rb + (80 << 10)].fill(0xee);
+        for i in 0..16usize {
+            let p = (base + rb + i * 512) as *mut u8;
+            c.q.read(i as u64 * 512, p, 512, i, ReqFlags::empty());
+            let p = (base + rb + 8192 + i * 4096) as *mut u8;
+            let off = 8192 + i as u64 * 4096;
+            c.q.read(off, p, 4096, 16 + i, ReqFlags::empty());
+        }
+        wait_ok(&mut c, 32);
+        for i in 0..16usize {
+            let at = rb + i * 512;
+            assert_eq!(
+                &c.mem()[at..at + 512],
+                &small(i)[..],
+                "round {round} sector {i}"
+            );
+            let at = rb + 8192 + i * 4096;
+            assert_eq!(
+                &c.mem()[at..at + 4096],
+                &big(i)[..],
+                "round {round} block {i}"
+            );
+        }
+    }
+    let m = s.export.metrics();
+    assert_eq!(m.errors.io + m.errors.malformed, 0);
+}
+
+/// Runs every data-path check against one engine.
+macro_rules! conformance {
+    ($engine:ident, $($check:ident),* $(,)?) => {
+        #[allow(non_snake_case)]
+        mod $engine {
+            $(
+                #[test]
+                fn $check() {
+                    super::$check(super::Engine::$engine);
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! all_checks {
+    ($engine:ident) => {
+        conformance!(
+            $engine,
+            blkio_reads_back_writes_of_512_bytes_4k_and_1m,
+            blkio_discard_and_write_zeroes,
+            blkio_readv_writev_of_515_and_1000_iovecs,
+            blkio_read_past_the_end_fails_without_hanging,
+            blkio_multi_queue_and_reconnect,
+            blkio_sees_a_read_only_export_as_read_only,
+            blkio_on_a_4096_sector_loop_device_sees_512_byte_sectors,
+            blkio_queue_depth_32_of_512_byte_writes_in_shared_4k_blocks,
+            blkio_reads_of_a_volume_that_shrank_underneath_fail_promptly,
+            blkio_aligned_and_read_modify_write_requests_in_flight_together,
+        );
+    };
+}
+
+all_checks!(Uring);
+all_checks!(UringOnly);
+all_checks!(Threads);
