@@ -644,18 +644,31 @@ fn backing_file_is_refused() {
 fn encrypted_image_is_refused() {
     let fx = Fixture::new();
     let img = fx.path("luks.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "--object",
-        "secret,id=sec0,data=vmblk",
-        "-f",
-        "qcow2",
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0",
-        img.to_str().unwrap(),
-        "4M",
-    ]);
+    // qemu-img times a PBKDF run to pick the LUKS iteration count and fails with
+    // "Unable to get accurate CPU usage" when the machine is busy: try a few times.
+    let mut last = String::new();
+    let created = (0..5).any(|_| {
+        let out = Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "--object",
+                "secret,id=sec0,data=vmblk",
+                "-f",
+                "qcow2",
+            ])
+            .args([
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+            ])
+            .arg(&img)
+            .arg("4M")
+            .output()
+            .expect("running qemu-img");
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        out.status.success()
+    });
+    assert!(created, "qemu-img could not create a LUKS image: {last}");
     let e = open_err(&img);
     assert!(
         matches!(&e, SourceError::Unsupported(m) if m.contains("encrypted") && m.contains("LUKS")),
