@@ -28,7 +28,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Started};
 use crate::request::{process_chain, Completion, Device, MAX_DWZ_SEGS};
 use crate::volume::SECTOR_SIZE;
 
@@ -39,6 +39,8 @@ pub(crate) type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
 /// Byte offset of `wce` in `virtio_blk_config`.
 const WCE_OFFSET: usize = 32;
+/// Data bytes after which the io_uring path ends a batch: submits, completes, signals.
+const FLUSH_BYTES: u64 = 128 * 1024;
 /// Most completions added to the used ring before the guest is signalled.
 const SIGNAL_BATCH: u32 = 8;
 /// Size of `virtio_blk_config` up to and including the write-zeroes fields.
@@ -224,58 +226,117 @@ impl Session {
         let inflight = self.inflight.get(queue);
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut inner = engine.lock();
+        inner.poll.woke();
         let mut done = Vec::new();
         let mut declined = Vec::new();
+        let mut inline = Vec::new();
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
-            let mut taken = 0usize;
-            {
-                let mut v = vring.get_mut();
-                let q = v.get_queue_mut();
-                while let Some(chain) = q.pop_descriptor_chain(mem.clone()) {
-                    taken += 1;
-                    if let Some(chain) = inner.start(&mem, chain, &mut done) {
-                        declined.push(chain);
+            // Batches end after FLUSH_BYTES of data, so completions of large requests
+            // reach the guest while the next ones are copied.
+            loop {
+                let mut taken = 0usize;
+                let mut bytes = 0u64;
+                {
+                    let mut v = vring.get_mut();
+                    let q = v.get_queue_mut();
+                    while bytes < FLUSH_BYTES {
+                        let Some(chain) = q.pop_descriptor_chain(mem.clone()) else {
+                            break;
+                        };
+                        taken += 1;
+                        match inner.start(&mem, chain, &mut done) {
+                            Started::Taken(len) => bytes += len,
+                            Started::Declined(chain) => declined.push(chain),
+                            Started::Inline(chain, len) => {
+                                bytes += len;
+                                inline.push(chain);
+                            }
+                        }
                     }
                 }
-            }
-            if let Some(f) = inflight {
-                f.add(taken);
-            }
-            inner.submit()?;
-            for chain in declined.drain(..) {
-                match pool {
-                    Some(pool) => {
-                        let (dev, vring, mem) = (self.dev.clone(), vring.clone(), mem.clone());
-                        let inflight = inflight.cloned();
-                        pool.submit(Box::new(move || {
-                            let done = process_chain(&dev, &mem, chain);
-                            let r = complete(&vring, done.head, done.used_len, true);
-                            if let Some(f) = inflight {
-                                f.done();
-                            }
-                            if let Err(e) = r {
-                                tracing::warn!(error = %e, "completing a request failed");
-                            }
-                        }));
-                    }
-                    None => {
-                        // A synchronous write may wait for a range lock held by this
-                        // engine's own writes: let them complete first.
-                        inner.wait_all(&mut done)?;
-                        done.push(process_chain(&self.dev, &mem, chain));
+                if let Some(f) = inflight {
+                    f.add(taken);
+                }
+                inner.submit()?;
+                for chain in inline.drain(..) {
+                    done.push(process_chain(&self.dev, &mem, chain));
+                }
+                for chain in declined.drain(..) {
+                    match pool {
+                        Some(pool) => {
+                            let (dev, vring, mem) = (self.dev.clone(), vring.clone(), mem.clone());
+                            let inflight = inflight.cloned();
+                            pool.submit(Box::new(move || {
+                                let done = process_chain(&dev, &mem, chain);
+                                let r = complete(&vring, done.head, done.used_len, true);
+                                if let Some(f) = inflight {
+                                    f.done();
+                                }
+                                if let Err(e) = r {
+                                    tracing::warn!(error = %e, "completing a request failed");
+                                }
+                            }));
+                        }
+                        None => {
+                            // A synchronous write may wait for a range lock held by this
+                            // engine's own writes: let them complete first.
+                            inner.wait_all(&mut done)?;
+                            done.push(process_chain(&self.dev, &mem, chain));
+                        }
                     }
                 }
+                inner.reap(&mut done);
+                self.complete_batch(vring, queue, &mut done)?;
+                if bytes < FLUSH_BYTES {
+                    break;
+                }
             }
-            inner.reap(&mut done);
-            self.complete_batch(vring, queue, &mut done)?;
+            if event_idx && self.poll(vring, &mem, &mut inner)? {
+                continue;
+            }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
         }
+        inner.poll.sleeping();
         Ok(())
+    }
+
+    /// With nothing in flight, busy-polls the avail ring (guest notifications off) for the
+    /// queue's poll window; true when new requests are available.
+    fn poll(
+        &self,
+        vring: &VringRwLock<Mem>,
+        mem: &GuestMemoryMmap<()>,
+        inner: &mut crate::engine::Inner,
+    ) -> io::Result<bool> {
+        let window = inner.poll.window();
+        // Requests in flight complete through the ring fd; polling meanwhile would only
+        // take the CPU from whoever completes them (a loop device's worker, say).
+        if window.is_zero() || inner.busy() > 0 {
+            return Ok(false);
+        }
+        let deadline = std::time::Instant::now() + window;
+        loop {
+            let avail = {
+                let v = vring.get_ref();
+                let q = v.get_queue();
+                q.ready()
+                    && q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                        .is_ok_and(|i| i.0 != q.next_avail())
+            };
+            if avail {
+                return Ok(true);
+            }
+            if std::time::Instant::now() >= deadline {
+                inner.poll.missed();
+                return Ok(false);
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// The queue's io_uring has completions: reap them into the used ring.
@@ -284,8 +345,29 @@ impl Session {
             return Ok(());
         };
         let mut done = Vec::new();
-        engine.lock().reap(&mut done);
-        self.complete_batch(vring, queue, &mut done)
+        let mut inner = engine.lock();
+        inner.poll.woke();
+        inner.reap(&mut done);
+        self.complete_batch(vring, queue, &mut done)?;
+        // The guest usually answers a completion with a new request: poll for it too.
+        let mut more = false;
+        if self.event_idx.load(Ordering::Relaxed) && !inner.poll.window().is_zero() {
+            let mem = self
+                .mem
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .memory()
+                .into_inner();
+            vring.disable_notification().map_err(io::Error::other)?;
+            more = self.poll(vring, &mem, &mut inner)?
+                || vring.enable_notification().map_err(io::Error::other)?;
+        }
+        if more {
+            drop(inner);
+            return self.process_vring_uring(vring, queue, engine);
+        }
+        inner.poll.sleeping();
+        Ok(())
     }
 
     /// Serves every available chain of `vring`. All but the last chain of a batch go to

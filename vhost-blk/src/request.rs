@@ -584,8 +584,8 @@ pub(crate) enum Begun<'m, T> {
     /// A validated read or write the caller accepted: transfer `slices`, then [`finish_io`].
     Io(Pending, Vec<VolatileSlice<'m, ()>>, T),
     /// Valid, but not a read or write the caller accepted: nothing was done, the caller
-    /// serves the chain with [`process_chain`].
-    Declined,
+    /// serves the chain with [`process_chain`]. Carries the data length (0 if none).
+    Declined(u64),
 }
 
 /// Validates a chain for asynchronous execution. Reads and writes (writes only with the
@@ -612,11 +612,11 @@ where
     let write = match req.kind {
         RequestType::In => false,
         RequestType::Out if dev.wce.load(std::sync::atomic::Ordering::Relaxed) => true,
-        _ => return Begun::Declined,
+        _ => return Begun::Declined(req.data_len),
     };
     // parse() checked `sector + count <= capacity`, so the offset cannot overflow.
     let Some(offset) = req.sector.checked_mul(SECTOR_SIZE) else {
-        return Begun::Declined;
+        return Begun::Declined(req.data_len);
     };
     match accept(write, offset, &req.data) {
         Some(t) => Begun::Io(
@@ -629,7 +629,7 @@ where
             req.data,
             t,
         ),
-        None => Begun::Declined,
+        None => Begun::Declined(req.data_len),
     }
 }
 

@@ -137,6 +137,22 @@ pub fn borrow_fd<'a>(fd: std::os::fd::RawFd) -> std::os::fd::BorrowedFd<'a> {
     unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }
 
+/// Whether `file` lives in memory (tmpfs, ramfs): its reads and writes are page-cache
+/// copies that never wait for a device.
+pub fn is_memory_backed(file: &File) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    const RAMFS_MAGIC: u64 = 0x8584_58f6;
+    // SAFETY: `statfs` is a plain C struct of integers, for which all-zero bytes are valid.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open for the call and `st` is a valid, writable statfs buffer.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let t = st.f_type as u64;
+    t == TMPFS_MAGIC || t == RAMFS_MAGIC
+}
+
 /// O_DIRECT alignment of a regular file (`statx` `STATX_DIOALIGN`): (memory, offset), or
 /// None where the kernel or filesystem does not report it.
 pub fn dio_alignment(file: &File) -> Option<(u32, u32)> {

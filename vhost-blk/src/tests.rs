@@ -886,7 +886,7 @@ fn sessions_serve_queues_through_io_uring_where_the_kernel_allows() {
 
 #[test]
 fn io_uring_engine_round_trips_declines_the_rest_and_fails_short_reads() {
-    use crate::engine::Engine;
+    use crate::engine::{Engine, Started};
     let Fixture { mem, dev, _file } = fixture();
     let (mem, dev) = (Arc::new(mem), Arc::new(dev));
     let engine = match Engine::new(dev.clone(), 16) {
@@ -907,7 +907,7 @@ fn io_uring_engine_round_trips_declines_the_rest_and_fails_short_reads() {
         let chain = vq.build_desc_chain(descs).unwrap();
         let mut inner = engine.lock();
         let mut done = Vec::new();
-        if inner.start(&mem, chain, &mut done).is_some() {
+        if !matches!(inner.start(&mem, chain, &mut done), Started::Taken(_)) {
             return None;
         }
         inner.submit().unwrap();
@@ -948,4 +948,21 @@ fn io_uring_engine_round_trips_declines_the_rest_and_fails_short_reads() {
     let m = dev.metrics.snapshot();
     assert_eq!((m.requests.read, m.requests.write), (2, 1));
     assert_eq!((m.errors.io, m.errors.malformed), (1, 1));
+}
+
+#[test]
+fn a_file_in_memory_is_opened_buffered_with_512_byte_blocks() {
+    let Ok(f) = tempfile::NamedTempFile::new_in("/dev/shm") else {
+        eprintln!("skipping: no /dev/shm");
+        return;
+    };
+    f.as_file().set_len(1 << 20).unwrap();
+    let p = VolumeParams {
+        min_block_size: 0,
+        ..params()
+    };
+    let v = Volume::open(f.path(), &p).unwrap();
+    assert!(v.is_memory_backed());
+    assert!(!v.is_direct());
+    assert_eq!(v.block_size(), 512);
 }

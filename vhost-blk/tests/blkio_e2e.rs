@@ -27,7 +27,13 @@ enum Engine {
     UringOnly,
     /// I/O threads only, as where io_uring is unavailable.
     Threads,
+    /// io_uring with the volume file in memory (tmpfs): writes and large reads run on the
+    /// queue thread, small reads through io_uring.
+    UringInMemory,
 }
+
+/// Prefix of volume files the `UringInMemory` checks place in /dev/shm (removed on drop).
+const SHM_PREFIX: &str = "/dev/shm/vhost-blk-e2e-";
 
 impl Engine {
     fn apply(self, cfg: &mut ExportConfig) {
@@ -38,6 +44,18 @@ impl Engine {
                 cfg.io_threads_per_queue = 0;
             }
             Engine::Threads => cfg.io_uring = false,
+            Engine::UringInMemory => {
+                cfg.io_uring = true;
+                // Regular files move to tmpfs; block devices stay.
+                if std::fs::metadata(&cfg.volume).is_ok_and(|m| m.is_file()) {
+                    static N: std::sync::atomic::AtomicUsize =
+                        std::sync::atomic::AtomicUsize::new(0);
+                    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let to = PathBuf::from(format!("{SHM_PREFIX}{}-{n}.img", std::process::id()));
+                    std::fs::copy(&cfg.volume, &to).unwrap();
+                    cfg.volume = to;
+                }
+            }
         }
     }
 }
@@ -93,6 +111,10 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        let vol = self.export.config().volume.clone();
+        if vol.to_string_lossy().starts_with(SHM_PREFIX) {
+            let _ = std::fs::remove_file(&vol);
+        }
         self.stop.stop();
         if let Some(t) = self.thread.take() {
             let (tx, rx) = mpsc::channel();
@@ -576,3 +598,4 @@ macro_rules! all_checks {
 all_checks!(Uring);
 all_checks!(UringOnly);
 all_checks!(Threads);
+all_checks!(UringInMemory);
