@@ -93,7 +93,7 @@ pub struct UnpackArgs {
     /// Also zero the volume beyond the image's end.
     #[arg(long)]
     pub zero_tail: bool,
-    /// Worker threads for decompression and writes (0: one per CPU).
+    /// Worker threads for decompression and writes (0: twice the CPUs, at least 4).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Print the report as JSON.

@@ -23,7 +23,7 @@ use crate::target::{Target, TargetError, ZeroMethod};
 /// Tuning of the copy.
 #[derive(Debug, Clone)]
 pub struct CopyOptions {
-    /// Worker threads (decompression and writes). 0 means one per CPU.
+    /// Worker threads (decompression and writes). 0 means twice the CPUs, at least 4.
     pub threads: usize,
     /// Bytes per window (rounded to the target's alignment and the source's
     /// largest extent).
@@ -131,10 +131,13 @@ pub fn copy(
         }
     };
     let granule = round_up(opts.granule.max(align), align).min(window);
+    // Twice the CPUs (at least 4): while some workers wait on their writes, the others
+    // keep inflating, so the device always has writes queued.
     let threads = match opts.threads {
-        0 => std::thread::available_parallelism()
+        0 => (2 * std::thread::available_parallelism()
             .map(|n| n.get())
-            .unwrap_or(2),
+            .unwrap_or(2))
+        .max(4),
         n => n,
     }
     .clamp(1, 16);
