@@ -172,6 +172,15 @@ impl Session {
         })
     }
 
+    /// The guest memory map as of now.
+    fn memory(&self) -> Arc<GuestMemoryMmap<()>> {
+        self.mem
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .memory()
+            .into_inner()
+    }
+
     /// The io_uring fds to watch, by queue (empty without io_uring).
     pub(crate) fn engine_fds(&self) -> Vec<(usize, std::os::fd::RawFd)> {
         self.engines.iter().map(Engine::fd).enumerate().collect()
@@ -216,12 +225,6 @@ impl Session {
         queue: usize,
         engine: &Engine,
     ) -> io::Result<()> {
-        let mem = self
-            .mem
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .memory()
-            .into_inner();
         let pool = self.pools.get(queue);
         let inflight = self.inflight.get(queue);
         let event_idx = self.event_idx.load(Ordering::Relaxed);
@@ -234,6 +237,9 @@ impl Session {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
+            // The current memory map, taken again after every poll: requests the guest
+            // made after a memory table update must not meet the previous map.
+            let mem = self.memory();
             // Batches end after FLUSH_BYTES of data, so completions of large requests
             // reach the guest while the next ones are copied.
             loop {
@@ -352,12 +358,7 @@ impl Session {
         // The guest usually answers a completion with a new request: poll for it too.
         let mut more = false;
         if self.event_idx.load(Ordering::Relaxed) && !inner.poll.window().is_zero() {
-            let mem = self
-                .mem
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .memory()
-                .into_inner();
+            let mem = self.memory();
             vring.disable_notification().map_err(io::Error::other)?;
             more = self.poll(vring, &mem, &mut inner)?
                 || vring.enable_notification().map_err(io::Error::other)?;
@@ -377,18 +378,13 @@ impl Session {
         if let Some(engine) = self.engines.get(queue) {
             return self.process_vring_uring(vring, queue, engine);
         }
-        let mem = self
-            .mem
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .memory()
-            .into_inner();
         let pool = self.pools.get(queue);
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
+            let mem = self.memory();
             let mut batch = Vec::new();
             while let Some(chain) = vring
                 .get_mut()
@@ -664,8 +660,9 @@ impl VhostUserBackend for Session {
         }
         if usize::from(device_event) > usize::from(self.geometry.num_queues) {
             // An io_uring fd (registered as num_queues + 1 + queue): completions to reap.
-            // One thread per queue: the thread index is the queue index.
-            if let Some(vring) = vrings.get(thread_id) {
+            // One thread per queue: the thread index is the queue index, and `vrings`
+            // holds this thread's vrings only, so its queue is the first.
+            if let Some(vring) = vrings.first() {
                 if let Err(e) = self.reap_vring(vring, thread_id) {
                     tracing::warn!(queue = thread_id, error = %e, "completing requests failed");
                 }

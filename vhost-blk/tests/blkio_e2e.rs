@@ -562,6 +562,72 @@ fn blkio_aligned_and_read_modify_write_requests_in_flight_together(e: Engine) {
     assert_eq!(m.errors.io + m.errors.malformed, 0);
 }
 
+fn blkio_requests_on_every_queue_complete(e: Engine) {
+    // Four queues, each with its own worker thread (and io_uring): requests in flight on
+    // all of them at once, several rounds.
+    let s = Server::start(4 << 20, |cfg| {
+        e.apply(cfg);
+        cfg.num_queues = 4;
+    });
+    let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
+    b.set_str("path", s.socket().to_str().unwrap()).unwrap();
+    b.connect().unwrap();
+    b.set_i32("num-queues", 4).unwrap();
+    b.set_i32("queue-size", 1024).unwrap();
+    let mut out = b.start().unwrap();
+    assert_eq!(out.queues.len(), 4);
+    let region = b.alloc_mem_region(1 << 20).unwrap();
+    b.map_mem_region(&region).unwrap();
+    // SAFETY: the region is a mapping of `len` bytes owned by `b`, alive for this test;
+    // the slice is only touched while no request using it is in flight.
+    let mem = unsafe { std::slice::from_raw_parts_mut(region.addr as *mut u8, region.len) };
+    let wait_all = |q: &mut Blkioq, n: usize| {
+        let mut comps: Vec<MaybeUninit<Completion>> =
+            (0..n).map(|_| MaybeUninit::uninit()).collect();
+        let mut got = 0;
+        while got < n {
+            let mut t = TIMEOUT;
+            let k = q.do_io(&mut comps[got..], 1, Some(&mut t), None).unwrap();
+            assert!(k > 0, "no completion within {TIMEOUT:?}");
+            for c in &comps[got..got + k] {
+                // SAFETY: do_io initialised these `k` completions.
+                assert_eq!(unsafe { c.assume_init_ref() }.ret, 0);
+            }
+            got += k;
+        }
+    };
+    for round in 0..3u8 {
+        for (qi, q) in out.queues.iter_mut().enumerate() {
+            for i in 0..8usize {
+                let slot = qi * 8 + i;
+                let data = pattern(round.wrapping_mul(32).wrapping_add(slot as u8), 4096);
+                mem[slot * 4096..(slot + 1) * 4096].copy_from_slice(&data);
+                let p = (region.addr + slot * 4096) as *const u8;
+                q.write(slot as u64 * 4096, p, 4096, slot, ReqFlags::empty());
+            }
+        }
+        for q in out.queues.iter_mut() {
+            wait_all(q, 8);
+        }
+        for (qi, q) in out.queues.iter_mut().enumerate() {
+            // Read another queue's blocks back.
+            for i in 0..8usize {
+                let slot = ((qi + 1) % 4) * 8 + i;
+                let p = (region.addr + (512 << 10) + slot * 4096) as *mut u8;
+                q.read(slot as u64 * 4096, p, 4096, slot, ReqFlags::empty());
+            }
+        }
+        for q in out.queues.iter_mut() {
+            wait_all(q, 8);
+        }
+        for slot in 0..32usize {
+            let want = pattern(round.wrapping_mul(32).wrapping_add(slot as u8), 4096);
+            let at = (512 << 10) + slot * 4096;
+            assert_eq!(&mem[at..at + 4096], &want[..], "round {round} block {slot}");
+        }
+    }
+}
+
 /// Runs every data-path check against one engine.
 macro_rules! conformance {
     ($engine:ident, $($check:ident),* $(,)?) => {
@@ -591,6 +657,7 @@ macro_rules! all_checks {
             blkio_queue_depth_32_of_512_byte_writes_in_shared_4k_blocks,
             blkio_reads_of_a_volume_that_shrank_underneath_fail_promptly,
             blkio_aligned_and_read_modify_write_requests_in_flight_together,
+            blkio_requests_on_every_queue_complete,
         );
     };
 }
