@@ -83,8 +83,9 @@ pub struct ExportConfig {
     pub max_iovecs_per_io: usize,
     /// Treat the volume as having at least this block size (0: the volume's own).
     pub min_device_block_size: u32,
-    /// I/O threads per queue that run requests in parallel when the guest queues several
-    /// (0: each queue's thread runs its requests one after the other).
+    /// I/O threads per queue that run requests in parallel when the guest queues several:
+    /// with io_uring, only the requests it does not take (read-modify-write, flush,
+    /// discard, write-zeroes); without, all of them (0: each queue's thread runs them).
     pub io_threads_per_queue: usize,
     /// Serve aligned reads and writes of each queue through io_uring, where the kernel
     /// allows it (the I/O threads then serve the rest: read-modify-write, flush, discard).

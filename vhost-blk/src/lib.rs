@@ -11,7 +11,9 @@
 //!    |-- Device: Volume + Metrics + RangeLock   shared by every session and queue
 //!    `-- serve(): accept -> Session -> wait -> drop (join workers) -> accept ...
 //!          Session: guest memory + one worker thread per virtqueue
-//!            worker: pop chain -> process_chain (validate, execute, status) -> used ring
+//!            worker: pop chains -> validate -> aligned reads/writes: io_uring (one submit
+//!                    per batch, completions reaped by the worker); the rest: I/O threads
+//!                    (process_chain) -> used ring, one notification per batch
 //! ```
 //!
 //! Entry points: [`Export`] with [`ExportConfig`], [`StopHandle`], or [`run`].
