@@ -300,7 +300,7 @@ impl Session {
                     break;
                 }
             }
-            if event_idx && self.poll(vring, &mem, &mut inner)? {
+            if event_idx && self.poll(vring, queue, &mem, &mut inner)? {
                 continue;
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
@@ -311,22 +311,30 @@ impl Session {
         Ok(())
     }
 
-    /// With nothing in flight, busy-polls the avail ring (guest notifications off) for the
-    /// queue's poll window; true when new requests are available.
+    /// With at most one request in flight, busy-polls the avail ring (guest notifications
+    /// off) and the engine's completions for the queue's poll window; true when new
+    /// requests are available.
     fn poll(
         &self,
         vring: &VringRwLock<Mem>,
+        queue: usize,
         mem: &GuestMemoryMmap<()>,
         inner: &mut crate::engine::Inner,
     ) -> io::Result<bool> {
         let window = inner.poll.window();
-        // Requests in flight complete through the ring fd; polling meanwhile would only
-        // take the CPU from whoever completes them (a loop device's worker, say).
-        if window.is_zero() || inner.busy() > 0 {
+        // With several requests in flight, completions come through the ring fd: polling
+        // meanwhile would take the CPU from whoever completes them (a loop device's
+        // worker, say). A single one (queue depth 1) is polled for, with the avail ring.
+        if window.is_zero() || inner.busy() > 1 {
             return Ok(false);
         }
         let deadline = std::time::Instant::now() + window;
+        let mut done = Vec::new();
         loop {
+            if inner.has_completions() {
+                inner.reap(&mut done);
+                self.complete_batch(vring, queue, &mut done)?;
+            }
             let avail = {
                 let v = vring.get_ref();
                 let q = v.get_queue();
@@ -360,7 +368,7 @@ impl Session {
         if self.event_idx.load(Ordering::Relaxed) && !inner.poll.window().is_zero() {
             let mem = self.memory();
             vring.disable_notification().map_err(io::Error::other)?;
-            more = self.poll(vring, &mem, &mut inner)?
+            more = self.poll(vring, queue, &mem, &mut inner)?
                 || vring.enable_notification().map_err(io::Error::other)?;
         }
         if more {

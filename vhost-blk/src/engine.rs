@@ -107,8 +107,8 @@ pub(crate) struct Inner {
 pub(crate) const MAX_POLL: Duration = Duration::from_micros(50);
 const MIN_POLL: Duration = Duration::from_micros(8);
 
-/// Adaptive busy-poll window of one queue thread. After a batch the thread polls for new
-/// requests and completions (guest notifications stay off meanwhile, so the guest does not
+/// Adaptive busy-poll window of one queue thread. After a batch, with at most one request
+/// in flight, the thread polls for new requests and completions (guest notifications stay off meanwhile, so the guest does not
 /// kick) for `window`, then sleeps. The window is set from the last sleep: a wake-up that
 /// came within [`MAX_POLL`] of going to sleep would have been caught by polling twice as
 /// long as that gap; a poll that finds nothing turns polling off until such a wake-up
@@ -312,6 +312,11 @@ impl Inner {
         }
         done.push(finish_io(&self.dev, &io.mem, io.pending, r));
         self.free.push(idx);
+    }
+
+    /// Whether completions wait to be reaped (no system call).
+    pub(crate) fn has_completions(&mut self) -> bool {
+        self.busy() > 0 && self.ring.has_completions()
     }
 
     /// Submits every queued request (one system call).

@@ -263,6 +263,11 @@ impl Uring {
         }
     }
 
+    /// Whether completions are waiting (no system call).
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     /// Appends `(user_data, result)` of every waiting completion to `out`.
     pub fn reap(&mut self, out: &mut Vec<(u64, i32)>) {
         out.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
