@@ -213,9 +213,7 @@ impl CommandExportParams {
     /// `vmblk export VOLUME --socket {socket} --logical-block-size N`. The binary is
     /// `$VMBLK_BIN` or `target/debug/vmblk`.
     pub fn vmblk(volume: &Path, logical_block_size: u32) -> Self {
-        let program = std::env::var_os("VMBLK_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| crate::util::target_dir().join("debug/vmblk"));
+        let program = crate::util::vmblk_bin();
         Self {
             name: "vmblk-export".into(),
             program,

@@ -44,7 +44,7 @@ pub use lock::{loop_tests_lock, FileLock, LOOP_TESTS_LOCK};
 pub use loopdev::LoopDevice;
 pub use process::ManagedProcess;
 pub use report::{BootReport, Check, GuestReport};
-pub use util::{cache_dir, run, sha256_file, sha256_hex, tail, target_dir, wait_until};
+pub use util::{cache_dir, run, sha256_file, sha256_hex, tail, target_dir, vmblk_bin, wait_until};
 pub use volume::{
     damage_with_direct_sgdisk, prepared_volume, write_image, CommandPrepare, DirectSgdiskRepair,
     ManualBridgeRepair, PrepareVolume, Volume, WriteRawImage, DEFAULT_VOLUME_BYTES,

@@ -17,6 +17,20 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
+/// The `vmblk` binary: `$VMBLK_BIN`, else `target/debug/vmblk`. Panics with a hint when
+/// it has not been built (scripts/test.sh builds it before the tests).
+pub fn vmblk_bin() -> PathBuf {
+    let p = std::env::var_os("VMBLK_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("debug/vmblk"));
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (cargo build -p vmblk; scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
 /// `target/vmblk-guest/`: guest kernel, initramfs and images, kept between runs.
 pub fn cache_dir() -> Result<PathBuf> {
     let dir = target_dir().join("vmblk-guest");

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 
 use integration_tests::{
-    damage_with_direct_sgdisk, loop_tests_lock, run, target_dir, write_image, BootMode,
+    damage_with_direct_sgdisk, loop_tests_lock, run, vmblk_bin, write_image, BootMode,
     CommandExport, CommandExportParams, Export, Guest, GuestFile, GuestParams, ImageSpec,
     TestImage, Volume,
 };
@@ -64,16 +64,6 @@ done
 echo "8 scattered + 128 interleaved sectors exact"
 "#;
 
-fn vmblk() -> std::path::PathBuf {
-    let p = target_dir().join("debug/vmblk");
-    assert!(
-        p.exists(),
-        "{} is missing: build it first (scripts/test.sh does)",
-        p.display()
-    );
-    p
-}
-
 fn image_with_sector_checks() -> TestImage {
     ImageSpec {
         extra_files: vec![GuestFile::check_script("sector_io", SECTOR_IO_CHECK)],
@@ -84,7 +74,7 @@ fn image_with_sector_checks() -> TestImage {
 }
 
 fn vmblk_unpack(image: &Path, volume: &Volume) -> String {
-    run(Command::new(vmblk())
+    run(Command::new(vmblk_bin())
         .arg("unpack")
         .arg(image)
         .arg(volume.device()))
@@ -219,7 +209,8 @@ fn direct_sgdisk_damage_is_undone_by_vmblk_repair_and_the_guest_boots() {
     let volume = Volume::new(4096, VOLUME_BYTES).unwrap();
     write_image(&image.raw, volume.device()).unwrap();
     eprintln!("{}", damage_with_direct_sgdisk(&volume).unwrap());
-    let out = run(Command::new(vmblk()).arg("repair").arg(volume.device())).expect("vmblk repair");
+    let out =
+        run(Command::new(vmblk_bin()).arg("repair").arg(volume.device())).expect("vmblk repair");
     eprintln!("{out}");
     let export = export(&volume, 1);
     boot_and_check(&export, "vmblk_repaired_after_sgdisk_e");

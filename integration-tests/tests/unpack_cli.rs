@@ -6,29 +6,19 @@
 //! with its documented exit code and leaves the target untouched.
 
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use integration_tests::{
-    damage_with_direct_sgdisk, loop_tests_lock, run, sha256_hex, target_dir, TestImage, Volume,
-    ESP, IMAGE_BYTES, ROOT,
+    damage_with_direct_sgdisk, loop_tests_lock, run, sha256_hex, vmblk_bin, TestImage, Volume, ESP,
+    IMAGE_BYTES, ROOT,
 };
 use loop_bridge::{bound_loop_devices, AttachOptions, LoopDevice};
 
 const VOLUME_BYTES: u64 = 192 << 20;
 
-fn vmblk() -> PathBuf {
-    let p = target_dir().join("debug/vmblk");
-    assert!(
-        p.exists(),
-        "{} is missing: build it first (scripts/test.sh does)",
-        p.display()
-    );
-    p
-}
-
 fn vmblk_run(args: &[&str]) -> (i32, serde_json::Value, String) {
-    let out: Output = Command::new(vmblk())
+    let out: Output = Command::new(vmblk_bin())
         .args(args)
         .output()
         .expect("running vmblk");

@@ -3,12 +3,11 @@
 //! UEFI guest that boots from it and reports what it sees. Everything it creates (loop
 //! devices, processes, files) is removed when it ends.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use integration_tests::{
-    target_dir, CommandExport, CommandExportParams, Guest, GuestParams, TestImage, Volume,
+    vmblk_bin, CommandExport, CommandExportParams, Guest, GuestParams, TestImage, Volume,
 };
 
 const VOLUME_BYTES: u64 = 1 << 30;
@@ -18,9 +17,7 @@ fn step(n: u32, what: &str) {
 }
 
 fn vmblk(args: &[&std::ffi::OsStr]) -> Result<()> {
-    let bin = std::env::var_os("VMBLK_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("debug/vmblk"));
+    let bin = vmblk_bin();
     let shown: Vec<_> = args.iter().map(|a| a.to_string_lossy()).collect();
     println!("$ vmblk {}", shown.join(" "));
     let st = Command::new(&bin)
