@@ -96,7 +96,14 @@ fn boot_and_check(export: &CommandExport, name: &str) {
 /// Boots once from `export` and checks what the guest saw; `physical` is the physical
 /// block size the guest must report (the volume's, so that it aligns its I/O).
 fn boot_and_check_on(export: &CommandExport, name: &str, physical: u32) {
-    let mut guest = Guest::start(&GuestParams::boot_from(export).log_name(name)).unwrap();
+    boot_and_check_with(export, name, physical, 1);
+}
+
+/// As [`boot_and_check_on`], with `cpus` virtual CPUs (so that several queues are used).
+fn boot_and_check_with(export: &CommandExport, name: &str, physical: u32, cpus: u32) {
+    let mut params = GuestParams::boot_from(export).log_name(name);
+    params.cpus = cpus;
+    let mut guest = Guest::start(&params).unwrap();
     let outcome = guest.expect_clean_run(1);
     eprintln!("{name}: guest run {:?}", outcome.elapsed);
     let boot = outcome.report.last().unwrap();
@@ -188,18 +195,7 @@ fn unpacked_on_4k_volume_boots_through_vmblk_export_four_queues() {
     let volume = Volume::new(4096, VOLUME_BYTES).unwrap();
     vmblk_unpack(&image.qcow2, &volume);
     let export = export(&volume, 4);
-    let mut params = GuestParams::boot_from(&export).log_name("vmblk_4k_q4");
-    params.cpus = 2;
-    let mut guest = Guest::start(&params).unwrap();
-    let outcome = guest.expect_clean_run(1);
-    let boot = outcome.report.last().unwrap();
-    assert_eq!(boot.value("physical_block_size"), Some("4096"));
-    let io = boot.check("extra:sector_io");
-    assert!(
-        io.is_some_and(|c| c.ok),
-        "sector I/O check: {io:?}\n{}",
-        guest.diagnostics()
-    );
+    boot_and_check_with(&export, "vmblk_4k_q4", 4096, 2);
 }
 
 #[test]
