@@ -143,9 +143,11 @@ impl<'a> SliceCursor<'a> {
         }
     }
 
-    /// Copies guest bytes into `buf`, advancing; returns false if the guest buffers end first.
-    fn read_into(&mut self, mut buf: &mut [u8]) -> bool {
-        while !buf.is_empty() {
+    /// Walks the next `len` guest bytes, calling `f(slice, done)` for each piece with
+    /// the bytes already walked; returns false if the guest buffers end first.
+    fn advance(&mut self, len: usize, mut f: impl FnMut(VolatileSlice<'a, ()>, usize)) -> bool {
+        let mut done = 0;
+        while done < len {
             let Some(s) = self.slices.get(self.idx) else {
                 return false;
             };
@@ -155,40 +157,29 @@ impl<'a> SliceCursor<'a> {
                 self.off = 0;
                 continue;
             }
-            let n = avail.min(buf.len());
+            let n = avail.min(len - done);
             let Ok(sub) = s.subslice(self.off, n) else {
                 return false;
             };
-            let (head, tail) = buf.split_at_mut(n);
-            sub.copy_to(head);
-            buf = tail;
+            f(sub, done);
+            done += n;
             self.off += n;
         }
         true
     }
 
+    /// Copies guest bytes into `buf`, advancing; returns false if the guest buffers end first.
+    fn read_into(&mut self, buf: &mut [u8]) -> bool {
+        self.advance(buf.len(), |sub, at| {
+            sub.copy_to(&mut buf[at..at + sub.len()]);
+        })
+    }
+
     /// Copies `buf` into guest buffers, advancing; returns false if the guest buffers end first.
-    fn write_from(&mut self, mut buf: &[u8]) -> bool {
-        while !buf.is_empty() {
-            let Some(s) = self.slices.get(self.idx) else {
-                return false;
-            };
-            let avail = s.len() - self.off;
-            if avail == 0 {
-                self.idx += 1;
-                self.off = 0;
-                continue;
-            }
-            let n = avail.min(buf.len());
-            let Ok(sub) = s.subslice(self.off, n) else {
-                return false;
-            };
-            let (head, tail) = buf.split_at(n);
-            sub.copy_from(head);
-            buf = tail;
-            self.off += n;
-        }
-        true
+    fn write_from(&mut self, buf: &[u8]) -> bool {
+        self.advance(buf.len(), |sub, at| {
+            sub.copy_from(&buf[at..at + sub.len()]);
+        })
     }
 }
 
