@@ -15,6 +15,7 @@
 //! run. Everything the harness starts is killed by PID and removed on drop.
 
 mod export;
+mod fusefile;
 mod guest;
 mod image;
 mod initramfs;
@@ -30,6 +31,7 @@ pub use export::{
     CommandExport, CommandExportParams, Export, QsdDriver, QsdExport, QsdParams,
     EXPORT_READY_TIMEOUT,
 };
+pub use fusefile::{FuseControl, FuseFile, FuseStats, Mode, ReleaseOnDrop, FUSE_FILE_NAME};
 pub use guest::{
     Guest, GuestDisk, GuestOutcome, GuestParams, DEFAULT_GUEST_TIMEOUT, MILESTONES, OVMF_CODE,
     OVMF_VARS,
