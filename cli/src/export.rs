@@ -29,9 +29,35 @@ pub struct ExportArgs {
     /// Serial number the guest reads (at most 20 bytes).
     #[arg(long, default_value = "")]
     pub serial: String,
-    /// Print the final counters as JSON.
+    /// Answer requests the volume has not finished after this many milliseconds with an
+    /// I/O error (the guest's driver has no timeout of its own); 0: never.
+    #[arg(long, default_value_t = vhost_blk::DEFAULT_IO_TIMEOUT_MS)]
+    pub io_timeout_ms: u64,
+    /// Print events as JSON lines on standard error and the final counters as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// One line on standard error per export event (removed, resumed, timed out, frontend).
+fn print_event(json: bool, ev: &vhost_blk::ExportEvent) {
+    use vhost_blk::ExportEvent as E;
+    if json {
+        if let Ok(s) = serde_json::to_string(ev) {
+            eprintln!("{s}");
+        }
+        return;
+    }
+    match ev {
+        E::Removed { reason } => {
+            eprintln!("vmblk export: volume removed ({reason}): requests fail until it is back")
+        }
+        E::Resumed { volume } => eprintln!("vmblk export: volume back at {}", volume.display()),
+        E::TimedOut { requests } => {
+            eprintln!("vmblk export: {requests} requests timed out (answered with an I/O error)")
+        }
+        E::Connected => eprintln!("vmblk export: frontend connected"),
+        E::Disconnected => eprintln!("vmblk export: frontend disconnected"),
+    }
 }
 
 /// Runs the export until interrupted; prints its counters on exit.
@@ -67,10 +93,19 @@ pub fn run(a: ExportArgs) -> i32 {
         num_queues: a.num_queues,
         queue_size: a.queue_size,
         serial: a.serial,
+        io_timeout_ms: a.io_timeout_ms,
         ..ExportConfig::default()
     };
     tracing::info!(volume = %cfg.volume.display(), socket = %cfg.socket.display(), "exporting");
-    match vhost_blk::run(cfg, stop) {
+    let json = a.json;
+    let served = vhost_blk::Export::with_stop_handle(cfg, stop).and_then(|export| {
+        export
+            .control()
+            .set_event_sink(std::sync::Arc::new(move |ev| print_event(json, ev)));
+        export.serve()?;
+        Ok(export.metrics())
+    });
+    match served {
         Ok(m) => {
             let text = if a.json {
                 serde_json::to_string_pretty(&m)

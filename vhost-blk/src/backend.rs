@@ -5,10 +5,11 @@
 //! its guest memory map and vring workers, which are joined before the next connection is
 //! accepted.
 
+use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -27,8 +28,12 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::chain::RawChain;
 use crate::engine::{Engine, Started};
+use crate::inflight::Region;
+use crate::queue::{Expire, QueueState};
 use crate::request::{process_chain, Completion, Device, MAX_DWZ_SEGS};
 use crate::volume::SECTOR_SIZE;
 
@@ -72,6 +77,7 @@ pub(crate) fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 /// Geometry the guest is shown.
@@ -89,7 +95,7 @@ pub(crate) struct Geometry {
 pub(crate) fn config_space(dev: &Device, g: &Geometry) -> [u8; CONFIG_LEN] {
     let mut c = [0u8; CONFIG_LEN];
     let lbs = u64::from(g.logical_block_size);
-    let vol = &dev.volume;
+    let vol = dev.volume();
     let phys = vol.physical_block_size().max(vol.block_size()).max(lbs);
     let exp = (phys / lbs).trailing_zeros();
     let (io_min, io_opt) = vol.io_sizes();
@@ -116,6 +122,13 @@ pub(crate) fn config_space(dev: &Device, g: &Geometry) -> [u8; CONFIG_LEN] {
     c
 }
 
+/// How long stopping a ring (GET_VRING_BASE) waits for its requests before leaving them
+/// in the in-flight buffer or answering them IOERR: QEMU waits for the answer with its
+/// main lock held, so this is kept short.
+pub(crate) const STOP_GRACE: Duration = Duration::from_millis(250);
+/// How often the watchdog looks for requests to answer without the volume.
+const WATCHDOG_TICK: Duration = Duration::from_millis(100);
+
 /// The backend of one frontend connection.
 #[derive(Debug)]
 pub(crate) struct Session {
@@ -125,10 +138,17 @@ pub(crate) struct Session {
     event_idx: AtomicBool,
     /// I/O threads, one pool per queue (empty: every request runs on its queue thread).
     pools: Vec<Pool>,
-    /// Requests in flight, per queue.
-    inflight: Vec<Arc<InFlight>>,
+    /// Requests in flight and their answers, per queue.
+    queues: Arc<Vec<Arc<QueueState>>>,
     /// io_uring engines, one per queue (empty: the synchronous path serves every request).
     engines: Vec<Engine>,
+    /// Per queue: wakes the queue thread to resubmit requests recorded in flight.
+    resubmit: Vec<EventFd>,
+    /// The in-flight buffer the frontend set, if any.
+    inflight: Arc<Mutex<Option<Region>>>,
+    /// Set when the export stops: no new request is taken.
+    quiesced: AtomicBool,
+    watchdog: Option<Watchdog>,
 }
 
 impl Session {
@@ -138,6 +158,7 @@ impl Session {
         mem: Mem,
         io_threads: usize,
         io_uring: bool,
+        io_timeout: Option<Duration>,
     ) -> io::Result<Session> {
         let mut engines = Vec::new();
         if io_uring {
@@ -159,16 +180,35 @@ impl Session {
                 .map(|q| Pool::new(io_threads, q))
                 .collect::<io::Result<_>>()?
         };
+        let inflight = Arc::new(Mutex::new(None));
+        let queues: Arc<Vec<_>> = Arc::new(
+            (0..geometry.num_queues)
+                .map(|q| {
+                    Arc::new(QueueState::new(
+                        q,
+                        dev.clone(),
+                        geometry.queue_size,
+                        inflight.clone(),
+                    ))
+                })
+                .collect(),
+        );
+        let resubmit = (0..geometry.num_queues)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<io::Result<_>>()?;
+        let watchdog = Watchdog::start(dev.clone(), queues.clone(), io_timeout)?;
         Ok(Session {
             dev,
             geometry,
             mem: RwLock::new(mem),
             event_idx: AtomicBool::new(false),
             pools,
-            inflight: (0..geometry.num_queues)
-                .map(|_| Arc::new(InFlight::default()))
-                .collect(),
+            queues,
             engines,
+            resubmit,
+            inflight,
+            quiesced: AtomicBool::new(false),
+            watchdog: Some(watchdog),
         })
     }
 
@@ -181,39 +221,94 @@ impl Session {
             .into_inner()
     }
 
-    /// The io_uring fds to watch, by queue (empty without io_uring).
-    pub(crate) fn engine_fds(&self) -> Vec<(usize, std::os::fd::RawFd)> {
-        self.engines.iter().map(Engine::fd).enumerate().collect()
+    /// Fds the queue threads watch besides the kicks: `(queue, fd, event id offset)`; the
+    /// io_uring fds (offset 1: ids num_queues + 1 + queue) and the resubmission events
+    /// (offset 2: ids 2 * num_queues + 1 + queue).
+    pub(crate) fn extra_fds(&self) -> Vec<(usize, std::os::fd::RawFd, u64)> {
+        use std::os::fd::AsRawFd;
+        let nq = u64::from(self.geometry.num_queues);
+        let mut v: Vec<_> = self
+            .engines
+            .iter()
+            .enumerate()
+            .map(|(q, e)| (q, e.fd(), nq + 1 + q as u64))
+            .collect();
+        v.extend(
+            self.resubmit
+                .iter()
+                .enumerate()
+                .map(|(q, e)| (q, e.as_raw_fd(), 2 * nq + 1 + q as u64)),
+        );
+        v
     }
 
-    /// Adds completions to the used ring and notifies the guest once, if it asked.
-    fn complete_batch(
+    /// Export stopping: takes no new request, waits up to `grace` for those in flight, and
+    /// answers the rest IOERR (so a guest that still has the device sees errors).
+    pub(crate) fn quiesce(&self, grace: Duration) {
+        self.quiesced.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + grace;
+        for q in self.queues.iter() {
+            q.wait_drained(deadline.saturating_duration_since(Instant::now()));
+            q.fail(Expire::All);
+        }
+    }
+
+    fn queue(&self, q: usize) -> io::Result<&Arc<QueueState>> {
+        self.queues
+            .get(q)
+            .ok_or_else(|| io::Error::other(format!("no queue {q}")))
+    }
+
+    /// Runs a declined request on the queue's I/O threads (or here, without any).
+    #[allow(clippy::too_many_arguments)]
+    fn run_sync(
         &self,
         vring: &VringRwLock<Mem>,
-        queue: usize,
+        qs: &Arc<QueueState>,
+        pool: Option<&Pool>,
+        mem: &Arc<GuestMemoryMmap<()>>,
+        chain: RawChain,
+        seq: u64,
         done: &mut Vec<Completion>,
-    ) -> io::Result<()> {
-        if done.is_empty() {
-            return Ok(());
-        }
-        let n = done.len();
-        let mut first_err: Option<io::Error> = None;
-        let signal = {
-            let mut v = vring.get_mut();
-            for c in done.drain(..) {
-                if let Err(e) = v.add_used(c.head, c.used_len) {
-                    first_err.get_or_insert(io::Error::other(e));
-                }
+    ) {
+        match pool {
+            Some(pool) => {
+                let (dev, vring, mem, qs) =
+                    (self.dev.clone(), vring.clone(), mem.clone(), qs.clone());
+                pool.submit(Box::new(move || {
+                    let mut d = vec![process_chain(&dev, &mem, chain, seq)];
+                    if let Err(e) = qs.complete(&vring, &mut d) {
+                        tracing::warn!(error = %e, "completing a request failed");
+                    }
+                }));
             }
-            v.needs_notification().unwrap_or(true)
-        };
-        if let Some(f) = self.inflight.get(queue) {
-            f.done_n(n);
+            None => done.push(process_chain(&self.dev, mem, chain, seq)),
         }
-        if signal {
-            vring.signal_used_queue()?;
+    }
+
+    /// The chains to serve next: first those recorded in flight before a reconnect, then
+    /// the avail ring's (one at a time: the vring lock is not held while taking tickets).
+    fn next_chain(
+        &self,
+        vring: &VringRwLock<Mem>,
+        qs: &QueueState,
+        mem: &Arc<GuestMemoryMmap<()>>,
+        resubmit: &mut Vec<u16>,
+    ) -> Option<(RawChain, u64)> {
+        if let Some(head) = resubmit.pop() {
+            let (table, size) = {
+                let v = vring.get_ref();
+                (v.get_queue().desc_table(), v.get_queue().size())
+            };
+            let seq = qs.take(head, mem);
+            return Some((RawChain::from_table(mem, table, size, head), seq));
         }
-        first_err.map_or(Ok(()), Err)
+        let chain = vring
+            .get_mut()
+            .get_queue_mut()
+            .pop_descriptor_chain(mem.clone())?;
+        let seq = qs.take(chain.head_index(), mem);
+        Some((RawChain::from_chain(chain), seq))
     }
 
     /// Serves every available chain of `vring` through the queue's io_uring engine:
@@ -226,13 +321,15 @@ impl Session {
         engine: &Engine,
     ) -> io::Result<()> {
         let pool = self.pools.get(queue);
-        let inflight = self.inflight.get(queue);
+        let qs = self.queue(queue)?;
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut inner = engine.lock();
         inner.poll.woke();
         let mut done = Vec::new();
         let mut declined = Vec::new();
         let mut inline = Vec::new();
+        // Oldest last: popped from the end.
+        let mut resubmit: Vec<u16> = qs.take_resubmit().into_iter().rev().collect();
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
@@ -243,64 +340,39 @@ impl Session {
             // Batches end after FLUSH_BYTES of data, so completions of large requests
             // reach the guest while the next ones are copied.
             loop {
-                let mut taken = 0usize;
                 let mut bytes = 0u64;
-                {
-                    let mut v = vring.get_mut();
-                    let q = v.get_queue_mut();
-                    while bytes < FLUSH_BYTES {
-                        let Some(chain) = q.pop_descriptor_chain(mem.clone()) else {
-                            break;
-                        };
-                        taken += 1;
-                        match inner.start(&mem, chain, &mut done) {
-                            Started::Taken(len) => bytes += len,
-                            Started::Declined(chain) => declined.push(chain),
-                            Started::Inline(chain, len) => {
-                                bytes += len;
-                                inline.push(chain);
-                            }
+                while bytes < FLUSH_BYTES && !self.quiesced.load(Ordering::Relaxed) {
+                    let Some((chain, seq)) = self.next_chain(vring, qs, &mem, &mut resubmit) else {
+                        break;
+                    };
+                    match inner.start(&mem, chain, seq, &mut done) {
+                        Started::Taken(len) => bytes += len,
+                        Started::Declined(chain) => declined.push((chain, seq)),
+                        Started::Inline(chain, len) => {
+                            bytes += len;
+                            inline.push((chain, seq));
                         }
                     }
-                }
-                if let Some(f) = inflight {
-                    f.add(taken);
                 }
                 inner.submit()?;
-                for chain in inline.drain(..) {
-                    done.push(process_chain(&self.dev, &mem, chain));
+                for (chain, seq) in inline.drain(..) {
+                    done.push(process_chain(&self.dev, &mem, chain, seq));
                 }
-                for chain in declined.drain(..) {
-                    match pool {
-                        Some(pool) => {
-                            let (dev, vring, mem) = (self.dev.clone(), vring.clone(), mem.clone());
-                            let inflight = inflight.cloned();
-                            pool.submit(Box::new(move || {
-                                let done = process_chain(&dev, &mem, chain);
-                                let r = complete(&vring, done.head, done.used_len, true);
-                                if let Some(f) = inflight {
-                                    f.done();
-                                }
-                                if let Err(e) = r {
-                                    tracing::warn!(error = %e, "completing a request failed");
-                                }
-                            }));
-                        }
-                        None => {
-                            // A synchronous write may wait for a range lock held by this
-                            // engine's own writes: let them complete first.
-                            inner.wait_all(&mut done)?;
-                            done.push(process_chain(&self.dev, &mem, chain));
-                        }
+                for (chain, seq) in declined.drain(..) {
+                    if pool.is_none() {
+                        // A synchronous write may wait for a range lock held by this
+                        // engine's own writes: let them complete first.
+                        inner.wait_all(&mut done)?;
                     }
+                    self.run_sync(vring, qs, pool, &mem, chain, seq, &mut done);
                 }
                 inner.reap(&mut done);
-                self.complete_batch(vring, queue, &mut done)?;
+                qs.complete(vring, &mut done)?;
                 if bytes < FLUSH_BYTES {
                     break;
                 }
             }
-            if event_idx && self.poll(vring, queue, &mem, &mut inner)? {
+            if event_idx && self.poll(vring, qs, &mem, &mut inner)? {
                 continue;
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
@@ -317,7 +389,7 @@ impl Session {
     fn poll(
         &self,
         vring: &VringRwLock<Mem>,
-        queue: usize,
+        qs: &QueueState,
         mem: &GuestMemoryMmap<()>,
         inner: &mut crate::engine::Inner,
     ) -> io::Result<bool> {
@@ -325,27 +397,27 @@ impl Session {
         // With several requests in flight, completions come through the ring fd: polling
         // meanwhile would take the CPU from whoever completes them (a loop device's
         // worker, say). A single one (queue depth 1) is polled for, with the avail ring.
-        if window.is_zero() || inner.busy() > 1 {
+        if window.is_zero() || inner.busy() > 1 || self.quiesced.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        let deadline = std::time::Instant::now() + window;
+        let deadline = Instant::now() + window;
         let mut done = Vec::new();
         loop {
             if inner.has_completions() {
                 inner.reap(&mut done);
-                self.complete_batch(vring, queue, &mut done)?;
+                qs.complete(vring, &mut done)?;
             }
             let avail = {
                 let v = vring.get_ref();
                 let q = v.get_queue();
                 q.ready()
-                    && q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                    && q.avail_idx(mem, Ordering::Acquire)
                         .is_ok_and(|i| i.0 != q.next_avail())
             };
             if avail {
                 return Ok(true);
             }
-            if std::time::Instant::now() >= deadline {
+            if Instant::now() >= deadline {
                 inner.poll.missed();
                 return Ok(false);
             }
@@ -358,17 +430,18 @@ impl Session {
         let Some(engine) = self.engines.get(queue) else {
             return Ok(());
         };
+        let qs = self.queue(queue)?;
         let mut done = Vec::new();
         let mut inner = engine.lock();
         inner.poll.woke();
         inner.reap(&mut done);
-        self.complete_batch(vring, queue, &mut done)?;
+        qs.complete(vring, &mut done)?;
         // The guest usually answers a completion with a new request: poll for it too.
         let mut more = false;
         if self.event_idx.load(Ordering::Relaxed) && !inner.poll.window().is_zero() {
             let mem = self.memory();
             vring.disable_notification().map_err(io::Error::other)?;
-            more = self.poll(vring, queue, &mem, &mut inner)?
+            more = self.poll(vring, qs, &mem, &mut inner)?
                 || vring.enable_notification().map_err(io::Error::other)?;
         }
         if more {
@@ -387,75 +460,33 @@ impl Session {
             return self.process_vring_uring(vring, queue, engine);
         }
         let pool = self.pools.get(queue);
+        let qs = self.queue(queue)?;
         let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let mut resubmit: Vec<u16> = qs.take_resubmit().into_iter().rev().collect();
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
             let mem = self.memory();
             let mut batch = Vec::new();
-            while let Some(chain) = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone())
-            {
-                batch.push(chain);
-            }
-            let inflight = self.inflight.get(queue);
-            if let Some(f) = inflight {
-                f.add(batch.len());
+            while !self.quiesced.load(Ordering::Relaxed) {
+                match self.next_chain(vring, qs, &mem, &mut resubmit) {
+                    Some(c) => batch.push(c),
+                    None => break,
+                }
             }
             let last = batch.pop();
-            let mut unsignalled = 0u32;
-            // A failed completion (broken used ring) must not strand the rest of the batch
-            // in the in-flight count: finish the batch, report the first error.
-            let mut first_err: Option<io::Error> = None;
-            for chain in batch {
-                match pool {
-                    Some(pool) => {
-                        let (dev, vring, mem) = (self.dev.clone(), vring.clone(), mem.clone());
-                        let inflight = inflight.cloned();
-                        pool.submit(Box::new(move || {
-                            let done = process_chain(&dev, &mem, chain);
-                            let r = complete(&vring, done.head, done.used_len, true);
-                            if let Some(f) = inflight {
-                                f.done();
-                            }
-                            if let Err(e) = r {
-                                tracing::warn!(error = %e, "completing a request failed");
-                            }
-                        }));
-                    }
-                    None => {
-                        let done = process_chain(&self.dev, &mem, chain);
-                        unsignalled += 1;
-                        let signal = unsignalled >= SIGNAL_BATCH;
-                        let r = complete(vring, done.head, done.used_len, signal);
-                        if let Some(f) = inflight {
-                            f.done();
-                        }
-                        if let Err(e) = r {
-                            first_err.get_or_insert(e);
-                        }
-                        if signal {
-                            unsignalled = 0;
-                        }
-                    }
+            let mut done = Vec::new();
+            for (chain, seq) in batch {
+                self.run_sync(vring, qs, pool, &mem, chain, seq, &mut done);
+                if done.len() >= SIGNAL_BATCH as usize {
+                    qs.complete(vring, &mut done)?;
                 }
             }
-            if let Some(chain) = last {
-                let done = process_chain(&self.dev, &mem, chain);
-                let r = complete(vring, done.head, done.used_len, true);
-                if let Some(f) = inflight {
-                    f.done();
-                }
-                if let Err(e) = r {
-                    first_err.get_or_insert(e);
-                }
+            if let Some((chain, seq)) = last {
+                done.push(process_chain(&self.dev, &mem, chain, seq));
             }
-            if let Some(e) = first_err {
-                return Err(e);
-            }
+            qs.complete(vring, &mut done)?;
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
@@ -464,60 +495,87 @@ impl Session {
     }
 }
 
-/// Adds the used element and, if `signal`, notifies the guest when it asked for it.
-fn complete(vring: &VringRwLock<Mem>, head: u16, len: u32, signal: bool) -> io::Result<()> {
-    vring.add_used(head, len).map_err(io::Error::other)?;
-    if signal && vring.needs_notification().unwrap_or(true) {
-        vring.signal_used_queue()?;
-    }
-    Ok(())
-}
-
-/// Requests of one queue taken from the avail ring and not yet in the used ring.
-#[derive(Debug, Default)]
-struct InFlight {
-    count: Mutex<usize>,
-    drained: Condvar,
-}
-
-/// How long stopping a queue waits for its requests to complete.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-impl InFlight {
-    fn add(&self, n: usize) {
-        *self.count.lock().unwrap_or_else(PoisonError::into_inner) += n;
-    }
-
-    fn done(&self) {
-        self.done_n(1);
-    }
-
-    fn done_n(&self, n: usize) {
-        let mut c = self.count.lock().unwrap_or_else(PoisonError::into_inner);
-        *c = c.saturating_sub(n);
-        if *c == 0 {
-            self.drained.notify_all();
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(w) = self.watchdog.take() {
+            w.stop();
         }
     }
+}
 
-    /// Waits until no request is in flight; false if `timeout` passed first.
-    fn wait_drained(&self, timeout: Duration) -> bool {
-        let c = self.count.lock().unwrap_or_else(PoisonError::into_inner);
-        let (c, _) = self
-            .drained
-            .wait_timeout_while(c, timeout, |c| *c > 0)
-            .unwrap_or_else(PoisonError::into_inner);
-        *c == 0
+/// Answers requests the volume does not finish in time, and all of them once it is
+/// removed: one thread per session, waking every [`WATCHDOG_TICK`].
+#[derive(Debug)]
+struct Watchdog {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(
+        dev: Arc<Device>,
+        queues: Arc<Vec<Arc<QueueState>>>,
+        timeout: Option<Duration>,
+    ) -> io::Result<Watchdog> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("vhost-blk-watchdog".into())
+            .spawn(move || {
+                let (lock, cv) = &*s;
+                let mut stopped = lock.lock().unwrap_or_else(PoisonError::into_inner);
+                loop {
+                    let (g, _) = cv
+                        .wait_timeout(stopped, WATCHDOG_TICK)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    stopped = g;
+                    if *stopped {
+                        break;
+                    }
+                    let expire = if dev.is_removed() {
+                        Some(Expire::All)
+                    } else {
+                        timeout
+                            .and_then(|t| Instant::now().checked_sub(t))
+                            .map(Expire::Before)
+                    };
+                    let Some(expire) = expire else {
+                        continue;
+                    };
+                    let n: usize = queues.iter().map(|q| q.fail(expire)).sum();
+                    if n > 0 && expire != Expire::All {
+                        dev.emit(&crate::device::ExportEvent::TimedOut { requests: n as u64 });
+                    }
+                }
+            })?;
+        Ok(Watchdog {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(mut self) {
+        *self.stop.0.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.stop.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// I/O threads of one queue. Dropping the pool finishes every queued request and joins
-/// the threads, so no request of a session outlives it.
+/// How long dropping a pool waits for its threads; threads stuck in the volume (a stalled
+/// device) are left to finish on their own.
+const POOL_JOIN_WAIT: Duration = Duration::from_millis(200);
+
+/// I/O threads of one queue. Dropping the pool lets every queued request finish; threads
+/// still busy after [`POOL_JOIN_WAIT`] are detached (their requests were answered by the
+/// watchdog or the ring stop; they only hold references to the device and guest memory).
 struct Pool {
     tx: Option<mpsc::Sender<Job>>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    running: Arc<(Mutex<usize>, Condvar)>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -532,17 +590,25 @@ impl Pool {
     fn new(threads: usize, queue: usize) -> io::Result<Pool> {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
+        let running = Arc::new((Mutex::new(0usize), Condvar::new()));
         let mut handles = Vec::new();
         for i in 0..threads {
             let rx = rx.clone();
+            let running = running.clone();
+            *running.0.lock().unwrap_or_else(PoisonError::into_inner) += 1;
             let h = std::thread::Builder::new()
                 .name(format!("vhost-blk-q{queue}-io{i}"))
-                .spawn(move || loop {
-                    let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => break,
+                .spawn(move || {
+                    loop {
+                        let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => break,
+                        }
                     }
+                    let (n, cv) = &*running;
+                    *n.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
+                    cv.notify_all();
                 });
             match h {
                 Ok(h) => handles.push(h),
@@ -558,6 +624,7 @@ impl Pool {
         Ok(Pool {
             tx: Some(tx),
             threads: handles,
+            running,
         })
     }
 
@@ -572,9 +639,29 @@ impl Pool {
     }
 }
 
+static DETACHED_IO_THREADS: AtomicUsize = AtomicUsize::new(0);
+
 impl Drop for Pool {
     fn drop(&mut self) {
         self.tx = None;
+        let (n, cv) = &*self.running;
+        let left = {
+            let g = n.lock().unwrap_or_else(PoisonError::into_inner);
+            let (g, _) = cv
+                .wait_timeout_while(g, POOL_JOIN_WAIT, |n| *n > 0)
+                .unwrap_or_else(PoisonError::into_inner);
+            *g
+        };
+        if left > 0 {
+            let total = DETACHED_IO_THREADS.fetch_add(left, Ordering::Relaxed) + left;
+            tracing::warn!(
+                threads = left,
+                total,
+                "I/O threads still waiting for the volume are left to finish on their own"
+            );
+            self.threads.clear();
+            return;
+        }
         for h in self.threads.drain(..) {
             let _ = h.join();
         }
@@ -594,7 +681,7 @@ impl VhostUserBackend for Session {
     }
 
     fn features(&self) -> u64 {
-        features(self.dev.volume.is_read_only())
+        features(self.dev.is_read_only())
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -640,13 +727,46 @@ impl VhostUserBackend for Session {
             .collect()
     }
 
-    /// GET_VRING_BASE (guest reset, QEMU stop): the ring is already marked not ready, so
-    /// nothing new is taken; wait until every request taken has its used element, so none
-    /// lands in guest memory after the frontend considers the ring stopped.
+    /// GET_VRING_BASE (guest reset, QEMU stop or shutdown): the ring is already marked not
+    /// ready, so nothing new is taken. Requests in flight get [`STOP_GRACE`] to finish;
+    /// QEMU holds its main lock meanwhile, so a stalled volume must not hold this up.
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        if let Some(f) = self.inflight.get(queue_index as usize) {
-            if !f.wait_drained(DRAIN_TIMEOUT) {
-                tracing::warn!(queue = queue_index, "requests still in flight after 30 s");
+        if let Some(q) = self.queues.get(queue_index as usize) {
+            q.stop(STOP_GRACE);
+        }
+        Ok(())
+    }
+
+    fn get_inflight_fd(&self, num_queues: u16, queue_size: u16) -> io::Result<(File, u64)> {
+        Region::create(num_queues, queue_size)
+    }
+
+    fn set_inflight_fd(
+        &self,
+        file: File,
+        mmap_size: u64,
+        mmap_offset: u64,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> io::Result<()> {
+        let region = Region::map(file, mmap_size, mmap_offset, num_queues, queue_size)?;
+        tracing::debug!(
+            queues = region.num_queues(),
+            queue_size,
+            "in-flight buffer set"
+        );
+        *self.inflight.lock().unwrap_or_else(PoisonError::into_inner) = Some(region);
+        Ok(())
+    }
+
+    fn vring_started(&self, queue_index: u16, vring: &Self::Vring) -> io::Result<()> {
+        let q = usize::from(queue_index);
+        let Some(qs) = self.queues.get(q) else {
+            return Ok(());
+        };
+        if qs.started(vring, &self.memory()) {
+            if let Some(ev) = self.resubmit.get(q) {
+                ev.write(1)?;
             }
         }
         Ok(())
@@ -666,25 +786,35 @@ impl VhostUserBackend for Session {
         if evset != EventSet::IN {
             return Ok(());
         }
-        if usize::from(device_event) > usize::from(self.geometry.num_queues) {
-            // An io_uring fd (registered as num_queues + 1 + queue): completions to reap.
-            // One thread per queue: the thread index is the queue index, and `vrings`
-            // holds this thread's vrings only, so its queue is the first.
-            if let Some(vring) = vrings.first() {
-                if let Err(e) = self.reap_vring(vring, thread_id) {
-                    tracing::warn!(queue = thread_id, error = %e, "completing requests failed");
-                }
+        let nq = usize::from(self.geometry.num_queues);
+        let ev = usize::from(device_event);
+        // One thread per queue: the thread index is the queue index, and `vrings` holds
+        // this thread's vrings only, so its queue is the first.
+        let r = if ev > 2 * nq {
+            // Requests recorded in flight to resubmit.
+            if let Some(e) = self.resubmit.get(thread_id) {
+                let _ = e.read();
             }
-            return Ok(());
-        }
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
-            return Ok(());
+            match vrings.first() {
+                Some(vring) => self.process_vring(vring, thread_id),
+                None => Ok(()),
+            }
+        } else if ev > nq {
+            // An io_uring fd: completions to reap.
+            match vrings.first() {
+                Some(vring) => self.reap_vring(vring, thread_id),
+                None => Ok(()),
+            }
+        } else {
+            match vrings.get(ev) {
+                Some(vring) => self.process_vring(vring, thread_id),
+                None => Ok(()),
+            }
         };
         // An error here would end the worker thread; the queue is broken (bad ring
         // addresses), so log it and wait for the frontend to reset or reconnect.
-        // One thread per queue: the thread index is the queue index.
-        if let Err(e) = self.process_vring(vring, thread_id) {
-            tracing::warn!(queue = device_event, error = %e, "virtqueue processing stopped");
+        if let Err(e) = r {
+            tracing::warn!(queue = thread_id, error = %e, "virtqueue processing stopped");
         }
         Ok(())
     }

@@ -17,17 +17,16 @@
 //! synchronous path, which may wait), so the queue thread never blocks on a range lock.
 
 use std::io;
-use std::ops::Deref;
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
+use crate::chain::RawChain;
 use crate::request::{begin, finish_io, Begun, Completion, Device, Pending};
 use crate::sys::Uring;
-use crate::volume::VolumeError;
+use crate::volume::{Volume, VolumeError};
 
 /// Iovecs of one slot.
 #[derive(Debug, Default)]
@@ -44,7 +43,7 @@ unsafe impl Send for IoVecs {}
 struct Io {
     pending: Pending,
     /// Keeps the guest memory the iovecs point into mapped until the completion is reaped.
-    mem: Arc<GuestMemoryMmap<()>>,
+    _mem: Arc<GuestMemoryMmap<()>>,
     /// First iovec not yet (fully) transferred.
     first: usize,
     /// Volume offset of the next byte to transfer.
@@ -53,6 +52,9 @@ struct Io {
     left: u64,
     /// Range-lock range held until completion.
     lock: Option<(u64, u64)>,
+    /// The volume the transfer goes to: kept open (and its range locks reachable) until
+    /// the completion is reaped, even if a resume swapped it out meanwhile.
+    vol: Arc<Volume>,
 }
 
 #[derive(Debug, Default)]
@@ -70,23 +72,23 @@ const MEMORY_URING_MAX_READ: u64 = 32 * 1024;
 
 /// What [`Inner::start`] did with a chain.
 #[derive(Debug)]
-pub(crate) enum Started<M> {
+pub(crate) enum Started {
     /// Queued for submission (with its data length), or already completed into `done`.
     Taken(u64),
     /// For the synchronous path on an I/O thread (it may wait: read-modify-write under
     /// the range lock, flush, discard).
-    Declined(DescriptorChain<M>),
+    Declined(RawChain),
     /// For the synchronous path on the queue thread, right away: on a volume in memory
     /// the copy costs less than a hand-off to another thread, and nothing waits.
     /// Carries the data length.
-    Inline(DescriptorChain<M>, u64),
+    Inline(RawChain, u64),
 }
 
 /// The io_uring engine of one queue.
 #[derive(Debug)]
 pub(crate) struct Engine {
     fd: RawFd,
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
 }
 
 /// The engine's state; locked by the queue thread for a whole batch.
@@ -94,6 +96,8 @@ pub(crate) struct Engine {
 pub(crate) struct Inner {
     dev: Arc<Device>,
     ring: Uring,
+    /// Generation of the device's volume registered with the ring.
+    generation: u64,
     /// Never resized after creation: iovec lists of in-flight slots do not move.
     slots: Vec<Slot>,
     free: Vec<usize>,
@@ -152,19 +156,21 @@ impl Engine {
     pub(crate) fn new(dev: Arc<Device>, queue_size: u16) -> io::Result<Engine> {
         let n = usize::from(queue_size.max(1));
         let entries = u32::from(queue_size.max(1));
-        let ring = Uring::new(entries, dev.volume.file())?;
+        let generation = dev.generation();
+        let ring = Uring::new(entries, dev.volume().file())?;
         let fd = ring.as_raw_fd();
         let slots = (0..n).map(|_| Slot::default()).collect();
         Ok(Engine {
             fd,
-            inner: Mutex::new(Inner {
+            inner: Arc::new(Mutex::new(Inner {
                 dev,
                 ring,
+                generation,
                 slots,
                 free: (0..n).rev().collect(),
                 cqes: Vec::with_capacity(n),
                 poll: Poll::default(),
-            }),
+            })),
         })
     }
 
@@ -178,6 +184,35 @@ impl Engine {
     }
 }
 
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Requests the volume has not finished (a stalled device) keep their guest memory
+        // and iovecs until the kernel is done with them; waiting for that here would hold
+        // up the session's end (and the next connection). A thread waits instead.
+        let busy = self.lock().busy();
+        if busy == 0 {
+            return;
+        }
+        let inner = self.inner.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vhost-blk-reaper".into())
+            .spawn(move || {
+                let mut done = Vec::new();
+                let mut g = inner.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Err(e) = g.wait_all(&mut done) {
+                    tracing::warn!(error = %e, "waiting for io_uring requests failed");
+                }
+                tracing::info!(
+                    requests = done.len(),
+                    "requests of a closed session finished"
+                );
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, requests = busy, "cannot start a thread for requests in flight");
+        }
+    }
+}
+
 impl Inner {
     /// Requests in flight.
     pub(crate) fn busy(&self) -> usize {
@@ -187,21 +222,34 @@ impl Inner {
     /// Takes one chain: invalid chains are completed into `done`, aligned reads and writes
     /// are queued (sent with [`Inner::submit`]); anything else is handed back for the
     /// synchronous path.
-    pub(crate) fn start<M>(
+    pub(crate) fn start(
         &mut self,
         mem: &Arc<GuestMemoryMmap<()>>,
-        chain: DescriptorChain<M>,
+        chain: RawChain,
+        seq: u64,
         done: &mut Vec<Completion>,
-    ) -> Started<M>
-    where
-        M: Deref<Target = GuestMemoryMmap<()>> + Clone,
-    {
-        let copy = chain.clone();
-        let has_slot = !self.free.is_empty();
+    ) -> Started {
+        let copy = RawChain {
+            head: chain.head,
+            segs: None,
+        };
+        let keep = chain.segs.clone();
+        let mut has_slot = !self.free.is_empty();
         let dev = self.dev.clone();
-        let vol = &dev.volume;
+        let vol = dev.volume();
+        if dev.generation() != self.generation {
+            // The volume was resumed on another file: requests in flight keep the old
+            // one through their slot; new ones go to the new one.
+            match self.ring.register(vol.file()) {
+                Ok(()) => self.generation = dev.generation(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot register the resumed volume with io_uring");
+                    has_slot = false;
+                }
+            }
+        }
         let in_memory = vol.is_memory_backed();
-        let begun = begin(&dev, mem, chain, |write, offset, slices| {
+        let begun = begin(&dev, mem, chain, seq, |write, offset, slices| {
             if !has_slot || !vol.direct_ok(offset, slices) {
                 return None;
             }
@@ -215,6 +263,7 @@ impl Inner {
                 Some(None)
             }
         });
+        let copy = RawChain { segs: keep, ..copy };
         let (pending, slices, lock) = match begun {
             Begun::Done(c) => {
                 done.push(c);
@@ -228,7 +277,7 @@ impl Inner {
             if let Some(r) = lock {
                 vol.unlock_write(r);
             }
-            done.push(finish_io(&dev, mem, pending, Ok(())));
+            done.push(finish_io(&dev, pending, Ok(())));
             return Started::Taken(0);
         }
         let Some(idx) = self.free.pop() else {
@@ -238,7 +287,6 @@ impl Inner {
             }
             done.push(finish_io(
                 &dev,
-                mem,
                 pending,
                 Err(VolumeError::Short {
                     op: "io_uring slot",
@@ -259,9 +307,10 @@ impl Inner {
             offset: pending.offset,
             left: pending.len,
             pending,
-            mem: mem.clone(),
+            _mem: mem.clone(),
             first: 0,
             lock,
+            vol,
         });
         if let Err(e) = self.push(idx) {
             self.complete(idx, Err(e), done);
@@ -308,9 +357,9 @@ impl Inner {
             return;
         };
         if let Some(range) = io.lock {
-            self.dev.volume.unlock_write(range);
+            io.vol.unlock_write(range);
         }
-        done.push(finish_io(&self.dev, &io.mem, io.pending, r));
+        done.push(finish_io(&self.dev, io.pending, r));
         self.free.push(idx);
     }
 
@@ -408,6 +457,7 @@ impl Inner {
 }
 
 impl Drop for Inner {
+    // Runs where the last reference goes: the session, or the reaper thread above.
     fn drop(&mut self) {
         // The kernel may still access guest memory and iovecs of requests in flight: wait
         // for all of them before the slots (and their memory references) are dropped.
@@ -415,8 +465,10 @@ impl Drop for Inner {
         if let Err(e) = self.wait_all(&mut done) {
             tracing::error!(error = %e, "cannot wait for io_uring requests; leaking their buffers");
             for s in self.slots.drain(..) {
-                if let Some(io) = s.io.as_ref().and_then(|io| io.lock) {
-                    self.dev.volume.unlock_write(io);
+                if let Some(io) = s.io.as_ref() {
+                    if let Some(range) = io.lock {
+                        io.vol.unlock_write(range);
+                    }
                 }
                 std::mem::forget(s);
             }

@@ -19,8 +19,9 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::{Geometry, Session};
-use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::backend::{Geometry, Session, STOP_GRACE};
+use crate::device::{ExportControl, ExportEvent, ResumeError};
+use crate::metrics::MetricsSnapshot;
 use crate::request::{Device, SERIAL_LEN};
 use crate::volume::{Volume, VolumeError, VolumeParams, SECTOR_SIZE};
 
@@ -57,6 +58,9 @@ pub enum ExportError {
     /// A per-connection vhost-user daemon could not be created.
     #[error("cannot set up a vhost-user session: {0}")]
     Session(String),
+    /// The volume could not be resumed.
+    #[error(transparent)]
+    Resume(#[from] ResumeError),
 }
 
 /// What to export and how.
@@ -90,7 +94,13 @@ pub struct ExportConfig {
     /// Serve aligned reads and writes of each queue through io_uring, where the kernel
     /// allows it (the I/O threads then serve the rest: read-modify-write, flush, discard).
     pub io_uring: bool,
+    /// Requests the volume has not finished after this many milliseconds are answered
+    /// IOERR (the guest's virtio-blk driver has no timeout of its own); 0: never.
+    pub io_timeout_ms: u64,
 }
+
+/// Default I/O timeout: the Linux block layer's default request timeout.
+pub const DEFAULT_IO_TIMEOUT_MS: u64 = 30_000;
 
 /// Default I/O threads per queue.
 pub const DEFAULT_IO_THREADS: usize = 32;
@@ -110,6 +120,7 @@ impl Default for ExportConfig {
             min_device_block_size: 0,
             io_threads_per_queue: DEFAULT_IO_THREADS,
             io_uring: true,
+            io_timeout_ms: DEFAULT_IO_TIMEOUT_MS,
         }
     }
 }
@@ -160,10 +171,16 @@ impl ExportConfig {
     }
 }
 
+/// The connection being served: how to end it, and its session (quiesced first).
+struct Conn {
+    shutdown: ShutdownHandle,
+    session: Arc<Session>,
+}
+
 struct StopInner {
     stopped: AtomicBool,
     event: EventFd,
-    conn: Mutex<Option<ShutdownHandle>>,
+    conn: Mutex<Option<Conn>>,
 }
 
 impl std::fmt::Debug for StopInner {
@@ -188,20 +205,19 @@ impl StopHandle {
         })))
     }
 
-    /// Ends the current connection, if any, and makes `serve` return.
+    /// Ends the current connection, if any, and makes `serve` return. In order: no new
+    /// request is taken, those in flight get a bounded wait ([`STOP_GRACE`] in all), the
+    /// rest are answered IOERR (a guest that still has the device sees errors, not a
+    /// hang), then the connection is closed; `serve` removes the socket.
     pub fn stop(&self) {
         self.0.stopped.store(true, Ordering::SeqCst);
         if let Err(e) = self.0.event.write(1) {
             tracing::warn!(error = %e, "cannot signal the stop event");
         }
-        if let Some(h) = self
-            .0
-            .conn
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-        {
-            h.shutdown();
+        let conn = self.0.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = conn.as_ref() {
+            c.session.quiesce(STOP_GRACE);
+            c.shutdown.shutdown();
         }
     }
 
@@ -210,13 +226,14 @@ impl StopHandle {
         self.0.stopped.load(Ordering::SeqCst)
     }
 
-    fn set_conn(&self, h: Option<ShutdownHandle>) {
+    fn set_conn(&self, c: Option<Conn>) {
         let mut slot = self.0.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        *slot = h;
+        *slot = c;
         // A stop that raced with the accept still ends this connection.
         if self.is_stopped() {
-            if let Some(h) = slot.as_ref() {
-                h.shutdown();
+            if let Some(c) = slot.as_ref() {
+                c.session.quiesce(STOP_GRACE);
+                c.shutdown.shutdown();
             }
         }
     }
@@ -249,16 +266,13 @@ impl Export {
     /// Like [`Export::new`], stopped through an existing handle.
     pub fn with_stop_handle(cfg: ExportConfig, stop: StopHandle) -> Result<Export, ExportError> {
         cfg.validate()?;
-        let volume = Volume::open(
-            &cfg.volume,
-            &VolumeParams {
-                read_only: cfg.read_only,
-                direct: cfg.direct_io,
-                min_block_size: cfg.min_device_block_size,
-                max_iovecs: cfg.max_iovecs_per_io,
-            },
-        )
-        .map_err(ExportError::Volume)?;
+        let params = VolumeParams {
+            read_only: cfg.read_only,
+            direct: cfg.direct_io,
+            min_block_size: cfg.min_device_block_size,
+            max_iovecs: cfg.max_iovecs_per_io,
+        };
+        let volume = Volume::open(&cfg.volume, &params).map_err(ExportError::Volume)?;
         let unit = u64::from(cfg.logical_block_size).max(volume.block_size());
         let capacity = (volume.size() - volume.size() % unit) / SECTOR_SIZE;
         if capacity == 0 {
@@ -276,13 +290,13 @@ impl Export {
             read_only = cfg.read_only,
             "export created"
         );
-        let dev = Arc::new(Device {
+        let dev = Arc::new(Device::new(
             volume,
+            cfg.volume.clone(),
+            params,
             capacity,
-            metrics: Arc::new(Metrics::default()),
             serial,
-            wce: AtomicBool::new(true),
-        });
+        ));
         let listener = Listener::new(&cfg.socket, true).map_err(|source| ExportError::Listen {
             path: cfg.socket.clone(),
             source,
@@ -309,6 +323,11 @@ impl Export {
     /// Capacity shown to the guest, in 512-byte sectors.
     pub fn capacity_sectors(&self) -> u64 {
         self.geometry.capacity
+    }
+
+    /// Removes and resumes the volume, and delivers the export's events.
+    pub fn control(&self) -> ExportControl {
+        ExportControl(self.dev.clone())
     }
 
     /// The export's counters so far.
@@ -357,28 +376,30 @@ impl Export {
     /// Accepts one frontend and serves it until it disconnects or the export is stopped.
     fn serve_one(&self, listener: &mut Listener) -> Result<(), ExportError> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let timeout = (self.cfg.io_timeout_ms > 0)
+            .then(|| std::time::Duration::from_millis(self.cfg.io_timeout_ms));
         let session = Session::new(
             self.dev.clone(),
             self.geometry,
             mem.clone(),
             self.cfg.io_threads_per_queue,
             self.cfg.io_uring,
+            timeout,
         )
         .map_err(ExportError::Threads)?;
         let session = Arc::new(session);
-        let fds = session.engine_fds();
-        let mut daemon = VhostUserDaemon::new("vhost-blk".to_string(), session, mem)
+        let fds = session.extra_fds();
+        let mut daemon = VhostUserDaemon::new("vhost-blk".to_string(), session.clone(), mem)
             .map_err(|e| ExportError::Session(e.to_string()))?;
-        // Each queue's io_uring fd is watched by that queue's worker thread; event ids
-        // above num_queues are the backend's own.
+        // Each queue's io_uring fd and resubmission event are watched by that queue's
+        // worker thread; event ids above num_queues are the backend's own.
         let handlers = daemon.get_epoll_handlers();
-        for (q, fd) in fds {
+        for (q, fd, id) in fds {
             let h = handlers
                 .get(q)
                 .ok_or_else(|| ExportError::Session(format!("no worker thread for queue {q}")))?;
-            let id = u64::from(self.geometry.num_queues) + 1 + q as u64;
             h.register_listener(fd, EventSet::IN, id)
-                .map_err(|e| ExportError::Session(format!("cannot watch io_uring: {e}")))?;
+                .map_err(|e| ExportError::Session(format!("cannot watch an event fd: {e}")))?;
         }
         if let Err(e) = daemon.start(listener) {
             tracing::warn!(error = %e, "accepting a vhost-user connection failed");
@@ -387,9 +408,17 @@ impl Export {
             return Ok(());
         }
         tracing::info!("vhost-user frontend connected");
-        self.stop.set_conn(daemon.shutdown_handle());
+        self.dev.emit(&ExportEvent::Connected);
+        if let Some(shutdown) = daemon.shutdown_handle() {
+            self.stop.set_conn(Some(Conn {
+                shutdown,
+                session: session.clone(),
+            }));
+        }
+        drop(session);
         let res = daemon.wait();
         self.stop.set_conn(None);
+        self.dev.emit(&ExportEvent::Disconnected);
         match res {
             Ok(()) => tracing::info!("vhost-user frontend disconnected"),
             Err(e) => tracing::warn!(error = %e, "vhost-user connection ended with an error"),

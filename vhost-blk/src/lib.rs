@@ -19,15 +19,22 @@
 //! Entry points: [`Export`] with [`ExportConfig`], [`StopHandle`], or [`run`].
 
 mod backend;
+mod chain;
+mod device;
 mod engine;
 mod export;
+mod inflight;
 mod metrics;
+mod queue;
 mod rangelock;
 mod request;
 mod sys;
 mod volume;
 
-pub use export::{run, Export, ExportConfig, ExportError, StopHandle, DEFAULT_IO_THREADS};
+pub use device::{EventSink, ExportControl, ExportEvent, ResumeError, VolumeState};
+pub use export::{
+    run, Export, ExportConfig, ExportError, StopHandle, DEFAULT_IO_THREADS, DEFAULT_IO_TIMEOUT_MS,
+};
 pub use metrics::{ErrorCounts, Metrics, MetricsSnapshot, RequestCounts, LATENCY_BUCKETS};
 pub use request::{RequestError, RequestType};
 pub use volume::VolumeError;

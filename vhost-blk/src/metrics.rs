@@ -5,7 +5,7 @@
 //! ```text
 //! { "requests": { "read", "write", "flush", "get_id", "discard", "write_zeroes", "unsupported" },
 //!   "bytes_read", "bytes_written",
-//!   "errors": { "io", "malformed", "unsupported", "read_only" },
+//!   "errors": { "io", "malformed", "unsupported", "read_only", "removed", "timed_out" },
 //!   "latency_us_log2": [n0, n1, ...] }   n0: under 1 µs; ni: [2^(i-1), 2^i) µs; last: the rest
 //! ```
 
@@ -34,6 +34,8 @@ pub struct Metrics {
     err_malformed: AtomicU64,
     err_unsupported: AtomicU64,
     err_read_only: AtomicU64,
+    err_removed: AtomicU64,
+    err_timed_out: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS],
 }
 
@@ -67,6 +69,11 @@ pub struct ErrorCounts {
     pub unsupported: u64,
     /// Writes refused on a read-only export (answered IOERR).
     pub read_only: u64,
+    /// Requests answered IOERR because the volume was removed.
+    pub removed: u64,
+    /// Requests answered IOERR by the I/O timeout or when their queue was stopped,
+    /// before the volume finished them.
+    pub timed_out: u64,
 }
 
 /// A point-in-time copy of [`Metrics`].
@@ -103,9 +110,24 @@ pub(crate) enum Failure {
     Malformed,
     Unsupported,
     ReadOnly,
+    Removed,
 }
 
 impl Metrics {
+    /// Counts a request the export answered IOERR itself because the volume did not
+    /// finish it in time (I/O timeout, queue stop, removal); its late completion is not
+    /// counted again.
+    pub(crate) fn record_timed_out(&self, elapsed: Duration) {
+        self.err_timed_out.fetch_add(1, Ordering::Relaxed);
+        self.bucket(elapsed);
+    }
+
+    fn bucket(&self, elapsed: Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = (64 - us.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
+        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn record(
         &self,
         kind: Option<Kind>,
@@ -139,12 +161,11 @@ impl Metrics {
                 Failure::Malformed => &self.err_malformed,
                 Failure::Unsupported => &self.err_unsupported,
                 Failure::ReadOnly => &self.err_read_only,
+                Failure::Removed => &self.err_removed,
             };
             c.fetch_add(1, r);
         }
-        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        let bucket = (64 - us.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
-        self.latency[bucket].fetch_add(1, r);
+        self.bucket(elapsed);
     }
 
     /// Copies the counters.
@@ -167,6 +188,8 @@ impl Metrics {
                 malformed: g(&self.err_malformed),
                 unsupported: g(&self.err_unsupported),
                 read_only: g(&self.err_read_only),
+                removed: g(&self.err_removed),
+                timed_out: g(&self.err_timed_out),
             },
             latency_us_log2: self.latency.iter().map(g).collect(),
         }

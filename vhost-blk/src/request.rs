@@ -6,15 +6,14 @@
 //! range. [`process_chain`] is the one completion site: it writes the status byte and records
 //! metrics; the caller adds the used element with the length it returns.
 
-use std::ops::Deref;
 use std::time::Instant;
 
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
-use crate::metrics::{Failure, Kind, Metrics};
-use crate::volume::{Volume, VolumeError, SECTOR_SIZE};
+use crate::chain::{RawChain, Seg};
+pub(crate) use crate::device::Device;
+use crate::metrics::{Failure, Kind};
+use crate::volume::{VolumeError, SECTOR_SIZE};
 
 /// VIRTIO_BLK_T_IN.
 pub const VIRTIO_BLK_T_IN: u32 = 0;
@@ -138,6 +137,9 @@ pub enum RequestError {
     /// The volume failed the operation.
     #[error("volume operation failed")]
     Volume(#[source] VolumeError),
+    /// The volume was removed (hot-remove); the request was not sent to it.
+    #[error("the volume was removed")]
+    Removed,
 }
 
 impl RequestError {
@@ -156,29 +158,10 @@ impl RequestError {
             }
             RequestError::ReadOnly(_) => Failure::ReadOnly,
             RequestError::Volume(_) => Failure::Io,
+            RequestError::Removed => Failure::Removed,
             _ => Failure::Malformed,
         }
     }
-}
-
-/// What every request needs from the export.
-#[derive(Debug)]
-pub(crate) struct Device {
-    pub volume: Volume,
-    /// Capacity shown to the guest, in 512-byte sectors.
-    pub capacity: u64,
-    pub metrics: std::sync::Arc<Metrics>,
-    pub serial: [u8; SERIAL_LEN],
-    /// Write cache enabled (writeback); when false every write is followed by a flush.
-    pub wce: std::sync::atomic::AtomicBool,
-}
-
-/// A buffer of the chain, before the header and status are split off.
-#[derive(Debug, Clone, Copy)]
-struct Seg {
-    addr: u64,
-    len: u64,
-    writable: bool,
 }
 
 /// A validated request.
@@ -187,29 +170,6 @@ struct Request<'m> {
     sector: u64,
     data: Vec<VolatileSlice<'m, ()>>,
     data_len: u64,
-}
-
-/// Collects the chain's buffers; None if it is broken (loop, bad index, nested indirect).
-fn collect<M>(chain: DescriptorChain<M>) -> Option<Vec<Seg>>
-where
-    M: Deref<Target = GuestMemoryMmap<()>>,
-{
-    let mut segs = Vec::new();
-    let mut last: Option<Descriptor> = None;
-    for d in chain {
-        segs.push(Seg {
-            addr: d.addr().0,
-            len: u64::from(d.len()),
-            writable: d.is_write_only(),
-        });
-        last = Some(d);
-    }
-    // The iterator stops silently on errors: a complete chain ends with a descriptor
-    // without NEXT.
-    match last {
-        Some(d) if !d.has_next() => Some(segs),
-        _ => None,
-    }
 }
 
 fn slices_of<'m>(
@@ -306,7 +266,7 @@ fn parse<'m>(
         RequestType::Flush => {}
         RequestType::Unsupported(t) => return Err(RequestError::Unsupported(t)),
     }
-    if dev.volume.is_read_only()
+    if dev.is_read_only()
         && matches!(
             kind,
             RequestType::Out | RequestType::Discard | RequestType::WriteZeroes
@@ -315,6 +275,9 @@ fn parse<'m>(
         return Err(RequestError::ReadOnly(kind));
     }
     let data = slices_of(mem, &segs)?;
+    if dev.is_removed() && kind != RequestType::GetId {
+        return Err(RequestError::Removed);
+    }
     Ok(Request {
         kind,
         sector,
@@ -338,6 +301,15 @@ fn check_range(dev: &Device, sector: u64, count: u64) -> Result<(u64, u64), Requ
 
 /// Runs a validated request; returns the number of bytes written into guest data buffers.
 fn execute(dev: &Device, req: &Request<'_>) -> Result<u64, RequestError> {
+    let r = execute_on(dev, req);
+    if let Err(RequestError::Volume(e)) = &r {
+        dev.note_io_error(e);
+    }
+    r
+}
+
+fn execute_on(dev: &Device, req: &Request<'_>) -> Result<u64, RequestError> {
+    let volume = dev.volume();
     let offset = req
         .sector
         .checked_mul(SECTOR_SIZE)
@@ -348,22 +320,22 @@ fn execute(dev: &Device, req: &Request<'_>) -> Result<u64, RequestError> {
         })?;
     match req.kind {
         RequestType::In => {
-            dev.volume
+            volume
                 .read(offset, &req.data)
                 .map_err(RequestError::Volume)?;
             Ok(req.data_len)
         }
         RequestType::Out => {
-            dev.volume
+            volume
                 .write(offset, &req.data)
                 .map_err(RequestError::Volume)?;
             if !dev.wce.load(std::sync::atomic::Ordering::Relaxed) {
-                dev.volume.flush().map_err(RequestError::Volume)?;
+                volume.flush().map_err(RequestError::Volume)?;
             }
             Ok(0)
         }
         RequestType::Flush => {
-            dev.volume.flush().map_err(RequestError::Volume)?;
+            volume.flush().map_err(RequestError::Volume)?;
             Ok(0)
         }
         RequestType::GetId => {
@@ -409,9 +381,9 @@ fn execute(dev: &Device, req: &Request<'_>) -> Result<u64, RequestError> {
             }
             for (off, len, unmap) in ranges {
                 if req.kind == RequestType::Discard {
-                    dev.volume.discard(off, len)
+                    volume.discard(off, len)
                 } else {
-                    dev.volume.write_zeroes(off, len, unmap)
+                    volume.write_zeroes(off, len, unmap)
                 }
                 .map_err(RequestError::Volume)?;
             }
@@ -421,21 +393,26 @@ fn execute(dev: &Device, req: &Request<'_>) -> Result<u64, RequestError> {
     }
 }
 
-/// Outcome of one descriptor chain.
+/// Outcome of one descriptor chain, to be written to the guest by the queue's completion
+/// site (which writes the status byte and the used element, unless the request was
+/// answered already: see `queue.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Completion {
     /// Head descriptor index, for the used ring.
     pub head: u16,
-    /// Bytes written into device-writable buffers (the used length).
+    /// The request's ticket: which of the requests with this head it is.
+    pub seq: u64,
+    /// Bytes written into device-writable buffers, status byte included (the used length).
     pub used_len: u32,
-    /// Status written, if the chain had a status byte.
-    pub status: Option<u8>,
+    /// Where the status byte goes and its value, if the chain had a status byte.
+    pub status: Option<(GuestAddress, u8)>,
 }
 
-/// Where a validated chain is answered: its head, status byte and start time.
+/// Where a validated chain is answered: its head, ticket, status byte and start time.
 #[derive(Debug)]
 pub(crate) struct Answer {
     head: u16,
+    seq: u64,
     status_addr: GuestAddress,
     start: Instant,
 }
@@ -451,61 +428,68 @@ fn error_kind(e: &RequestError) -> Option<RequestType> {
     }
 }
 
-/// Collects and validates a chain. `Err`: the chain has no usable status byte and is
-/// already completed (used length 0).
+/// Validates a chain. `Err`: the chain has no usable status byte and is answered with
+/// used length 0 and no status.
 #[allow(clippy::type_complexity)]
-fn open<'m, M>(
+fn open<'m>(
     dev: &Device,
     mem: &'m GuestMemoryMmap<()>,
-    chain: DescriptorChain<M>,
-) -> Result<(Answer, Result<Request<'m>, RequestError>), Completion>
-where
-    M: Deref<Target = GuestMemoryMmap<()>>,
-{
+    chain: RawChain,
+    seq: u64,
+) -> Result<(Answer, Result<Request<'m>, RequestError>), Completion> {
     let start = Instant::now();
-    let head = chain.head_index();
+    let head = chain.head;
     let unanswerable = || {
         dev.metrics
             .record(None, Some(Failure::Malformed), 0, start.elapsed());
         Completion {
             head,
+            seq,
             used_len: 0,
             status: None,
         }
     };
-    let Some(mut segs) = collect(chain) else {
+    let Some(mut segs) = chain.segs else {
         tracing::debug!(head, "broken descriptor chain");
         return Err(unanswerable());
     };
-    // The status is the last byte of the last buffer, which must be device-writable.
-    let status_addr = match segs.last_mut() {
-        Some(s) if s.writable && s.len >= 1 => {
-            s.len -= 1;
-            s.addr.checked_add(s.len)
-        }
-        _ => None,
-    };
-    let Some(status_addr) = status_addr
-        .map(GuestAddress)
-        .filter(|&a| mem.address_in_range(a))
-    else {
+    let Some(status_addr) = split_status(mem, &mut segs) else {
         tracing::debug!(head, "request without a usable status byte");
         return Err(unanswerable());
     };
     let answer = Answer {
         head,
+        seq,
         status_addr,
         start,
     };
     Ok((answer, parse(dev, mem, segs)))
 }
 
-/// Writes the status byte, records the metrics and returns the used element: the single
-/// completion site of every answerable request. `result`: (bytes written into guest data
-/// buffers, data length) on success.
+/// Takes the status byte off the chain: the last byte of the last buffer, which must be
+/// device-writable and inside guest memory.
+fn split_status(mem: &GuestMemoryMmap<()>, segs: &mut [Seg]) -> Option<GuestAddress> {
+    let addr = match segs.last_mut() {
+        Some(s) if s.writable && s.len >= 1 => {
+            s.len -= 1;
+            s.addr.checked_add(s.len)
+        }
+        _ => None,
+    };
+    addr.map(GuestAddress).filter(|&a| mem.address_in_range(a))
+}
+
+/// The status byte of a chain, if it has one (for answering it without running it).
+pub(crate) fn status_address(mem: &GuestMemoryMmap<()>, chain: RawChain) -> Option<GuestAddress> {
+    let mut segs = chain.segs?;
+    split_status(mem, &mut segs)
+}
+
+/// Records the metrics and returns what to write to the guest: the single place every
+/// answerable request ends. `result`: (bytes written into guest data buffers, data
+/// length) on success.
 fn finish(
     dev: &Device,
-    mem: &GuestMemoryMmap<()>,
     answer: Answer,
     kind: Option<RequestType>,
     result: Result<(u64, u64), RequestError>,
@@ -518,39 +502,28 @@ fn finish(
             (e.status(), 0, Some(e.failure()), 0)
         }
     };
-    let status = if mem.write_obj(status, answer.status_addr).is_ok() {
-        Some(status)
-    } else {
-        None
-    };
     dev.metrics.record(
         kind.map(RequestType::kind),
         failure,
         bytes,
         answer.start.elapsed(),
     );
-    let used_len = if status.is_some() {
-        u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX)
-    } else {
-        0
-    };
     Completion {
         head,
-        used_len,
-        status,
+        seq: answer.seq,
+        used_len: u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX),
+        status: Some((answer.status_addr, status)),
     }
 }
 
-/// Parses, validates, executes and completes one chain.
-pub(crate) fn process_chain<M>(
+/// Parses, validates and executes one chain.
+pub(crate) fn process_chain(
     dev: &Device,
     mem: &GuestMemoryMmap<()>,
-    chain: DescriptorChain<M>,
-) -> Completion
-where
-    M: Deref<Target = GuestMemoryMmap<()>>,
-{
-    let (answer, parsed) = match open(dev, mem, chain) {
+    chain: RawChain,
+    seq: u64,
+) -> Completion {
+    let (answer, parsed) = match open(dev, mem, chain, seq) {
         Ok(x) => x,
         Err(done) => return done,
     };
@@ -561,7 +534,7 @@ where
         }
         Err(e) => (error_kind(&e), Err(e)),
     };
-    finish(dev, mem, answer, kind, result)
+    finish(dev, answer, kind, result)
 }
 
 /// A validated read or write whose data transfer the caller runs (asynchronously), then
@@ -579,7 +552,7 @@ pub(crate) struct Pending {
 
 /// What [`begin`] did with a chain.
 pub(crate) enum Begun<'m, T> {
-    /// Refused and completed already (status written, metrics recorded).
+    /// Refused: answer with this.
     Done(Completion),
     /// A validated read or write the caller accepted: transfer `slices`, then [`finish_io`].
     Io(Pending, Vec<VolatileSlice<'m, ()>>, T),
@@ -591,23 +564,21 @@ pub(crate) enum Begun<'m, T> {
 /// Validates a chain for asynchronous execution. Reads and writes (writes only with the
 /// write cache enabled) are offered to `accept` (type is write, byte offset, guest
 /// buffers), which returns `Some` to take over the data transfer. Invalid chains are
-/// completed here, anything else is declined.
-pub(crate) fn begin<'m, M, T>(
+/// answered here, anything else is declined.
+pub(crate) fn begin<'m, T>(
     dev: &Device,
     mem: &'m GuestMemoryMmap<()>,
-    chain: DescriptorChain<M>,
+    chain: RawChain,
+    seq: u64,
     accept: impl FnOnce(bool, u64, &[VolatileSlice<'m, ()>]) -> Option<T>,
-) -> Begun<'m, T>
-where
-    M: Deref<Target = GuestMemoryMmap<()>>,
-{
-    let (answer, parsed) = match open(dev, mem, chain) {
+) -> Begun<'m, T> {
+    let (answer, parsed) = match open(dev, mem, chain, seq) {
         Ok(x) => x,
         Err(done) => return Begun::Done(done),
     };
     let req = match parsed {
         Ok(req) => req,
-        Err(e) => return Begun::Done(finish(dev, mem, answer, error_kind(&e), Err(e))),
+        Err(e) => return Begun::Done(finish(dev, answer, error_kind(&e), Err(e))),
     };
     let write = match req.kind {
         RequestType::In => false,
@@ -634,20 +605,18 @@ where
 }
 
 /// Completes a read or write taken with [`begin`], once its transfer ended.
-pub(crate) fn finish_io(
-    dev: &Device,
-    mem: &GuestMemoryMmap<()>,
-    p: Pending,
-    result: Result<(), VolumeError>,
-) -> Completion {
+pub(crate) fn finish_io(dev: &Device, p: Pending, result: Result<(), VolumeError>) -> Completion {
     let kind = if p.write {
         RequestType::Out
     } else {
         RequestType::In
     };
+    if let Err(e) = &result {
+        dev.note_io_error(e);
+    }
     let written = if p.write { 0 } else { p.len };
     let result = result
         .map(|()| (written, p.len))
         .map_err(RequestError::Volume);
-    finish(dev, mem, p.answer, Some(kind), result)
+    finish(dev, p.answer, Some(kind), result)
 }

@@ -200,6 +200,15 @@ impl Uring {
         Ok(Uring { ring })
     }
 
+    /// Replaces the registered file (a resumed volume). Requests in flight keep the file
+    /// they were submitted with.
+    pub fn register(&mut self, file: &File) -> io::Result<()> {
+        self.ring
+            .submitter()
+            .register_files_update(0, &[file.as_raw_fd()])
+            .map(|_| ())
+    }
+
     /// The ring's fd: readable while completions are waiting.
     pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.ring.as_raw_fd()
@@ -272,4 +281,14 @@ impl Uring {
     pub fn reap(&mut self, out: &mut Vec<(u64, i32)>) {
         out.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
     }
+}
+
+/// An anonymous shared memory file of `size` bytes (zeroed), closed on exec.
+pub fn memfd(name: &str, size: u64) -> io::Result<File> {
+    let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    let fd = nix::sys::memfd::memfd_create(&name, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+        .map_err(io::Error::from)?;
+    let file = File::from(fd);
+    file.set_len(size)?;
+    Ok(file)
 }

@@ -2,8 +2,8 @@
 //! driven through virtio-queue's mock split queue and a real volume.
 
 use std::io::Write;
+use std::ops::Deref;
 use std::process::Command;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use virtio_bindings::bindings::virtio_ring::{
@@ -12,9 +12,10 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::metrics::Metrics;
+use crate::chain::RawChain;
 use crate::request::*;
 use crate::volume::{Volume, VolumeParams, SECTOR_SIZE};
 
@@ -53,7 +54,7 @@ fn fixture_with(size: u64, p: VolumeParams) -> Fixture {
     let volume = Volume::open(f.path(), &p).unwrap();
     Fixture {
         mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
-        dev: device(volume),
+        dev: device_with(volume, p),
         _file: Some(f),
     }
 }
@@ -63,16 +64,42 @@ fn fixture() -> Fixture {
 }
 
 fn device(volume: Volume) -> Device {
+    device_with(volume, params())
+}
+
+fn device_with(volume: Volume, p: VolumeParams) -> Device {
     let capacity = volume.size() / SECTOR_SIZE;
     let mut serial = [0u8; SERIAL_LEN];
     serial[..5].copy_from_slice(b"disk0");
-    Device {
-        volume,
-        capacity,
-        metrics: Arc::new(Metrics::default()),
-        serial,
-        wce: AtomicBool::new(true),
+    Device::new(volume, std::path::PathBuf::new(), p, capacity, serial)
+}
+
+/// What the guest sees of a request: its used element and the status byte written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Answered {
+    head: u16,
+    used_len: u32,
+    status: Option<u8>,
+}
+
+/// Writes the status byte as the queue's completion site does.
+fn answer(mem: &GuestMemoryMmap<()>, c: Completion) -> Answered {
+    if let Some((addr, status)) = c.status {
+        mem.write_obj(status, addr).unwrap();
     }
+    Answered {
+        head: c.head,
+        used_len: c.used_len,
+        status: c.status.map(|(_, s)| s),
+    }
+}
+
+/// Runs a chain popped from a mock queue through the synchronous path and answers it.
+fn run_chain<M>(dev: &Device, mem: &GuestMemoryMmap<()>, chain: DescriptorChain<M>) -> Answered
+where
+    M: Deref<Target = GuestMemoryMmap<()>>,
+{
+    answer(mem, process_chain(dev, mem, RawChain::from_chain(chain), 1))
 }
 
 fn rd(addr: u64, len: u32) -> RawDescriptor {
@@ -98,24 +125,24 @@ impl Fixture {
     }
 
     /// Submits a chain whose NEXT links the mock sets up, in a queue of `qsize`.
-    fn submit_chain(&self, descs: &[RawDescriptor], qsize: u16) -> Completion {
+    fn submit_chain(&self, descs: &[RawDescriptor], qsize: u16) -> Answered {
         let vq = MockSplitQueue::new(&self.mem, qsize);
         let chain = vq.build_desc_chain(descs).unwrap();
-        process_chain(&self.dev, &self.mem, chain)
+        run_chain(&self.dev, &self.mem, chain)
     }
 
     /// Submits descriptors exactly as given (flags and next untouched).
-    fn submit_raw(&self, descs: &[RawDescriptor]) -> Completion {
+    fn submit_raw(&self, descs: &[RawDescriptor]) -> Answered {
         let vq = MockSplitQueue::new(&self.mem, 16);
         let chain = vq.build_multiple_desc_chains(descs).unwrap();
-        process_chain(&self.dev, &self.mem, chain)
+        run_chain(&self.dev, &self.mem, chain)
     }
 
     fn status(&self) -> u8 {
         self.mem.read_obj(GuestAddress(STATUS)).unwrap()
     }
 
-    fn io(&self, t: u32, sector: u64, data: RawDescriptor) -> Completion {
+    fn io(&self, t: u32, sector: u64, data: RawDescriptor) -> Answered {
         self.header(t, sector);
         self.submit_chain(&[rd(HDR, 16), data, wr(STATUS, 1)], 16)
     }
@@ -449,7 +476,7 @@ fn flush_succeeds() {
     assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
 }
 
-fn dwz(f: &Fixture, t: u32, sector: u64, count: u32, flags: u32) -> Completion {
+fn dwz(f: &Fixture, t: u32, sector: u64, count: u32, flags: u32) -> Answered {
     let mut seg = [0u8; 16];
     seg[..8].copy_from_slice(&sector.to_le_bytes());
     seg[8..12].copy_from_slice(&count.to_le_bytes());
@@ -621,7 +648,7 @@ fn concurrent_rmw_survives(dev: Arc<Device>) {
                 let chain = vq
                     .build_desc_chain(&[rd(HDR, 16), rd(DATA, 512), wr(STATUS, 1)])
                     .unwrap();
-                let c = process_chain(&dev, &mem, chain);
+                let c = run_chain(&dev, &mem, chain);
                 assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
             }
         }));
@@ -637,10 +664,7 @@ fn concurrent_rmw_survives(dev: Arc<Device>) {
     let chain = vq
         .build_desc_chain(&[rd(HDR, 16), wr(DATA, 4096), wr(STATUS, 1)])
         .unwrap();
-    assert_eq!(
-        process_chain(&dev, &mem, chain).status,
-        Some(VIRTIO_BLK_S_OK)
-    );
+    assert_eq!(run_chain(&dev, &mem, chain).status, Some(VIRTIO_BLK_S_OK));
     let mut back = vec![0u8; 4096];
     mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
     let last = rounds - 1;
@@ -655,7 +679,7 @@ fn concurrent_rmw_survives(dev: Arc<Device>) {
 #[test]
 fn concurrent_writes_to_adjacent_sectors_of_one_block_both_survive() {
     let f = fixture_with(1 << 20, params());
-    assert_eq!(f.dev.volume.block_size(), 4096);
+    assert_eq!(f.dev.volume().block_size(), 4096);
     concurrent_rmw_survives(Arc::new(f.dev));
 }
 
@@ -876,12 +900,13 @@ fn sessions_serve_queues_through_io_uring_where_the_kernel_allows() {
     let allowed = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
         .map(|v| v.trim() == "0")
         .unwrap_or(false);
-    let s = Session::new(dev.clone(), geometry, mem(), 0, true).unwrap();
+    let s = Session::new(dev.clone(), geometry, mem(), 0, true, None).unwrap();
+    // Per queue: the io_uring fd and the resubmission event.
     if allowed {
-        assert_eq!(s.engine_fds().len(), 2);
+        assert_eq!(s.extra_fds().len(), 4);
     }
-    let s = Session::new(dev, geometry, mem(), 2, false).unwrap();
-    assert!(s.engine_fds().is_empty());
+    let s = Session::new(dev, geometry, mem(), 2, false, None).unwrap();
+    assert_eq!(s.extra_fds().len(), 2);
 }
 
 #[test]
@@ -902,19 +927,20 @@ fn io_uring_engine_round_trips_declines_the_rest_and_fails_short_reads() {
         _file: None,
     };
     // Runs one chain through the engine; None if it was declined.
-    let run = |descs: &[RawDescriptor]| -> Option<Completion> {
+    let run = |descs: &[RawDescriptor]| -> Option<Answered> {
         let vq = MockSplitQueue::new(&*mem, 16);
         let chain = vq.build_desc_chain(descs).unwrap();
         let mut inner = engine.lock();
         let mut done = Vec::new();
-        if !matches!(inner.start(&mem, chain, &mut done), Started::Taken(_)) {
+        let chain = RawChain::from_chain(chain);
+        if !matches!(inner.start(&mem, chain, 1, &mut done), Started::Taken(_)) {
             return None;
         }
         inner.submit().unwrap();
         inner.wait_all(&mut done).unwrap();
         assert_eq!(inner.busy(), 0);
         assert_eq!(done.len(), 1);
-        done.pop()
+        done.pop().map(|c| answer(&mem, c))
     };
     let data = pattern(3, 8192);
     f.write_guest(DATA, &data);

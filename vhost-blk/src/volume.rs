@@ -83,6 +83,18 @@ pub enum VolumeError {
     },
 }
 
+impl VolumeError {
+    /// The errno of a failed system call, if that is what this is.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            VolumeError::Open { source, .. }
+            | VolumeError::Probe { source, .. }
+            | VolumeError::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
 /// How the volume is opened.
 #[derive(Debug, Clone)]
 pub(crate) struct VolumeParams {
@@ -112,7 +124,6 @@ pub(crate) struct Volume {
     io_min: u32,
     io_opt: u32,
     direct: bool,
-    read_only: bool,
     max_iovecs: usize,
     locks: Option<RangeLock>,
 }
@@ -301,7 +312,6 @@ impl Volume {
             io_min,
             io_opt,
             direct,
-            read_only: params.read_only,
             max_iovecs: params.max_iovecs.clamp(1, sys::IOV_MAX),
             locks: (block_size > SECTOR_SIZE).then(RangeLock::default),
         })
@@ -327,10 +337,6 @@ impl Volume {
 
     pub(crate) fn is_direct(&self) -> bool {
         self.direct
-    }
-
-    pub(crate) fn is_read_only(&self) -> bool {
-        self.read_only
     }
 
     /// The volume's file (for the io_uring engine).
