@@ -992,3 +992,347 @@ fn a_file_in_memory_is_opened_buffered_with_512_byte_blocks() {
     assert!(!v.is_direct());
     assert_eq!(v.block_size(), 512);
 }
+
+/// A vring over the mock queue's rings, as the vhost-user handler sets one up.
+fn mock_vring(
+    mem: &GuestMemoryMmap<()>,
+    vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>,
+) -> vhost_user_backend::VringRwLock<crate::backend::Mem> {
+    use vhost_user_backend::{VringRwLock, VringT};
+    let vring = VringRwLock::new(vm_memory::GuestMemoryAtomic::new(mem.clone()), 16).unwrap();
+    vring
+        .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+        .unwrap();
+    vring.set_queue_size(16);
+    // As the handler does at SET_VRING_ADDR: resume the used ring where the guest sees it.
+    let used = vring.queue_used_idx().unwrap();
+    vring.set_queue_next_used(used);
+    vring.set_queue_ready(true);
+    vring
+}
+
+const QHDR: u64 = 0x30_0000;
+const QDATA: u64 = 0x31_0000;
+const QSTATUS: u64 = 0x38_0000;
+
+/// Three read requests of sectors 0, 1, 2 at descriptor heads 0, 3, 6 in the avail ring.
+fn three_reads(mem: &GuestMemoryMmap<()>, vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>) {
+    let mut descs = Vec::new();
+    for k in 0..3u64 {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        h[8..].copy_from_slice(&k.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(QHDR + k * 16)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(QSTATUS + k)).unwrap();
+        let base = (k * 3) as u16;
+        let f = |flags: u32, _next: u16| (flags | VRING_DESC_F_NEXT) as u16;
+        descs.push(RawDescriptor::from(SplitDescriptor::new(
+            QHDR + k * 16,
+            16,
+            f(0, base + 1),
+            base + 1,
+        )));
+        descs.push(RawDescriptor::from(SplitDescriptor::new(
+            QDATA + k * 512,
+            512,
+            f(VRING_DESC_F_WRITE, base + 2),
+            base + 2,
+        )));
+        descs.push(RawDescriptor::from(SplitDescriptor::new(
+            QSTATUS + k,
+            1,
+            VRING_DESC_F_WRITE as u16,
+            0,
+        )));
+    }
+    vq.add_desc_chains(&descs, 0).unwrap();
+}
+
+/// The used ring: (id, len) of every element, in order.
+fn used_elems(
+    mem: &GuestMemoryMmap<()>,
+    vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>,
+) -> Vec<(u32, u32)> {
+    let base = vq.used_addr().0;
+    let idx: u16 = mem.read_obj(GuestAddress(base + 2)).unwrap();
+    (0..u64::from(idx))
+        .map(|i| {
+            let at = base + 4 + 8 * i;
+            (
+                mem.read_obj(GuestAddress(at)).unwrap(),
+                mem.read_obj(GuestAddress(at + 4)).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[allow(clippy::type_complexity)]
+fn pop_all(
+    vring: &vhost_user_backend::VringRwLock<crate::backend::Mem>,
+    qs: &crate::queue::QueueState,
+    mem: &Arc<GuestMemoryMmap<()>>,
+) -> Vec<(RawChain, u64)> {
+    use vhost_user_backend::VringT;
+    use virtio_queue::QueueT;
+    let mut out = Vec::new();
+    loop {
+        let chain = vring
+            .get_mut()
+            .get_queue_mut()
+            .pop_descriptor_chain(mem.clone());
+        let Some(chain) = chain else { break };
+        let seq = qs.take(chain.head_index(), mem);
+        out.push((RawChain::from_chain(chain), seq));
+    }
+    out
+}
+
+#[test]
+fn requests_the_watchdog_answered_are_not_answered_again_by_their_late_completion() {
+    use crate::queue::{Expire, QueueState};
+    let f = fixture();
+    let dev = Arc::new(f.dev);
+    let mem = f.mem;
+    let vq = MockSplitQueue::new(&mem, 16);
+    three_reads(&mem, &vq);
+    let vring = mock_vring(&mem, &vq);
+    let qs = QueueState::new(0, dev.clone(), 16, Arc::new(std::sync::Mutex::new(None)));
+    assert!(!qs.started(&vring, &mem));
+    let m = Arc::new(mem.clone());
+    let mut chains = pop_all(&vring, &qs, &m);
+    assert_eq!(chains.len(), 3);
+    assert_eq!(qs.live(), 3);
+    let (c, b, a) = (
+        chains.pop().unwrap(),
+        chains.pop().unwrap(),
+        chains.pop().unwrap(),
+    );
+    // A completes normally.
+    let mut done = vec![process_chain(&dev, &mem, a.0, a.1)];
+    qs.complete(&vring, &mut done).unwrap();
+    // B and C are stuck: the timeout answers both, without the volume.
+    assert_eq!(qs.fail(Expire::Before(std::time::Instant::now())), 2);
+    assert_eq!(qs.live(), 0);
+    assert_eq!(used_elems(&mem, &vq), vec![(0, 513), (3, 1), (6, 1)]);
+    let st = |k: u64| mem.read_obj::<u8>(GuestAddress(QSTATUS + k)).unwrap();
+    assert_eq!(
+        (st(0), st(1), st(2)),
+        (VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_IOERR)
+    );
+    // Their completions come later: nothing more reaches the guest.
+    let mut done = vec![
+        process_chain(&dev, &mem, b.0, b.1),
+        process_chain(&dev, &mem, c.0, c.1),
+    ];
+    assert!(done
+        .iter()
+        .all(|c| c.status.map(|s| s.1) == Some(VIRTIO_BLK_S_OK)));
+    qs.complete(&vring, &mut done).unwrap();
+    assert_eq!(used_elems(&mem, &vq).len(), 3);
+    assert_eq!((st(1), st(2)), (VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_IOERR));
+    assert_eq!(dev.metrics.snapshot().errors.timed_out, 2);
+    // A stop with nothing in flight returns at once and answers nothing.
+    let t = std::time::Instant::now();
+    qs.stop(std::time::Duration::from_secs(5));
+    assert!(t.elapsed() < std::time::Duration::from_secs(1));
+    assert_eq!(used_elems(&mem, &vq).len(), 3);
+}
+
+#[test]
+fn a_removed_volume_fails_new_requests_at_once_and_a_resume_serves_them_again() {
+    let f = fixture();
+    f.dev.remove("test");
+    assert_eq!(f.dev.state(), crate::VolumeState::Removed);
+    let c = f.io(VIRTIO_BLK_T_IN, 0, wr(DATA, 512));
+    assert_eq!(c.status, Some(VIRTIO_BLK_S_IOERR));
+    assert_eq!(f.dev.metrics.snapshot().errors.removed, 1);
+    // GET_ID does not touch the volume.
+    f.header(VIRTIO_BLK_T_GET_ID, 0);
+    let c = f.submit_chain(&[rd(HDR, 16), wr(DATA, 20), wr(STATUS, 1)], 16);
+    assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
+    // Back on a copy of the volume under another name.
+    let copy = tempfile::NamedTempFile::new().unwrap();
+    std::fs::copy(f._file.as_ref().unwrap().path(), copy.path()).unwrap();
+    f.dev.resume(copy.path()).unwrap();
+    assert_eq!(f.dev.state(), crate::VolumeState::Active);
+    assert_eq!(f.dev.path(), copy.path());
+    let c = f.io(VIRTIO_BLK_T_IN, 5, wr(DATA, 512));
+    assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(&f.read_guest(DATA, 8), &5u64.to_le_bytes());
+    // A smaller volume is refused, and the export keeps the one it has.
+    let small = tempfile::NamedTempFile::new().unwrap();
+    small.as_file().set_len(4096).unwrap();
+    assert!(matches!(
+        f.dev.resume(small.path()),
+        Err(crate::ResumeError::TooSmall { .. })
+    ));
+    assert_eq!(f.dev.path(), copy.path());
+}
+
+#[test]
+fn requests_in_flight_at_a_crash_are_resubmitted_once_from_the_inflight_buffer() {
+    use crate::inflight::Region;
+    use crate::queue::QueueState;
+    use std::sync::Mutex;
+    use vhost_user_backend::VringT;
+    use virtio_queue::QueueT;
+    let f = fixture();
+    let dev = Arc::new(f.dev);
+    let mem = f.mem;
+    let vq = MockSplitQueue::new(&mem, 16);
+    three_reads(&mem, &vq);
+    let (file, size) = Region::create(1, 16).unwrap();
+    let m = Arc::new(mem.clone());
+    {
+        // The first backend takes all three and completes the second one only.
+        let region = Region::map(file.try_clone().unwrap(), size, 0, 1, 16).unwrap();
+        let vring = mock_vring(&mem, &vq);
+        let qs = QueueState::new(0, dev.clone(), 16, Arc::new(Mutex::new(Some(region))));
+        assert!(!qs.started(&vring, &mem));
+        let mut chains = pop_all(&vring, &qs, &m);
+        let b = chains.remove(1);
+        let mut done = vec![process_chain(&dev, &mem, b.0, b.1)];
+        qs.complete(&vring, &mut done).unwrap();
+        // ... and dies.
+    }
+    assert_eq!(used_elems(&mem, &vq), vec![(3, 513)]);
+    // The new backend gets the buffer back; QEMU resets the base to the used index.
+    let region = Region::map(file, size, 0, 1, 16).unwrap();
+    let vring = mock_vring(&mem, &vq);
+    vring.set_queue_next_avail(1);
+    let qs = QueueState::new(0, dev.clone(), 16, Arc::new(Mutex::new(Some(region))));
+    assert!(qs.started(&vring, &mem));
+    assert_eq!(vring.get_ref().get_queue().next_avail(), 3);
+    let heads = qs.take_resubmit();
+    assert_eq!(heads, vec![0, 6]);
+    assert!(
+        pop_all(&vring, &qs, &m).is_empty(),
+        "nothing left in the avail ring"
+    );
+    let (table, qsize) = {
+        let v = vring.get_ref();
+        (v.get_queue().desc_table(), v.get_queue().size())
+    };
+    let mut done = Vec::new();
+    for h in heads {
+        let seq = qs.take(h, &m);
+        let chain = RawChain::from_table(&mem, table, qsize, h);
+        done.push(process_chain(&dev, &mem, chain, seq));
+    }
+    qs.complete(&vring, &mut done).unwrap();
+    assert_eq!(used_elems(&mem, &vq), vec![(3, 513), (0, 513), (6, 513)]);
+    for k in 0..3u64 {
+        let mut b = [0u8; 8];
+        mem.read_slice(&mut b, GuestAddress(QDATA + k * 512))
+            .unwrap();
+        assert_eq!(u64::from_le_bytes(b), k, "sector {k} read back");
+    }
+    // A third start finds nothing in flight.
+    let vring = mock_vring(&mem, &vq);
+    assert!(!qs.started(&vring, &mem));
+}
+
+#[test]
+fn stopping_a_ring_answers_stuck_requests_or_leaves_them_in_the_inflight_buffer() {
+    use crate::inflight::Region;
+    use crate::queue::QueueState;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    for with_buffer in [false, true] {
+        let f = fixture();
+        let dev = Arc::new(f.dev);
+        let mem = f.mem;
+        let vq = MockSplitQueue::new(&mem, 16);
+        three_reads(&mem, &vq);
+        let region = with_buffer.then(|| {
+            let (file, size) = Region::create(1, 16).unwrap();
+            Region::map(file, size, 0, 1, 16).unwrap()
+        });
+        let region = Arc::new(Mutex::new(region));
+        let vring = mock_vring(&mem, &vq);
+        let qs = QueueState::new(0, dev.clone(), 16, region.clone());
+        qs.started(&vring, &mem);
+        let m = Arc::new(mem.clone());
+        let chains = pop_all(&vring, &qs, &m);
+        let t = Instant::now();
+        qs.stop(Duration::from_millis(100));
+        assert!(t.elapsed() < Duration::from_secs(1), "stop is bounded");
+        assert_eq!(qs.live(), 0);
+        let used = used_elems(&mem, &vq);
+        if with_buffer {
+            assert!(used.is_empty(), "left for resubmission, not answered");
+            let r = region.lock().unwrap();
+            assert_eq!(
+                r.as_ref().unwrap().queue(0).unwrap().recover(0).0,
+                vec![0, 3, 6]
+            );
+        } else {
+            assert_eq!(used, vec![(0, 1), (3, 1), (6, 1)]);
+        }
+        // The stuck requests finish later: nothing reaches the guest.
+        let mut done: Vec<_> = chains
+            .into_iter()
+            .map(|(c, seq)| process_chain(&dev, &mem, c, seq))
+            .collect();
+        qs.complete(&vring, &mut done).unwrap();
+        assert_eq!(used_elems(&mem, &vq), used);
+    }
+}
+
+#[test]
+fn chains_read_again_from_the_table_match_the_popped_ones() {
+    // Random descriptor tables, direct and indirect, with loops, bad indices and nested
+    // tables: reading a chain from its head gives what virtio-queue's iterator gives.
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let table_at = 0x8_0000u64;
+    for _ in 0..3000 {
+        let vq = MockSplitQueue::new(&mem, 16);
+        let n = 1 + rnd(6) as usize;
+        let mut descs = Vec::new();
+        for i in 0..n {
+            let mut flags = 0u16;
+            if rnd(3) > 0 && i + 1 < n {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            if rnd(2) == 0 {
+                flags |= VRING_DESC_F_WRITE as u16;
+            }
+            let (addr, len) = if rnd(8) == 0 {
+                flags |= VRING_DESC_F_INDIRECT as u16;
+                (
+                    table_at,
+                    16 * rnd(5) as u32 + if rnd(6) == 0 { 3 } else { 0 },
+                )
+            } else {
+                (0x1_0000 + rnd(0x1000) * 16, rnd(4096) as u32)
+            };
+            let next = if rnd(10) == 0 {
+                rnd(20) as u16
+            } else {
+                i as u16 + 1
+            };
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                addr, len, flags, next,
+            )));
+        }
+        for i in 0..4u64 {
+            let flags = (rnd(8) as u16)
+                & (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE | VRING_DESC_F_INDIRECT) as u16;
+            let d = SplitDescriptor::new(0x2_0000 + i * 64, rnd(1024) as u32, flags, rnd(5) as u16);
+            mem.write_obj(d, GuestAddress(table_at + i * 16)).unwrap();
+        }
+        let Ok(chain) = vq.build_multiple_desc_chains(&descs) else {
+            continue;
+        };
+        let popped = RawChain::from_chain(chain);
+        let again = RawChain::from_table(&mem, vq.desc_table_addr().0, 16, popped.head);
+        assert_eq!(popped, again, "descriptors {descs:?}");
+    }
+}
