@@ -12,7 +12,131 @@
 # then powers off, or reboots once when /vmblk/mode on the root fs says `reboot-once`.
 # Extra checks: every /vmblk/checks.d/*.sh on the root fs is run with DISK, ROOTDEV,
 # SCRATCHDEV and ROOT in its environment; exit code 0 passes, its last line is the value.
+#
+# Workload (after the checks, before powering off): the commands in /vmblk/workload on
+# the root fs, one a line, then, when the guest has a second UART (the harness's control
+# channel, /dev/ttyS1), commands read from it as `<id> <command> <args>`. Each prints
+#
+#   VMBLK-CMD id=<id> start <command...> t=<uptime>
+#   VMBLK-CMD id=<id> rc=<exit code> t=<uptime>
+#
+# Commands (DEV is a kernel name like vdb, or `data`/`data2` for the first/second disk
+# that is not the boot disk, or `scratch`):
+#   writer NAME DEV SEED FROM COUNT [PASSES]  background: writes 64 KiB blocks FROM..
+#        FROM+COUNT-1 with O_DIRECT+fsync, pass p with seed SEED+p (PASSES 0: until
+#        stopped); block b of seed s holds `vmblk-io seed=s block=b\n` repeated. Records
+#        each block's outcome in /vmblk/io/NAME.rec on the root fs (kept across reboots).
+#        Prints `VMBLK-IO writer=NAME ...` every 16 blocks, on every error, and at the end.
+#   scanner NAME DEV   background: reads the first 1 MiB with O_DIRECT every 0.2 s, as
+#        lvm2-monitor scans devices; prints `VMBLK-IO scanner=NAME reads= errors= state=`
+#        on every change of state and every 50 reads.
+#   stop NAME [SECS]   SIGTERM to the job's process group, SIGKILL after 2 s, waits at
+#        most SECS (10) for every process of it to end.
+#   wait NAME [SECS]   waits at most SECS (600) for the job to end.
+#   verify NAME DEV    reads back every block whose last write by NAME succeeded and
+#        compares it with the pattern; prints `VMBLK-IO verify=NAME blocks= bad=
+#        skipped= sha256=<sha256 of the per-block sha256 lines, in block order>` and a
+#        check `verify:NAME`.
+#   probe DEV          one 4 KiB O_DIRECT read; prints `VMBLK-IO probe dev= ok= t0= t1=`.
+#   sleep SECS | poweroff | reboot
+# poweroff/reboot (or the end of the commands) shut the jobs down as an init system
+# does: `VMBLK-SHUTDOWN begin`, SIGTERM to every job's process group, SIGKILL after 2 s,
+# wait (at most 90 s) until none of their processes is left, `VMBLK-SHUTDOWN
+# jobs-stopped left=<n>`, then the usual finish and `poweroff -f` / `reboot -f`.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+BS=65536
+SHUTDOWN_WAIT=90
+
+now() { cut -d' ' -f1 /proc/uptime; }
+
+# Block $2 of seed $1, 64 KiB.
+pattern() { yes "vmblk-io seed=$1 block=$2" | head -c $BS; }
+
+job_writer() { # name dev seed from count [passes]
+    name=$1 dev=$2 seed=$3 from=$4 count=$5 passes=${6:-1}
+    rec=$IODIR/$name.rec
+    trap 'echo "VMBLK-IO writer=$name stopped ok=$ok err=$err t=$(now)"; exit 0' TERM
+    p=0 ok=0 err=0
+    while [ "$passes" = 0 ] || [ $p -lt "$passes" ]; do
+        s=$((seed + p))
+        i=$from
+        while [ $i -lt $((from + count)) ]; do
+            if pattern $s $i | dd of=/dev/$dev bs=$BS seek=$i count=1 iflag=fullblock \
+                oflag=direct conv=notrunc,fsync 2>/dev/null; then
+                echo "$i $s" >>"$rec"
+                ok=$((ok + 1))
+                [ $((ok % 16)) = 0 ] && echo "VMBLK-IO writer=$name pass=$p block=$i ok=$ok err=$err t=$(now)"
+            else
+                echo "$i x" >>"$rec"
+                err=$((err + 1))
+                echo "VMBLK-IO writer=$name pass=$p block=$i write-error ok=$ok err=$err t=$(now)"
+            fi
+            i=$((i + 1))
+        done
+        p=$((p + 1))
+    done
+    sync
+    echo "VMBLK-IO writer=$name done ok=$ok err=$err t=$(now)"
+}
+
+job_scanner() { # name dev
+    name=$1 dev=$2 n=0 e=0 state=start
+    while :; do
+        if dd if=/dev/$dev of=/dev/null bs=$BS count=16 iflag=direct 2>/dev/null; then
+            st=ok
+        else
+            st=error
+            e=$((e + 1))
+        fi
+        n=$((n + 1))
+        if [ $st != $state ] || [ $((n % 50)) = 0 ]; then
+            echo "VMBLK-IO scanner=$name reads=$n errors=$e state=$st t=$(now)"
+            state=$st
+        fi
+        sleep 0.2
+    done
+}
+
+job_verify() { # name dev
+    name=$1 dev=$2
+    [ -f "$IODIR/$name.rec" ] || { echo "VMBLK-IO verify=$name no-record"; return 1; }
+    awk '{ last[$1] = $2 } END { for (b in last) print b, last[b] }' "$IODIR/$name.rec" |
+        sort -n >/tmp/verify-$name.last
+    n=0 bad=0 skipped=0
+    : >/tmp/verify-$name.sums
+    while read -r b s; do
+        if [ "$s" = x ]; then skipped=$((skipped + 1)); continue; fi
+        want=$(pattern "$s" "$b" | sha256sum | cut -d' ' -f1)
+        got=$(dd if=/dev/$dev bs=$BS skip="$b" count=1 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+        echo "$got" >>/tmp/verify-$name.sums
+        if [ "$want" = "$got" ]; then
+            n=$((n + 1))
+        else
+            bad=$((bad + 1))
+            echo "VMBLK-IO verify=$name block=$b seed=$s differs"
+        fi
+    done </tmp/verify-$name.last
+    sum=$(sha256sum </tmp/verify-$name.sums | cut -d' ' -f1)
+    echo "VMBLK-IO verify=$name blocks=$n bad=$bad skipped=$skipped sha256=$sum"
+    [ $bad = 0 ] && [ $n -gt 0 ]
+}
+
+job_probe() { # dev
+    t0=$(now)
+    if dd if=/dev/$1 of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null; then ok=1; else ok=0; fi
+    echo "VMBLK-IO probe dev=$1 ok=$ok t0=$t0 t1=$(now)"
+    [ $ok = 1 ]
+}
+
+# `sh /init vmblk-job <job> args...`: one workload job, in a session of its own.
+if [ "${1-}" = vmblk-job ]; then
+    shift
+    job=$1
+    shift
+    "job_$job" "$@"
+    exit $?
+fi
+
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
@@ -187,5 +311,143 @@ for s in $ROOT/vmblk/checks.d/*.sh; do
     echo "$out" | sed 's/^/VMBLK-LOG /'
     check "extra:$(basename "$s" .sh)" "$(bool test $rc = 0)" "$(echo "$out" | tail -n 1)"
 done
+
+# ---- Workload ----
+JOBS=
+
+# Kernel name of a disk argument.
+resolve_dev() {
+    case "$1" in
+        scratch) echo "$SCRATCHDEV" ;;
+        data | data[0-9])
+            k=${1#data}
+            k=${k:-1}
+            ls /sys/block | grep '^vd' | grep -v "^$DISK\$" | sed -n "${k}p"
+            ;;
+        *) echo "$1" ;;
+    esac
+}
+
+job_pid() { for j in $JOBS; do [ "${j%%:*}" = "$1" ] && echo "${j#*:}"; done; }
+
+# Processes left in process group $1 (zombies do not count).
+group_alive() {
+    cat /proc/[0-9]*/stat 2>/dev/null | awk -v g="$1" '$5 == g && $3 != "Z" { n++ } END { print n + 0 }'
+}
+
+start_job() { # name job args...
+    name=$1
+    shift
+    [ -z "$(job_pid "$name")" ] || { echo "VMBLK-IO job=$name exists"; return 1; }
+    setsid sh /init vmblk-job "$@" </dev/null &
+    JOBS="$JOBS $name:$!"
+    echo "VMBLK-IO job=$name pid=$! started t=$(now)"
+}
+
+# Waits at most $2 seconds (tenths) for the groups in $1 to end; sends SIGKILL once
+# after $3 tenths (0: never). Prints the processes left.
+wait_groups() {
+    i=0
+    while :; do
+        left=0
+        for g in $1; do left=$((left + $(group_alive "$g"))); done
+        [ $left = 0 ] && break
+        [ $i -ge $(($2 * 10)) ] && break
+        if [ "$3" != 0 ] && [ $i = "$3" ]; then
+            for g in $1; do kill -KILL -"$g" 2>/dev/null; done
+        fi
+        sleep 0.1
+        i=$((i + 1))
+    done
+    echo $left
+}
+
+stop_job() { # name [secs]
+    g=$(job_pid "$1")
+    [ -n "$g" ] || return 1
+    kill -TERM -"$g" 2>/dev/null
+    left=$(wait_groups "$g" "${2:-10}" 20)
+    echo "VMBLK-IO job=$1 stop left=$left t=$(now)"
+    [ "$left" = 0 ]
+}
+
+wait_job() { # name [secs]
+    g=$(job_pid "$1")
+    [ -n "$g" ] || return 1
+    left=$(wait_groups "$g" "${2:-600}" 0)
+    [ "$left" = 0 ]
+}
+
+shutdown_jobs() {
+    echo "VMBLK-SHUTDOWN begin action=$ACTION jobs=$(echo $JOBS | wc -w) t=$(now)"
+    groups=
+    for j in $JOBS; do
+        groups="$groups ${j#*:}"
+        kill -TERM -"${j#*:}" 2>/dev/null
+    done
+    left=$(wait_groups "$groups" $SHUTDOWN_WAIT 20)
+    echo "VMBLK-SHUTDOWN jobs-stopped left=$left t=$(now)"
+}
+
+run_cmd() { # id command args...
+    id=$1
+    shift
+    echo "VMBLK-CMD id=$id start $* t=$(now)"
+    rc=0
+    cmd=$1
+    [ $# -gt 0 ] && shift
+    case "$cmd" in
+        writer) start_job "$1" writer "$1" "$(resolve_dev "$2")" "$3" "$4" "$5" "${6:-1}" || rc=1 ;;
+        scanner) start_job "$1" scanner "$1" "$(resolve_dev "$2")" || rc=1 ;;
+        stop) stop_job "$1" "$2" || rc=1 ;;
+        wait) wait_job "$1" "$2" || rc=1 ;;
+        verify)
+            out=$(sh /init vmblk-job verify "$1" "$(resolve_dev "$2")")
+            rc=$?
+            echo "$out"
+            check "verify:$1" "$(bool test $rc = 0)" "$(echo "$out" | tail -n 1 | sed 's/^VMBLK-IO //')"
+            ;;
+        probe) sh /init vmblk-job probe "$(resolve_dev "$1")" || rc=1 ;;
+        sleep) sleep "$1" ;;
+        poweroff | reboot) ACTION=$cmd ;;
+        '') ;;
+        *) echo "VMBLK-IO unknown command $cmd"; rc=2 ;;
+    esac
+    echo "VMBLK-CMD id=$id rc=$rc t=$(now)"
+}
+
+WORKLOAD=
+[ -f $ROOT/vmblk/workload ] && WORKLOAD=$ROOT/vmblk/workload
+CONTROL=
+grep -q '^1: uart:16550' /proc/tty/driver/serial 2>/dev/null && CONTROL=/dev/ttyS1
+if [ -n "$WORKLOAD$CONTROL" ]; then
+    IODIR=$ROOT/vmblk/io
+    mkdir -p $IODIR
+    export IODIR BS
+    disks=$(for d in /sys/block/vd*; do printf '%s:%s,' "${d##*/}" $(($(cat $d/size) * 512)); done)
+    echo "VMBLK-WORKLOAD disks=${disks%,} boot=$DISK t=$(now)"
+    START_ACTION=$ACTION
+    ACTION=
+    if [ -n "$WORKLOAD" ]; then
+        n=0
+        while read -r line; do
+            n=$((n + 1))
+            run_cmd "f$n" $line
+            [ -n "$ACTION" ] && break
+        done <"$WORKLOAD"
+    fi
+    if [ -z "$ACTION" ] && [ -n "$CONTROL" ]; then
+        stty -F $CONTROL -echo -icrnl 2>/dev/null
+        exec 3<$CONTROL
+        echo "VMBLK-WORKLOAD ready control=$CONTROL t=$(now)"
+        while [ -z "$ACTION" ] && read -r line <&3; do
+            run_cmd $line
+        done
+        exec 3<&-
+    fi
+    # The end of the commands powers off (or reboots as the image says).
+    ACTION=${ACTION:-$START_ACTION}
+    shutdown_jobs
+fi
 
 finish

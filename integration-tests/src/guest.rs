@@ -31,6 +31,9 @@ pub struct GuestDisk {
     pub num_queues: u16,
     /// Firmware boot order (lower boots first); `None` for data disks.
     pub bootindex: Option<u32>,
+    /// `reconnect=<secs>` on the disk's chardev: QEMU reconnects to the socket when the
+    /// backend goes away (and may start before it exists). `None`: no reconnect.
+    pub reconnect: Option<u32>,
 }
 
 impl GuestDisk {
@@ -40,7 +43,24 @@ impl GuestDisk {
             socket: export.socket().to_owned(),
             num_queues: export.num_queues(),
             bootindex,
+            reconnect: None,
         }
+    }
+
+    /// A disk on any vhost-user-blk socket (e.g. one vmblkd serves).
+    pub fn socket(socket: &Path, num_queues: u16, bootindex: Option<u32>) -> Self {
+        Self {
+            socket: socket.to_owned(),
+            num_queues,
+            bootindex,
+            reconnect: None,
+        }
+    }
+
+    /// Sets `reconnect=<secs>` on the chardev.
+    pub fn with_reconnect(mut self, secs: u32) -> Self {
+        self.reconnect = Some(secs);
+        self
     }
 }
 
@@ -61,6 +81,9 @@ pub struct GuestParams {
     pub extra_args: Vec<String>,
     /// When set, the serial log is kept as `target/vmblk-guest/logs/<name>.serial.log`.
     pub log_name: Option<String>,
+    /// A second UART (the guest's `/dev/ttyS1`) fed by [`Guest::send`]: the guest's
+    /// `/init` reads workload commands from it (see `guest/init.sh`).
+    pub control: bool,
 }
 
 impl Default for GuestParams {
@@ -73,6 +96,7 @@ impl Default for GuestParams {
             allow_reboot: false,
             extra_args: Vec::new(),
             log_name: None,
+            control: false,
         }
     }
 }
@@ -128,7 +152,20 @@ pub struct Guest {
     deadline: Instant,
     keep_log: Option<PathBuf>,
     milestones: Vec<(&'static str, Duration)>,
+    control: Option<std::fs::File>,
+    next_command: u32,
     dir: tempfile::TempDir,
+}
+
+/// The end of one workload command (see [`Guest::command`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandResult {
+    /// Its id.
+    pub id: u32,
+    /// Its exit code in the guest.
+    pub rc: i32,
+    /// The serial lines from its `VMBLK-CMD id=.. start` line to its end line.
+    pub lines: Vec<String>,
 }
 
 impl Guest {
@@ -166,8 +203,11 @@ impl Guest {
                 vars.display()
             ));
         for (i, d) in params.disks.iter().enumerate() {
-            cmd.arg("-chardev")
-                .arg(format!("socket,id=vu{i},path={}", d.socket.display()));
+            let mut chardev = format!("socket,id=vu{i},path={}", d.socket.display());
+            if let Some(r) = d.reconnect {
+                chardev.push_str(&format!(",reconnect={r}"));
+            }
+            cmd.arg("-chardev").arg(chardev);
             let mut dev = format!(
                 "vhost-user-blk-pci,chardev=vu{i},id=disk{i},disable-legacy=on,num-queues={}",
                 d.num_queues
@@ -180,6 +220,27 @@ impl Guest {
         cmd.arg("-serial")
             .arg(format!("file:{}", serial.display()))
             .args(["-display", "none", "-monitor", "none"]);
+        let mut control = None;
+        if params.control {
+            // QEMU's pipe chardev opens <path>.in and <path>.out read-write; so does the
+            // harness, so neither side blocks on the FIFOs.
+            let base = dir.path().join("control");
+            for ext in ["in", "out"] {
+                nix::unistd::mkfifo(
+                    &base.with_extension(ext),
+                    nix::sys::stat::Mode::from_bits_truncate(0o600),
+                )
+                .context("mkfifo for the control channel")?;
+            }
+            control = Some(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(base.with_extension("in"))
+                    .context("opening the control FIFO")?,
+            );
+            cmd.arg("-serial").arg(format!("pipe:{}", base.display()));
+        }
         if !params.allow_reboot {
             cmd.arg("-no-reboot");
         }
@@ -204,6 +265,8 @@ impl Guest {
             deadline,
             keep_log,
             milestones: Vec::new(),
+            control,
+            next_command: 0,
             dir,
         })
     }
@@ -359,6 +422,73 @@ impl Guest {
             }
         }
         outcome
+    }
+
+    /// Waits (bounded) until the guest's `/init` reads commands from the control channel
+    /// (`VMBLK-WORKLOAD ready`).
+    pub fn wait_workload_ready(&mut self, timeout: Duration) -> Result<()> {
+        let n = self.serial_log().matches("VMBLK-WORKLOAD ready").count();
+        let seen = self.wait_for(timeout, |log| {
+            (log.matches("VMBLK-WORKLOAD ready").count() > n).then_some(())
+        })?;
+        if seen.is_none() {
+            bail!(
+                "guest did not get ready for commands\n{}",
+                self.diagnostics()
+            );
+        }
+        Ok(())
+    }
+
+    /// Sends one workload command (without the id) on the control channel; returns its id.
+    /// Needs [`GuestParams::control`]; the guest reads only after `VMBLK-WORKLOAD ready`.
+    pub fn send(&mut self, command: &str) -> Result<u32> {
+        use std::io::Write;
+        self.next_command += 1;
+        let id = self.next_command;
+        let f = self
+            .control
+            .as_mut()
+            .context("the guest has no control channel (GuestParams::control)")?;
+        f.write_all(format!("{id} {command}\n").as_bytes())
+            .context("writing to the control channel")?;
+        Ok(id)
+    }
+
+    /// Waits (bounded) for the end of command `id`; `Ok(None)` if it did not end in time.
+    pub fn wait_command(&mut self, id: u32, timeout: Duration) -> Result<Option<CommandResult>> {
+        let start = format!("VMBLK-CMD id={id} start ");
+        let end = format!("VMBLK-CMD id={id} rc=");
+        self.wait_for(timeout, |log| {
+            let lines: Vec<&str> = log.lines().collect();
+            let first = lines.iter().position(|l| l.contains(&start))?;
+            let last = first + lines[first..].iter().position(|l| l.contains(&end))?;
+            let rc = lines[last][lines[last].find(&end)? + end.len()..]
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some(CommandResult {
+                id,
+                rc,
+                lines: lines[first..=last]
+                    .iter()
+                    .map(|l| l.trim_end().to_owned())
+                    .collect(),
+            })
+        })
+    }
+
+    /// Sends a command and waits for it (bounded); fails if it does not end in time.
+    pub fn command(&mut self, command: &str, timeout: Duration) -> Result<CommandResult> {
+        let id = self.send(command)?;
+        match self.wait_command(id, timeout)? {
+            Some(r) => Ok(r),
+            None => bail!(
+                "guest command {id} `{command}` did not end within {timeout:?}\n{}",
+                self.diagnostics()
+            ),
+        }
     }
 
     /// Kills QEMU now.

@@ -26,6 +26,7 @@ mod process;
 mod report;
 mod util;
 mod volume;
+mod workload;
 
 pub use export::{
     CommandExport, CommandExportParams, Export, QsdDriver, QsdExport, QsdParams,
@@ -33,8 +34,8 @@ pub use export::{
 };
 pub use fusefile::{FuseControl, FuseFile, FuseStats, Mode, ReleaseOnDrop, FUSE_FILE_NAME};
 pub use guest::{
-    Guest, GuestDisk, GuestOutcome, GuestParams, DEFAULT_GUEST_TIMEOUT, MILESTONES, OVMF_CODE,
-    OVMF_VARS,
+    CommandResult, Guest, GuestDisk, GuestOutcome, GuestParams, DEFAULT_GUEST_TIMEOUT, MILESTONES,
+    OVMF_CODE, OVMF_VARS,
 };
 pub use image::{
     copy_into, BootMode, GuestFile, ImageSpec, PartitionSpec, TestImage, DISK_GUID, ESP,
@@ -50,4 +51,7 @@ pub use util::{cache_dir, run, sha256_file, sha256_hex, tail, target_dir, vmblk_
 pub use volume::{
     damage_with_direct_sgdisk, prepared_volume, write_image, CommandPrepare, DirectSgdiskRepair,
     ManualBridgeRepair, PrepareVolume, Volume, WriteRawImage, DEFAULT_VOLUME_BYTES,
+};
+pub use workload::{
+    check_blocks, io_lines, parse_io_line, pattern_block, shutdown_times, verify_digest, IO_BLOCK,
 };
