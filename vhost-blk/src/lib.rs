@@ -23,6 +23,8 @@ mod chain;
 mod device;
 mod engine;
 mod export;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 mod inflight;
 mod metrics;
 mod queue;
