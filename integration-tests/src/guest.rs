@@ -31,9 +31,6 @@ pub struct GuestDisk {
     pub num_queues: u16,
     /// Firmware boot order (lower boots first); `None` for data disks.
     pub bootindex: Option<u32>,
-    /// `reconnect=<secs>` on the disk's chardev: QEMU reconnects to the socket when the
-    /// backend goes away (and may start before it exists). `None`: no reconnect.
-    pub reconnect: Option<u32>,
 }
 
 impl GuestDisk {
@@ -43,7 +40,6 @@ impl GuestDisk {
             socket: export.socket().to_owned(),
             num_queues: export.num_queues(),
             bootindex,
-            reconnect: None,
         }
     }
 
@@ -53,14 +49,7 @@ impl GuestDisk {
             socket: socket.to_owned(),
             num_queues,
             bootindex,
-            reconnect: None,
         }
-    }
-
-    /// Sets `reconnect=<secs>` on the chardev.
-    pub fn with_reconnect(mut self, secs: u32) -> Self {
-        self.reconnect = Some(secs);
-        self
     }
 }
 
@@ -84,6 +73,10 @@ pub struct GuestParams {
     /// A second UART (the guest's `/dev/ttyS1`) fed by [`Guest::send`]: the guest's
     /// `/init` reads workload commands from it (see `guest/init.sh`).
     pub control: bool,
+    /// `reconnect=<secs>` on every disk's chardev: QEMU reconnects when the backend goes
+    /// away (e.g. vmblkd restarted) and may start before the socket exists. `None`: QEMU
+    /// connects once, at start.
+    pub reconnect: Option<u32>,
 }
 
 impl Default for GuestParams {
@@ -97,6 +90,7 @@ impl Default for GuestParams {
             extra_args: Vec::new(),
             log_name: None,
             control: false,
+            reconnect: None,
         }
     }
 }
@@ -204,7 +198,7 @@ impl Guest {
             ));
         for (i, d) in params.disks.iter().enumerate() {
             let mut chardev = format!("socket,id=vu{i},path={}", d.socket.display());
-            if let Some(r) = d.reconnect {
+            if let Some(r) = params.reconnect {
                 chardev.push_str(&format!(",reconnect={r}"));
             }
             cmd.arg("-chardev").arg(chardev);
