@@ -10,6 +10,8 @@
 
 use std::ops::Deref;
 
+use smallvec::SmallVec;
+
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -31,12 +33,15 @@ pub(crate) struct Seg {
     pub writable: bool,
 }
 
+/// The buffers of a chain: typical requests (header, data, status) need no allocation.
+pub(crate) type Segs = SmallVec<[Seg; 4]>;
+
 /// A request's head index and buffers; `segs` is None when the chain is broken (loop,
 /// index out of the table, nested indirect table, unreadable descriptor, no end).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RawChain {
     pub head: u16,
-    pub segs: Option<Vec<Seg>>,
+    pub segs: Option<Segs>,
 }
 
 impl RawChain {
@@ -46,7 +51,7 @@ impl RawChain {
         M: Deref<Target = GuestMemoryMmap<()>>,
     {
         let head = chain.head_index();
-        let mut segs = Vec::new();
+        let mut segs = Segs::new();
         let mut last: Option<Descriptor> = None;
         for d in chain {
             segs.push(Seg {
@@ -91,19 +96,14 @@ fn read_desc(mem: &GuestMemoryMmap<()>, table: u64, index: u16) -> Option<(u64, 
     Some((addr, len, flags, next))
 }
 
-fn walk(
-    mem: &GuestMemoryMmap<()>,
-    desc_table: u64,
-    queue_size: u16,
-    head: u16,
-) -> Option<Vec<Seg>> {
+fn walk(mem: &GuestMemoryMmap<()>, desc_table: u64, queue_size: u16, head: u16) -> Option<Segs> {
     let mut table = desc_table;
     let mut size = queue_size;
     let mut index = head;
     let mut ttl = queue_size;
     let mut indirect = false;
     let mut total: u32 = 0;
-    let mut segs = Vec::new();
+    let mut segs = Segs::new();
     loop {
         if ttl == 0 || index >= size {
             return None;

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
-use crate::chain::{RawChain, Seg};
+use crate::chain::{RawChain, Seg, Segs};
 pub(crate) use crate::device::Device;
 use crate::metrics::{Failure, Kind};
 use crate::volume::{VolumeError, SECTOR_SIZE};
@@ -164,19 +164,19 @@ impl RequestError {
     }
 }
 
+/// Guest buffers of a request: typical ones (one data buffer, or a few) need no allocation.
+pub(crate) type Slices<'m> = smallvec::SmallVec<[VolatileSlice<'m, ()>; 4]>;
+
 /// A validated request.
 struct Request<'m> {
     kind: RequestType,
     sector: u64,
-    data: Vec<VolatileSlice<'m, ()>>,
+    data: Slices<'m>,
     data_len: u64,
 }
 
-fn slices_of<'m>(
-    mem: &'m GuestMemoryMmap<()>,
-    segs: &[Seg],
-) -> Result<Vec<VolatileSlice<'m, ()>>, RequestError> {
-    let mut out = Vec::with_capacity(segs.len());
+fn slices_of<'m>(mem: &'m GuestMemoryMmap<()>, segs: &[Seg]) -> Result<Slices<'m>, RequestError> {
+    let mut out = Slices::with_capacity(segs.len());
     for s in segs.iter().filter(|s| s.len > 0) {
         let len = usize::try_from(s.len).map_err(|_| RequestError::BadAddress(s.addr))?;
         if s.addr.checked_add(s.len).is_none() {
@@ -190,7 +190,7 @@ fn slices_of<'m>(
 }
 
 /// Splits the header off the front of `segs`, returning its bytes.
-fn take_header(mem: &GuestMemoryMmap<()>, segs: &mut Vec<Seg>) -> Result<[u8; 16], RequestError> {
+fn take_header(mem: &GuestMemoryMmap<()>, segs: &mut Segs) -> Result<[u8; 16], RequestError> {
     let mut hdr = [0u8; 16];
     let mut got = 0usize;
     let mut consumed = 0usize;
@@ -221,7 +221,7 @@ fn take_header(mem: &GuestMemoryMmap<()>, segs: &mut Vec<Seg>) -> Result<[u8; 16
 fn parse<'m>(
     dev: &Device,
     mem: &'m GuestMemoryMmap<()>,
-    mut segs: Vec<Seg>,
+    mut segs: Segs,
 ) -> Result<Request<'m>, RequestError> {
     let hdr = take_header(mem, &mut segs)?;
     let t = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
@@ -555,7 +555,7 @@ pub(crate) enum Begun<'m, T> {
     /// Refused: answer with this.
     Done(Completion),
     /// A validated read or write the caller accepted: transfer `slices`, then [`finish_io`].
-    Io(Pending, Vec<VolatileSlice<'m, ()>>, T),
+    Io(Pending, Slices<'m>, T),
     /// Valid, but not a read or write the caller accepted: nothing was done, the caller
     /// serves the chain with [`process_chain`]. Carries the data length (0 if none).
     Declined(u64),
