@@ -145,7 +145,7 @@ pub(crate) struct Session {
     /// Per queue: wakes the queue thread to resubmit requests recorded in flight.
     resubmit: Vec<EventFd>,
     /// The in-flight buffer the frontend set, if any.
-    inflight: Arc<Mutex<Option<Region>>>,
+    inflight: Arc<crate::queue::Inflight>,
     /// Set when the export stops: no new request is taken.
     quiesced: AtomicBool,
     watchdog: Option<Watchdog>,
@@ -180,7 +180,7 @@ impl Session {
                 .map(|q| Pool::new(io_threads, q))
                 .collect::<io::Result<_>>()?
         };
-        let inflight = Arc::new(Mutex::new(None));
+        let inflight = Arc::new(crate::queue::Inflight::empty());
         let queues: Arc<Vec<_>> = Arc::new(
             (0..geometry.num_queues)
                 .map(|q| {
@@ -452,9 +452,8 @@ impl Session {
         Ok(())
     }
 
-    /// Serves every available chain of `vring`. All but the last chain of a batch go to
-    /// the queue's I/O threads (if any); the last runs on this thread, so a lone request
-    /// (queue depth 1) never pays a thread handoff.
+    /// Serves every available chain of `vring` without io_uring: on the queue's I/O
+    /// threads, or on this thread when there are none.
     fn process_vring(&self, vring: &VringRwLock<Mem>, queue: usize) -> io::Result<()> {
         if let Some(engine) = self.engines.get(queue) {
             return self.process_vring_uring(vring, queue, engine);
@@ -475,7 +474,10 @@ impl Session {
                     None => break,
                 }
             }
-            let last = batch.pop();
+            // Without I/O threads the last request runs here (a lone request, queue depth
+            // 1, pays no thread hop); with them, every request goes there, so the queue
+            // thread never waits on the volume (a stalled one would hold up ring stops).
+            let last = if pool.is_none() { batch.pop() } else { None };
             let mut done = Vec::new();
             for (chain, seq) in batch {
                 self.run_sync(vring, qs, pool, &mem, chain, seq, &mut done);
@@ -755,7 +757,7 @@ impl VhostUserBackend for Session {
             queue_size,
             "in-flight buffer set"
         );
-        *self.inflight.lock().unwrap_or_else(PoisonError::into_inner) = Some(region);
+        self.inflight.store(Some(Arc::new(region)));
         Ok(())
     }
 

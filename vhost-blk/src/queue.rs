@@ -68,8 +68,12 @@ pub(crate) struct QueueState {
     /// The vring, once started (the watchdog answers requests through it).
     vring: Mutex<Option<VringRwLock<Mem>>>,
     /// The session's in-flight buffer, if the frontend set one.
-    inflight: Arc<Mutex<Option<Region>>>,
+    inflight: Arc<Inflight>,
 }
+
+/// The session's in-flight buffer, shared by its queues (read on every request, replaced
+/// only by SET_INFLIGHT_FD).
+pub(crate) type Inflight = arc_swap::ArcSwapOption<Region>;
 
 impl std::fmt::Debug for QueueState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,7 +89,7 @@ impl QueueState {
         index: u16,
         dev: Arc<Device>,
         queue_size: u16,
-        inflight: Arc<Mutex<Option<Region>>>,
+        inflight: Arc<Inflight>,
     ) -> QueueState {
         QueueState {
             index,
@@ -104,8 +108,8 @@ impl QueueState {
         self.t.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn region(&self) -> MutexGuard<'_, Option<Region>> {
-        self.inflight.lock().unwrap_or_else(PoisonError::into_inner)
+    fn region(&self) -> arc_swap::Guard<Option<Arc<Region>>> {
+        self.inflight.load()
     }
 
     /// Requests taken and not answered.

@@ -1096,7 +1096,12 @@ fn requests_the_watchdog_answered_are_not_answered_again_by_their_late_completio
     let vq = MockSplitQueue::new(&mem, 16);
     three_reads(&mem, &vq);
     let vring = mock_vring(&mem, &vq);
-    let qs = QueueState::new(0, dev.clone(), 16, Arc::new(std::sync::Mutex::new(None)));
+    let qs = QueueState::new(
+        0,
+        dev.clone(),
+        16,
+        Arc::new(crate::queue::Inflight::empty()),
+    );
     assert!(!qs.started(&vring, &mem));
     let m = Arc::new(mem.clone());
     let mut chains = pop_all(&vring, &qs, &m);
@@ -1173,7 +1178,6 @@ fn a_removed_volume_fails_new_requests_at_once_and_a_resume_serves_them_again() 
 fn requests_in_flight_at_a_crash_are_resubmitted_once_from_the_inflight_buffer() {
     use crate::inflight::Region;
     use crate::queue::QueueState;
-    use std::sync::Mutex;
     use vhost_user_backend::VringT;
     use virtio_queue::QueueT;
     let f = fixture();
@@ -1187,7 +1191,12 @@ fn requests_in_flight_at_a_crash_are_resubmitted_once_from_the_inflight_buffer()
         // The first backend takes all three and completes the second one only.
         let region = Region::map(file.try_clone().unwrap(), size, 0, 1, 16).unwrap();
         let vring = mock_vring(&mem, &vq);
-        let qs = QueueState::new(0, dev.clone(), 16, Arc::new(Mutex::new(Some(region))));
+        let qs = QueueState::new(
+            0,
+            dev.clone(),
+            16,
+            Arc::new(crate::queue::Inflight::from_pointee(region)),
+        );
         assert!(!qs.started(&vring, &mem));
         let mut chains = pop_all(&vring, &qs, &m);
         let b = chains.remove(1);
@@ -1200,7 +1209,12 @@ fn requests_in_flight_at_a_crash_are_resubmitted_once_from_the_inflight_buffer()
     let region = Region::map(file, size, 0, 1, 16).unwrap();
     let vring = mock_vring(&mem, &vq);
     vring.set_queue_next_avail(1);
-    let qs = QueueState::new(0, dev.clone(), 16, Arc::new(Mutex::new(Some(region))));
+    let qs = QueueState::new(
+        0,
+        dev.clone(),
+        16,
+        Arc::new(crate::queue::Inflight::from_pointee(region)),
+    );
     assert!(qs.started(&vring, &mem));
     assert_eq!(vring.get_ref().get_queue().next_avail(), 3);
     let heads = qs.take_resubmit();
@@ -1236,7 +1250,6 @@ fn requests_in_flight_at_a_crash_are_resubmitted_once_from_the_inflight_buffer()
 fn stopping_a_ring_answers_stuck_requests_or_leaves_them_in_the_inflight_buffer() {
     use crate::inflight::Region;
     use crate::queue::QueueState;
-    use std::sync::Mutex;
     use std::time::{Duration, Instant};
     for with_buffer in [false, true] {
         let f = fixture();
@@ -1248,7 +1261,7 @@ fn stopping_a_ring_answers_stuck_requests_or_leaves_them_in_the_inflight_buffer(
             let (file, size) = Region::create(1, 16).unwrap();
             Region::map(file, size, 0, 1, 16).unwrap()
         });
-        let region = Arc::new(Mutex::new(region));
+        let region = Arc::new(crate::queue::Inflight::new(region.map(Arc::new)));
         let vring = mock_vring(&mem, &vq);
         let qs = QueueState::new(0, dev.clone(), 16, region.clone());
         qs.started(&vring, &mem);
@@ -1261,7 +1274,7 @@ fn stopping_a_ring_answers_stuck_requests_or_leaves_them_in_the_inflight_buffer(
         let used = used_elems(&mem, &vq);
         if with_buffer {
             assert!(used.is_empty(), "left for resubmission, not answered");
-            let r = region.lock().unwrap();
+            let r = region.load();
             assert_eq!(
                 r.as_ref().unwrap().queue(0).unwrap().recover(0).0,
                 vec![0, 3, 6]
