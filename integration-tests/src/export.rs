@@ -236,6 +236,9 @@ pub struct CommandExport {
     params: CommandExportParams,
     socket: PathBuf,
     proc: ManagedProcess,
+    /// Stderr of the processes before the last [`CommandExport::restart`].
+    earlier_logs: String,
+    starts: u32,
     _dir: tempfile::TempDir,
 }
 
@@ -247,17 +250,58 @@ impl CommandExport {
             .tempdir()
             .context("creating export directory")?;
         let socket = dir.path().join("vhost.sock");
-        let sock = socket.display().to_string();
-        let mut cmd = Command::new(&params.program);
-        cmd.args(params.args.iter().map(|a| a.replace("{socket}", &sock)));
-        let mut proc = ManagedProcess::spawn(&params.name, cmd, dir.path())?;
-        wait_for_socket(&mut proc, &socket)?;
+        let proc = Self::spawn(&params, &socket, dir.path(), &params.name)?;
         Ok(Self {
             params,
             socket,
             proc,
+            earlier_logs: String::new(),
+            starts: 1,
             _dir: dir,
         })
+    }
+
+    fn spawn(
+        params: &CommandExportParams,
+        socket: &Path,
+        dir: &Path,
+        log_name: &str,
+    ) -> Result<ManagedProcess> {
+        let sock = socket.display().to_string();
+        let mut cmd = Command::new(&params.program);
+        cmd.args(params.args.iter().map(|a| a.replace("{socket}", &sock)));
+        let mut proc = ManagedProcess::spawn(log_name, cmd, dir)?;
+        wait_for_socket(&mut proc, socket)?;
+        Ok(proc)
+    }
+
+    /// The server's PID.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// SIGKILL now (a crash); the socket file stays behind, as it would.
+    pub fn kill(&mut self) -> Result<std::process::ExitStatus> {
+        self.proc.kill()
+    }
+
+    /// Starts the command again on the same socket path (after [`CommandExport::kill`],
+    /// or killing it first), and waits for the new socket.
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.kill()?;
+        self.earlier_logs.push_str(&self.proc.stderr());
+        // The stale socket of the dead server: gone before the new one appears, so that
+        // waiting for the socket waits for the new server.
+        let _ = std::fs::remove_file(&self.socket);
+        self.starts += 1;
+        let name = format!("{}-{}", self.params.name, self.starts);
+        self.proc = Self::spawn(&self.params, &self.socket, self._dir.path(), &name)?;
+        Ok(())
+    }
+
+    /// Stderr of every process this export ran, in order.
+    pub fn all_logs(&self) -> String {
+        format!("{}{}", self.earlier_logs, self.proc.stderr())
     }
 }
 
