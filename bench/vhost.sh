@@ -8,7 +8,8 @@
 # Backings: a file on tmpfs; a 4096-sector loop device over a tmpfs file, exported with
 # 512-byte guest sectors (the 4K NVMe case). Workloads: 4 KiB random read at QD1 and
 # QD32, 128 KiB sequential read and write at QD8. Reported as ratios vmblk/QSD: IOPS,
-# p50 latency, and IOPS per server CPU-second.
+# p50 latency, and IOPS per server CPU-second. At QD1 vmblk also runs without busy-poll
+# (`--poll-us 0`, the "no poll" rows): polling trades CPU for latency.
 #
 # Usage: bench/vhost.sh [--quick]   (--quick: 1 run of 2 s)
 set -euo pipefail
@@ -45,9 +46,11 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 start_server() { # tool backing-kind path
   rm -f "$SOCK"
-  if [ "$1" = vmblk ]; then
+  if [ "${1%%-*}" = vmblk ]; then
+    local poll=()
+    [ "$1" = vmblk-nopoll ] && poll=(--poll-us 0)
     taskset -c 0 "$VMBLK" export "$3" --socket "$SOCK" --logical-block-size 512 \
-      --queue-size 1024 2>"$SHM/server.log" &
+      --queue-size 1024 "${poll[@]}" 2>"$SHM/server.log" &
   else
     local drv=file direct=off
     if [ "$2" = loop ]; then drv=host_device; direct=on; fi
@@ -86,7 +89,9 @@ for kind in tmpfs loop; do
   for w in "randread 4096 1" "randread 4096 32" "seqread 131072 8" "seqwrite 131072 8"; do
     set -- $w
     declare -A iops=() p50=() eff=()
-    for tool in vmblk qsd; do
+    tools=(vmblk qsd)
+    [ "$3" = 1 ] && tools+=(vmblk-nopoll)
+    for tool in "${tools[@]}"; do
       is=(); ps=(); es=()
       for _ in $(seq "$RUNS"); do
         read -r a b c < <(run_one "$tool" "$kind" "$path" "$1" "$2" "$3")
@@ -100,5 +105,10 @@ for kind in tmpfs loop; do
     awk -v k="$kind" -v w="$label" -v vi="${iops[vmblk]}" -v qi="${iops[qsd]}" \
         -v vp="${p50[vmblk]}" -v qp="${p50[qsd]}" -v ve="${eff[vmblk]}" -v qe="${eff[qsd]}" \
       'BEGIN{printf "| %s | %s | %.0f | %.0f | %.2fx | %d | %d | %.2fx | %.2fx |\n", k, w, vi, qi, vi/qi, vp, qp, (qp>0?vp/qp:0), ve/qe}'
+    if [ "$3" = 1 ]; then
+      awk -v k="$kind" -v w="$label, no poll" -v vi="${iops[vmblk-nopoll]}" -v qi="${iops[qsd]}" \
+          -v vp="${p50[vmblk-nopoll]}" -v qp="${p50[qsd]}" -v ve="${eff[vmblk-nopoll]}" -v qe="${eff[qsd]}" \
+        'BEGIN{printf "| %s | %s | %.0f | %.0f | %.2fx | %d | %d | %.2fx | %.2fx |\n", k, w, vi, qi, vi/qi, vp, qp, (qp>0?vp/qp:0), ve/qe}'
+    fi
   done
 done

@@ -33,6 +33,10 @@ pub struct ExportArgs {
     /// I/O error (the guest's driver has no timeout of its own); 0: never.
     #[arg(long, default_value_t = vhost_blk::DEFAULT_IO_TIMEOUT_MS)]
     pub io_timeout_ms: u64,
+    /// Longest busy-poll (µs) of a queue thread waiting for the next request at queue
+    /// depth 1; 0: never poll (less CPU, more latency).
+    #[arg(long, default_value_t = vhost_blk::DEFAULT_POLL_US)]
+    pub poll_us: u32,
     /// Print events as JSON lines on standard error and the final counters as JSON.
     #[arg(long)]
     pub json: bool,
@@ -94,6 +98,7 @@ pub fn run(a: ExportArgs) -> i32 {
         queue_size: a.queue_size,
         serial: a.serial,
         io_timeout_ms: a.io_timeout_ms,
+        poll_us: a.poll_us,
         ..ExportConfig::default()
     };
     tracing::info!(volume = %cfg.volume.display(), socket = %cfg.socket.display(), "exporting");

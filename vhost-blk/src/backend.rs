@@ -151,19 +151,36 @@ pub(crate) struct Session {
     watchdog: Option<Watchdog>,
 }
 
+/// How a session serves its queues.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tuning {
+    /// I/O threads per queue (0: requests run on the queue thread).
+    pub io_threads: usize,
+    /// Aligned reads and writes through io_uring where the kernel allows it.
+    pub io_uring: bool,
+    /// Requests older than this are answered IOERR.
+    pub io_timeout: Option<Duration>,
+    /// Longest busy-poll window of a queue thread (zero: never poll).
+    pub max_poll: Duration,
+}
+
 impl Session {
     pub(crate) fn new(
         dev: Arc<Device>,
         geometry: Geometry,
         mem: Mem,
-        io_threads: usize,
-        io_uring: bool,
-        io_timeout: Option<Duration>,
+        tuning: Tuning,
     ) -> io::Result<Session> {
+        let Tuning {
+            io_threads,
+            io_uring,
+            io_timeout,
+            max_poll,
+        } = tuning;
         let mut engines = Vec::new();
         if io_uring {
             for _ in 0..geometry.num_queues {
-                match Engine::new(dev.clone(), geometry.queue_size) {
+                match Engine::new(dev.clone(), geometry.queue_size, max_poll) {
                     Ok(e) => engines.push(e),
                     Err(e) => {
                         tracing::info!(error = %e, "io_uring unavailable, using I/O threads");

@@ -107,18 +107,21 @@ pub(crate) struct Inner {
     pub(crate) poll: Poll,
 }
 
-/// Longest busy-poll of the avail ring and completion queue before the queue thread sleeps.
-pub(crate) const MAX_POLL: Duration = Duration::from_micros(50);
+/// Default longest busy-poll of the avail ring and completion queue before the queue thread
+/// sleeps (`ExportConfig::poll_us`).
+pub const DEFAULT_POLL_US: u32 = 50;
 const MIN_POLL: Duration = Duration::from_micros(8);
 
 /// Adaptive busy-poll window of one queue thread. After a batch, with at most one request
 /// in flight, the thread polls for new requests and completions (guest notifications stay off meanwhile, so the guest does not
 /// kick) for `window`, then sleeps. The window is set from the last sleep: a wake-up that
-/// came within [`MAX_POLL`] of going to sleep would have been caught by polling twice as
+/// came within `max` of going to sleep would have been caught by polling twice as
 /// long as that gap; a poll that finds nothing turns polling off until such a wake-up
 /// comes again. An idle queue therefore costs one failed poll, then nothing.
 #[derive(Debug, Default)]
 pub(crate) struct Poll {
+    /// Longest window (zero: never poll).
+    max: Duration,
     window: Duration,
     asleep_since: Option<Instant>,
 }
@@ -128,8 +131,8 @@ impl Poll {
     pub(crate) fn woke(&mut self) {
         if let Some(t) = self.asleep_since.take() {
             let gap = t.elapsed();
-            if gap <= MAX_POLL {
-                self.window = (gap * 2).clamp(MIN_POLL, MAX_POLL);
+            if gap <= self.max && !self.max.is_zero() {
+                self.window = (gap * 2).clamp(MIN_POLL.min(self.max), self.max);
             }
         }
     }
@@ -153,7 +156,7 @@ impl Poll {
 impl Engine {
     /// An engine for a queue of `queue_size` descriptors; fails where io_uring is
     /// unavailable (ENOSYS, EPERM) or cannot be set up.
-    pub(crate) fn new(dev: Arc<Device>, queue_size: u16) -> io::Result<Engine> {
+    pub(crate) fn new(dev: Arc<Device>, queue_size: u16, max_poll: Duration) -> io::Result<Engine> {
         let n = usize::from(queue_size.max(1));
         let entries = u32::from(queue_size.max(1));
         let generation = dev.generation();
@@ -169,7 +172,10 @@ impl Engine {
                 slots,
                 free: (0..n).rev().collect(),
                 cqes: Vec::with_capacity(n),
-                poll: Poll::default(),
+                poll: Poll {
+                    max: max_poll,
+                    ..Poll::default()
+                },
             })),
         })
     }

@@ -19,7 +19,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::{Geometry, Session, STOP_GRACE};
+use crate::backend::{Geometry, Session, Tuning, STOP_GRACE};
 use crate::device::{ExportControl, ExportEvent, ResumeError};
 use crate::metrics::MetricsSnapshot;
 use crate::request::{Device, SERIAL_LEN};
@@ -97,6 +97,10 @@ pub struct ExportConfig {
     /// Requests the volume has not finished after this many milliseconds are answered
     /// IOERR (the guest's virtio-blk driver has no timeout of its own); 0: never.
     pub io_timeout_ms: u64,
+    /// Longest busy-poll, in microseconds, of a queue thread waiting for the guest's next
+    /// request or a completion (adaptive, only with at most one request in flight);
+    /// 0: never poll (less CPU, more latency at queue depth 1).
+    pub poll_us: u32,
 }
 
 /// Default I/O timeout: the Linux block layer's default request timeout.
@@ -121,6 +125,7 @@ impl Default for ExportConfig {
             io_threads_per_queue: DEFAULT_IO_THREADS,
             io_uring: true,
             io_timeout_ms: DEFAULT_IO_TIMEOUT_MS,
+            poll_us: crate::engine::DEFAULT_POLL_US,
         }
     }
 }
@@ -159,6 +164,12 @@ impl ExportConfig {
             return bad(format!(
                 "device block size {} is not a power of two in 512..=65536",
                 self.min_device_block_size
+            ));
+        }
+        if self.poll_us > 1000 {
+            return bad(format!(
+                "busy-poll of {} µs is more than 1000",
+                self.poll_us
             ));
         }
         if self.io_threads_per_queue > 256 {
@@ -382,9 +393,12 @@ impl Export {
             self.dev.clone(),
             self.geometry,
             mem.clone(),
-            self.cfg.io_threads_per_queue,
-            self.cfg.io_uring,
-            timeout,
+            Tuning {
+                io_threads: self.cfg.io_threads_per_queue,
+                io_uring: self.cfg.io_uring,
+                io_timeout: timeout,
+                max_poll: std::time::Duration::from_micros(u64::from(self.cfg.poll_us)),
+            },
         )
         .map_err(ExportError::Threads)?;
         let session = Arc::new(session);

@@ -34,6 +34,7 @@ mod sys;
 mod volume;
 
 pub use device::{EventSink, ExportControl, ExportEvent, ResumeError, VolumeState};
+pub use engine::DEFAULT_POLL_US;
 pub use export::{
     run, Export, ExportConfig, ExportError, StopHandle, DEFAULT_IO_THREADS, DEFAULT_IO_TIMEOUT_MS,
 };

@@ -900,12 +900,18 @@ fn sessions_serve_queues_through_io_uring_where_the_kernel_allows() {
     let allowed = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
         .map(|v| v.trim() == "0")
         .unwrap_or(false);
-    let s = Session::new(dev.clone(), geometry, mem(), 0, true, None).unwrap();
+    let tuning = |io_threads, io_uring| crate::backend::Tuning {
+        io_threads,
+        io_uring,
+        io_timeout: None,
+        max_poll: std::time::Duration::ZERO,
+    };
+    let s = Session::new(dev.clone(), geometry, mem(), tuning(0, true)).unwrap();
     // Per queue: the io_uring fd and the resubmission event.
     if allowed {
         assert_eq!(s.extra_fds().len(), 4);
     }
-    let s = Session::new(dev, geometry, mem(), 2, false, None).unwrap();
+    let s = Session::new(dev, geometry, mem(), tuning(2, false)).unwrap();
     assert_eq!(s.extra_fds().len(), 2);
 }
 
@@ -914,7 +920,7 @@ fn io_uring_engine_round_trips_declines_the_rest_and_fails_short_reads() {
     use crate::engine::{Engine, Started};
     let Fixture { mem, dev, _file } = fixture();
     let (mem, dev) = (Arc::new(mem), Arc::new(dev));
-    let engine = match Engine::new(dev.clone(), 16) {
+    let engine = match Engine::new(dev.clone(), 16, std::time::Duration::ZERO) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("skipping: io_uring unavailable: {e}");
