@@ -206,8 +206,19 @@ fn state_name(s: i32) -> &'static str {
     }
 }
 
+fn backend_state_name(s: i32) -> &'static str {
+    match pb::BackendState::try_from(s) {
+        Ok(pb::BackendState::Active) => "active",
+        Ok(pb::BackendState::Removed) => "removed",
+        Ok(pb::BackendState::Missing) => "missing",
+        _ => "unknown",
+    }
+}
+
 fn attachment_json(a: &pb::Attachment) -> Value {
     json!({
+        "backend_state": backend_state_name(a.backend_state),
+        "backend_removed_reason": a.backend_removed_reason,
         "socket_path": a.socket_path,
         "logical_block_size": a.logical_block_size,
         "read_only": a.read_only,
@@ -270,8 +281,17 @@ fn show_volume(v: &pb::Volume) {
     let att = v
         .attachment
         .as_ref()
-        .map(|a| a.socket_path.as_str())
-        .unwrap_or("-");
+        .map(|a| match pb::BackendState::try_from(a.backend_state) {
+            Ok(pb::BackendState::Removed) => format!(
+                "{} (backing device removed: {})",
+                a.socket_path, a.backend_removed_reason
+            ),
+            Ok(pb::BackendState::Missing) => {
+                format!("{} (waiting for its backing device)", a.socket_path)
+            }
+            _ => a.socket_path.clone(),
+        })
+        .unwrap_or_else(|| "-".into());
     println!(
         "{}/{}  {}  {} bytes  {}  attached: {}",
         v.pool,

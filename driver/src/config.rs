@@ -6,7 +6,8 @@
 //! socket_mode: "0660"                 # octal, as a string
 //! state_dir: /var/lib/vmblk           # records, default pool, scratch space
 //! export_dir: /run/vmblk/exports      # vhost-user sockets of attached volumes
-//! exports: { num_queues: 1, queue_size: 256, direct_io: true }
+//! exports: { num_queues: 1, queue_size: 256, direct_io: true, io_timeout_ms: 30000 }
+//! hotplug: { enabled: true }          # kernel uevents for block pools' devices
 //! shutdown_grace_secs: 30             # after SIGTERM, then running operations are abandoned
 //! pools:
 //!   - name: default
@@ -16,7 +17,12 @@
 //!   - name: nvme
 //!     type: block
 //!     devices: [/dev/disk/by-id/nvme-Samsung_SSD_980_1TB_S64ANS0T123456]
+//! attachments:                        # exported at every start, before hotplug runs
+//!   - { pool: nvme, volume: vm1, logical_block_size: 512, read_only: false }
 //! ```
+//!
+//! The order of the keys does not matter: whatever the file says first, vmblkd restores
+//! pools, volumes and attachments before the hotplug monitor acts (docs/hotplug.md).
 //!
 //! Every key is optional. With no file at all the embedded default applies: one `dir`
 //! pool named `default` under the state directory, the socket under /run/vmblk.
@@ -55,6 +61,48 @@ pub struct Config {
     /// Seconds running operations get to finish after SIGTERM (default 30); an
     /// operation still running then is abandoned as if the daemon had crashed.
     pub shutdown_grace_secs: Option<u64>,
+    /// The hotplug monitor (kernel uevents of the block pools' devices).
+    #[serde(default)]
+    pub hotplug: HotplugConfig,
+    /// Volumes exported at every start (they must exist; created over the API).
+    #[serde(default)]
+    pub attachments: Vec<AttachmentConfig>,
+}
+
+/// The hotplug monitor's settings.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HotplugConfig {
+    /// Watch kernel uevents: hot-remove and re-add of block pools' devices (default true).
+    pub enabled: bool,
+}
+
+impl Default for HotplugConfig {
+    fn default() -> Self {
+        HotplugConfig { enabled: true }
+    }
+}
+
+/// A volume the configuration attaches (exports) at every start.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AttachmentConfig {
+    /// The pool.
+    pub pool: String,
+    /// The volume.
+    pub volume: String,
+    /// Guest sector size: 512 or 4096 (default 512).
+    #[serde(default)]
+    pub logical_block_size: u32,
+    /// Read-only export (default false).
+    #[serde(default)]
+    pub read_only: bool,
+    /// Virtqueues (default: `exports.num_queues`).
+    #[serde(default)]
+    pub num_queues: u32,
+    /// Virtqueue size (default: `exports.queue_size`).
+    #[serde(default)]
+    pub queue_size: u32,
 }
 
 /// Defaults for attachments that do not say.
@@ -67,7 +115,13 @@ pub struct ExportDefaults {
     pub queue_size: u16,
     /// Open volumes with O_DIRECT where the filesystem allows it.
     pub direct_io: bool,
+    /// Guest requests older than this fail with an I/O error, so a backing device that
+    /// stalls never stalls the guest (milliseconds; 0: no timeout).
+    pub io_timeout_ms: u64,
 }
+
+/// Default of `exports.io_timeout_ms`.
+pub const DEFAULT_IO_TIMEOUT_MS: u64 = 30_000;
 
 impl Default for ExportDefaults {
     fn default() -> Self {
@@ -75,6 +129,7 @@ impl Default for ExportDefaults {
             num_queues: 1,
             queue_size: 256,
             direct_io: true,
+            io_timeout_ms: DEFAULT_IO_TIMEOUT_MS,
         }
     }
 }
@@ -252,6 +307,26 @@ impl Config {
                 _ => {}
             }
         }
+        let mut attached = std::collections::HashSet::new();
+        for a in &self.attachments {
+            for (what, n) in [("pool", &a.pool), ("volume", &a.volume)] {
+                if let Err(e) = crate::names::check_name(what, n) {
+                    return bad(format!("attachment {}/{}: {e}", a.pool, a.volume));
+                }
+            }
+            if !attached.insert((&a.pool, &a.volume)) {
+                return bad(format!(
+                    "attachment {}/{} is listed twice",
+                    a.pool, a.volume
+                ));
+            }
+            if !matches!(a.logical_block_size, 0 | 512 | 4096) {
+                return bad(format!(
+                    "attachment {}/{}: logical_block_size {} is not 512 or 4096",
+                    a.pool, a.volume, a.logical_block_size
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -352,6 +427,58 @@ mod tests {
         assert!(parse("pools:\n  - {name: a/b, type: dir, path: /a}\n").is_err());
         assert!(parse("pools:\n  - {name: a, type: block, devices: []}\n").is_err());
         assert!(parse("pools:\n  - {name: a, type: tape, path: /a}\n").is_err());
+    }
+
+    #[test]
+    fn hotplug_attachments_and_io_timeout_parse_in_any_order() {
+        let c = parse(
+            "hotplug: {enabled: true}\n\
+             attachments:\n  - {pool: nvme, volume: vm1, logical_block_size: 4096}\n\
+             \x20 - {pool: nvme, volume: vm2, read_only: true, num_queues: 2}\n\
+             exports: {io_timeout_ms: 5000}\n\
+             pools:\n  - {name: nvme, type: block, devices: [/dev/loop0]}\n",
+        )
+        .unwrap();
+        assert!(c.hotplug.enabled);
+        assert_eq!(c.exports.io_timeout_ms, 5000);
+        assert_eq!(c.exports.queue_size, 256);
+        assert_eq!(c.attachments.len(), 2);
+        assert_eq!(
+            c.attachments[1],
+            AttachmentConfig {
+                pool: "nvme".into(),
+                volume: "vm2".into(),
+                logical_block_size: 0,
+                read_only: true,
+                num_queues: 2,
+                queue_size: 0,
+            }
+        );
+        let d = Config::default();
+        assert!(d.hotplug.enabled);
+        assert_eq!(d.exports.io_timeout_ms, DEFAULT_IO_TIMEOUT_MS);
+        assert!(
+            !parse("hotplug: {enabled: false}\n")
+                .unwrap()
+                .hotplug
+                .enabled
+        );
+    }
+
+    #[test]
+    fn hotplug_and_attachment_keys_are_checked() {
+        let e = parse("hotplug: {enable: true}\n").unwrap_err();
+        assert!(chain(&e).contains("enable"), "{}", chain(&e));
+        let e = parse("attachments:\n  - {pool: a, volume: b, queues: 2}\n").unwrap_err();
+        assert!(chain(&e).contains("queues"), "{}", chain(&e));
+        assert!(parse("attachments:\n  - {pool: a}\n").is_err());
+        assert!(parse("attachments:\n  - {pool: a, volume: b/c}\n").is_err());
+        assert!(
+            parse("attachments:\n  - {pool: a, volume: b, logical_block_size: 1024}\n").is_err()
+        );
+        assert!(
+            parse("attachments:\n  - {pool: a, volume: b}\n  - {pool: a, volume: b}\n").is_err()
+        );
     }
 
     #[test]

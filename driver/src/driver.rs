@@ -26,9 +26,11 @@ use image_unpack::{Progress, RepairCommandOptions, UnpackOptions};
 use tokio::sync::broadcast;
 use vmblk_proto::v1 as pb;
 
-use crate::config::{Config, ExportDefaults, PoolKind, DEFAULT_POOL};
+use crate::config::{AttachmentConfig, Config, ExportDefaults, PoolKind, DEFAULT_POOL};
 use crate::error::{Error, Result};
-use crate::export::{ExportHandle, ExportParams, Exporter};
+use crate::export::{BackendEvent, BackendState, EventSink, ExportHandle, ExportParams, Exporter};
+use crate::hotplug::{Decision, Taints, Tracked, TrackedState};
+use crate::identity::Sysfs;
 use crate::names::{check_fingerprint, check_image_path, check_name, check_size, round_up};
 use crate::state::{
     remove_temp_files_under, AttachRecord, ImageRecord, Origin, PoolRecord, Store, VolState,
@@ -69,7 +71,10 @@ struct Inner {
     volumes: BTreeMap<(String, String), VolumeRecord>,
     images: BTreeMap<(String, String), ImageRecord>,
     busy: HashSet<String>,
-    exports: HashMap<(String, String), Box<dyn ExportHandle>>,
+    exports: HashMap<(String, String), Arc<dyn ExportHandle>>,
+    /// Attached volumes whose backing device is removed: why, and the device it was
+    /// (what Watch was told).
+    removed: HashMap<(String, String), (String, PathBuf)>,
 }
 
 /// The storage driver.
@@ -87,6 +92,12 @@ pub struct Driver {
     paused: AtomicBool,
     /// Serializes space and device allocation between creates of different volumes.
     alloc: Mutex<()>,
+    /// Where block devices' identities are read.
+    sysfs: Sysfs,
+    /// Devices that count as gone (hotplug).
+    taints: Taints,
+    /// The attachments the configuration lists.
+    config_attachments: Vec<AttachmentConfig>,
 }
 
 /// Removes its key from the busy set on drop.
@@ -144,6 +155,9 @@ impl Driver {
             pause_marker: p.pause_marker,
             paused: AtomicBool::new(false),
             alloc: Mutex::new(()),
+            sysfs: Sysfs::default(),
+            taints: Taints::default(),
+            config_attachments: p.config.attachments.clone(),
         });
         let mut pools = p.config.pools.clone();
         if pools.is_empty() {
@@ -476,10 +490,19 @@ impl Driver {
             }),
             path: r.path.display().to_string(),
             backing_logical_block_size: sys::size_and_sector(&r.path).map(|s| s.1).unwrap_or(512),
-            attachment: r.attachment.as_ref().map(|a| attachment_pb(r, a)),
+            attachment: r.attachment.as_ref().map(|a| self.attachment_pb(r, a)),
             created_unix_ms: r.created_unix_ms,
             reflinked: r.reflinked,
         }
+    }
+
+    /// An attachment for the API, with where its backing device stands.
+    fn attachment_pb(&self, rec: &VolumeRecord, a: &AttachRecord) -> pb::Attachment {
+        let mut pb = attachment_pb(rec, a);
+        let (state, reason) = self.backend_state(&rec.pool, &rec.name);
+        pb.backend_state = state as i32;
+        pb.backend_removed_reason = reason;
+        pb
     }
 
     fn record(&self, pool: &str, name: &str) -> Option<VolumeRecord> {
@@ -670,7 +693,16 @@ impl Driver {
             created_unix_ms: now_ms(),
             reflinked: false,
             requested_bytes: r.size_bytes,
+            identity: None,
         };
+        if matches!(pe.kind, PoolKind::Block { .. }) {
+            rec.identity = self.sysfs.identity_of_path(&rec.path);
+            if rec.identity.is_none() {
+                tracing::warn!(device = %rec.path.display(),
+                    "device has no stable identity (wwid, serial, loop backing file): \
+                     hot-remove and re-add cannot follow it");
+            }
+        }
         self.put_record(&rec)?;
         drop(alloc);
         self.emit_state(pool, name, None, Some(VolState::Creating));
@@ -1040,11 +1072,30 @@ impl Driver {
                 && a.num_queues == num_queues
                 && a.queue_size == queue_size
             {
-                return Ok(attachment_pb(&rec, a));
+                return Ok(self.attachment_pb(&rec, a));
             }
             return Err(Error::AlreadyExists(format!(
                 "volume {pool}/{name} is attached with other parameters"
             )));
+        }
+        if self.is_block_pool(pool) {
+            match self.locate_backing(&mut rec)? {
+                Located::Here | Located::Unidentified => {}
+                Located::Moved(from) => {
+                    tracing::warn!(pool, volume = name, from = %from.display(), to = %rec.path.display(),
+                        "backing device found under a new name");
+                    self.put_record(&rec)?;
+                }
+                Located::Absent => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {pool}/{name}: its backing device ({}) is not present",
+                        rec.identity
+                            .as_ref()
+                            .map(|i| i.to_string())
+                            .unwrap_or_default()
+                    )))
+                }
+            }
         }
         let a = AttachRecord {
             socket: self.export_dir.join(format!("{}.sock", rec.uuid)),
@@ -1069,7 +1120,7 @@ impl Driver {
             }),
         );
         tracing::info!(pool, volume = name, socket = %a.socket.display(), "volume attached");
-        Ok(attachment_pb(&rec, &a))
+        Ok(self.attachment_pb(&rec, &a))
     }
 
     fn start_export(self: &Arc<Self>, rec: &VolumeRecord, a: &AttachRecord) -> Result<()> {
@@ -1082,6 +1133,7 @@ impl Driver {
             queue_size: a.queue_size,
             serial: serial(&rec.uuid),
             direct_io: self.export_defaults.direct_io,
+            io_timeout_ms: self.export_defaults.io_timeout_ms,
         };
         let weak = Arc::downgrade(self);
         let (pool, name) = (rec.pool.clone(), rec.name.clone());
@@ -1094,19 +1146,34 @@ impl Driver {
                 );
             }
         });
+        let weak = Arc::downgrade(self);
+        let (pool, name) = (rec.pool.clone(), rec.name.clone());
+        let events: EventSink = Arc::new(move |e: &BackendEvent| {
+            if let Some(d) = weak.upgrade() {
+                d.backend_event(&pool, &name, e);
+            }
+        });
         let h = self
             .exporter
-            .start(&params, on_exit)
+            .start(&params, on_exit, events)
             .map_err(|source| Error::Export {
                 path: rec.path.clone(),
                 source,
             })?;
-        self.lock().exports.insert(key(&rec.pool, &rec.name), h);
+        let mut inner = self.lock();
+        inner.removed.remove(&key(&rec.pool, &rec.name));
+        inner
+            .exports
+            .insert(key(&rec.pool, &rec.name), Arc::from(h));
         Ok(())
     }
 
     fn stop_export(&self, pool: &str, name: &str) {
-        let h = self.lock().exports.remove(&key(pool, name));
+        let h = {
+            let mut inner = self.lock();
+            inner.removed.remove(&key(pool, name));
+            inner.exports.remove(&key(pool, name))
+        };
         if let Some(h) = h {
             h.stop();
         }
@@ -1141,9 +1208,295 @@ impl Driver {
     /// Stops every export (daemon shutdown); the records keep them attached so they are
     /// exported again at the next start.
     pub fn shutdown(&self) {
-        let all: Vec<Box<dyn ExportHandle>> = self.lock().exports.drain().map(|(_, h)| h).collect();
+        let all: Vec<Arc<dyn ExportHandle>> = self.lock().exports.drain().map(|(_, h)| h).collect();
         for h in all {
             h.stop();
+        }
+    }
+
+    /// Attaches (exports) every volume the configuration lists that is not attached yet.
+    /// Called once at startup, after [`Driver::open`] and before the hotplug monitor
+    /// starts. A listed volume that cannot be attached is logged; the others still are.
+    pub fn apply_configured_attachments(self: &Arc<Self>) {
+        for c in self.config_attachments.clone() {
+            let r = pb::AttachVolumeRequest {
+                pool: c.pool.clone(),
+                name: c.volume.clone(),
+                logical_block_size: c.logical_block_size,
+                read_only: c.read_only,
+                num_queues: c.num_queues,
+                queue_size: c.queue_size,
+            };
+            match self.attach_volume(r) {
+                Ok(a) => {
+                    tracing::info!(pool = %c.pool, volume = %c.volume, socket = %a.socket_path,
+                        "configured attachment exported")
+                }
+                Err(e) => {
+                    tracing::error!(pool = %c.pool, volume = %c.volume, error = %e.chain(),
+                        "configured attachment failed")
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ hotplug
+
+    fn is_block_pool(&self, pool: &str) -> bool {
+        self.lock()
+            .pools
+            .get(pool)
+            .is_some_and(|p| matches!(p.kind, PoolKind::Block { .. }))
+    }
+
+    /// Finds a block volume's device by its identity: records the identity if the record
+    /// has none yet (records written before identities were), and follows the device to a
+    /// new name when the old path is gone or holds another device.
+    fn locate_backing(&self, rec: &mut VolumeRecord) -> Result<Located> {
+        let here = self.sysfs.identity_of_path(&rec.path);
+        let Some(want) = rec.identity.clone() else {
+            if here.is_none() {
+                return Ok(Located::Unidentified);
+            }
+            rec.identity = here;
+            self.put_record(rec)?;
+            return Ok(Located::Here);
+        };
+        if here.as_ref().is_some_and(|h| h.same_device(&want)) {
+            return Ok(Located::Here);
+        }
+        let present = self
+            .sysfs
+            .block_devs()
+            .map_err(Error::io("listing", "/sys/class/block"))?;
+        let found = self.taints.filter(present).into_iter().find(|d| {
+            d.size_bytes >= rec.size_bytes
+                && d.identity.as_ref().is_some_and(|i| i.same_device(&want))
+        });
+        match found {
+            Some(d) => {
+                let from = std::mem::replace(&mut rec.path, d.devnode);
+                Ok(Located::Moved(from))
+            }
+            None => Ok(Located::Absent),
+        }
+    }
+
+    pub(crate) fn hotplug_taints(&self) -> &Taints {
+        &self.taints
+    }
+
+    /// The attached volumes of block pools whose device has an identity, for
+    /// [`crate::hotplug::reconcile`].
+    pub(crate) fn hotplug_tracked(&self, sysfs: &Sysfs) -> Vec<Tracked> {
+        let (recs, exports): (Vec<VolumeRecord>, HashMap<_, _>) = {
+            let inner = self.lock();
+            let recs = inner
+                .volumes
+                .values()
+                .filter(|v| v.attachment.is_some() && v.identity.is_some())
+                .filter(|v| {
+                    inner
+                        .pools
+                        .get(&v.pool)
+                        .is_some_and(|p| matches!(p.kind, PoolKind::Block { .. }))
+                })
+                .cloned()
+                .collect();
+            (recs, inner.exports.clone())
+        };
+        recs.into_iter()
+            .filter_map(|r| {
+                let state = match exports.get(&key(&r.pool, &r.name)) {
+                    None => TrackedState::Missing,
+                    Some(h) if h.state() == BackendState::Removed => TrackedState::Removed,
+                    Some(_) => TrackedState::Active,
+                };
+                Some(Tracked {
+                    current: sysfs.name_of_path(&r.path),
+                    identity: r.identity?,
+                    size_bytes: r.size_bytes,
+                    state,
+                    pool: r.pool,
+                    volume: r.name,
+                })
+            })
+            .collect()
+    }
+
+    /// Carries out one hotplug decision; false if the volume was busy (try again later).
+    pub(crate) fn hotplug_apply(self: &Arc<Self>, d: &Decision, sysfs: &Sysfs) -> bool {
+        let (pool, name) = match d {
+            Decision::Remove { pool, volume, .. }
+            | Decision::Resume { pool, volume, .. }
+            | Decision::Start { pool, volume, .. } => (pool.as_str(), volume.as_str()),
+        };
+        let Ok(_g) = self.begin(vkey(pool, name), &format!("volume {pool}/{name}")) else {
+            tracing::info!(
+                pool,
+                volume = name,
+                "volume busy: hotplug decision deferred"
+            );
+            return false;
+        };
+        let Some(mut rec) = self.record(pool, name) else {
+            return true;
+        };
+        if rec.attachment.is_none() {
+            return true;
+        }
+        let h = self.lock().exports.get(&key(pool, name)).cloned();
+        match (d, h) {
+            (Decision::Remove { reason, .. }, Some(h)) => {
+                tracing::warn!(pool, volume = name, device = %rec.path.display(), reason, "backing device removed");
+                self.note_removed(pool, name, reason, &rec.path);
+                h.remove(reason);
+            }
+            (Decision::Resume { device, .. }, Some(h)) => {
+                // The record names the new device before the export serves it, so
+                // whoever hears of the resume finds the record already up to date.
+                let previous = std::mem::replace(&mut rec.path, device.clone());
+                if let Err(e) = self.put_record(&rec) {
+                    tracing::error!(pool, volume = name, error = %e.chain(), "recording the new device path");
+                    return true;
+                }
+                if let Err(e) = h.resume(device) {
+                    tracing::error!(pool, volume = name, device = %device.display(), error = format!("{e:#}"),
+                        "resuming on the returned device failed");
+                    rec.path = previous;
+                    if let Err(e) = self.put_record(&rec) {
+                        tracing::error!(pool, volume = name, error = %e.chain(), "restoring the device path");
+                    }
+                    // Not this device, for now: wait for it to change.
+                    if let Some(n) = sysfs.name_of_path(device) {
+                        let seq = sysfs.block_dev(&n).and_then(|b| b.diskseq);
+                        self.taints.taint(&n, seq);
+                    }
+                    return true;
+                }
+                tracing::info!(pool, volume = name, device = %device.display(),
+                    previous = %previous.display(), "backing device back: export resumed");
+                self.note_resumed(pool, name, device);
+            }
+            (Decision::Start { device, .. }, None) => {
+                let previous = std::mem::replace(&mut rec.path, device.clone());
+                let a = rec.attachment.clone().unwrap_or_else(|| unreachable!());
+                match self.start_export(&rec, &a) {
+                    Ok(()) => {
+                        if let Err(e) = self.put_record(&rec) {
+                            tracing::error!(pool, volume = name, error = %e.chain(), "recording the new device path");
+                        }
+                        tracing::info!(pool, volume = name, device = %device.display(),
+                            "backing device appeared: export started");
+                        self.emit(
+                            pool,
+                            name,
+                            pb::event::Kind::BackendResumed(pb::BackendResumed {
+                                device: device.display().to_string(),
+                                previous_device: previous.display().to_string(),
+                            }),
+                        );
+                    }
+                    Err(e) => tracing::error!(pool, volume = name, error = %e.chain(),
+                        "starting the export on the appeared device failed"),
+                }
+            }
+            // The export went away (detach) or appeared meanwhile: the next pass decides.
+            _ => {}
+        }
+        true
+    }
+
+    /// Records (once) that a volume's backing is removed, and tells Watch.
+    fn note_removed(&self, pool: &str, name: &str, reason: &str, device: &Path) -> bool {
+        let first = self
+            .lock()
+            .removed
+            .insert(key(pool, name), (reason.to_owned(), device.to_owned()))
+            .is_none();
+        if first {
+            self.emit(
+                pool,
+                name,
+                pb::event::Kind::BackendRemoved(pb::BackendRemoved {
+                    reason: reason.to_owned(),
+                    device: device.display().to_string(),
+                }),
+            );
+        }
+        first
+    }
+
+    /// Records (once) that a volume's backing is served again, and tells Watch.
+    fn note_resumed(&self, pool: &str, name: &str, device: &Path) {
+        let was = self.lock().removed.remove(&key(pool, name));
+        if let Some((_, previous)) = was {
+            self.emit(
+                pool,
+                name,
+                pb::event::Kind::BackendResumed(pb::BackendResumed {
+                    device: device.display().to_string(),
+                    previous_device: previous.display().to_string(),
+                }),
+            );
+        }
+    }
+
+    /// An export's own report (on the export's threads).
+    fn backend_event(&self, pool: &str, name: &str, e: &BackendEvent) {
+        match e {
+            BackendEvent::Removed { reason } => {
+                let Some(rec) = self.record(pool, name) else {
+                    return;
+                };
+                if self.note_removed(pool, name, reason, &rec.path) {
+                    // The export found out by itself (its I/O failed with ENODEV/ENXIO):
+                    // the device at its path counts as gone until it gets a new medium.
+                    tracing::warn!(pool, volume = name, device = %rec.path.display(), reason,
+                        "export reports its volume removed");
+                    if let Some(n) = self.sysfs.name_of_path(&rec.path) {
+                        let seq = self.sysfs.block_dev(&n).and_then(|b| b.diskseq);
+                        self.taints.taint(&n, seq);
+                    }
+                }
+            }
+            BackendEvent::Resumed { volume } => self.note_resumed(pool, name, volume),
+            BackendEvent::TimedOut { requests } => {
+                tracing::warn!(
+                    pool,
+                    volume = name,
+                    requests,
+                    "requests failed by the I/O timeout"
+                );
+                self.emit(
+                    pool,
+                    name,
+                    pb::event::Kind::IoTimeout(pb::IoTimeout {
+                        requests: *requests,
+                    }),
+                );
+            }
+            BackendEvent::Connected => tracing::info!(pool, volume = name, "frontend connected"),
+            BackendEvent::Disconnected => {
+                tracing::info!(pool, volume = name, "frontend disconnected")
+            }
+        }
+    }
+
+    /// An attachment's backend state for the API, with the removal reason.
+    fn backend_state(&self, pool: &str, name: &str) -> (pb::BackendState, String) {
+        let inner = self.lock();
+        let k = key(pool, name);
+        if !inner.exports.contains_key(&k) {
+            return (pb::BackendState::Missing, String::new());
+        }
+        match (
+            inner.removed.get(&k),
+            inner.exports.get(&k).map(|h| h.state()),
+        ) {
+            (Some((r, _)), _) => (pb::BackendState::Removed, r.clone()),
+            (None, Some(BackendState::Removed)) => (pb::BackendState::Removed, String::new()),
+            (None, _) => (pb::BackendState::Active, String::new()),
         }
     }
 
@@ -1329,6 +1682,28 @@ impl Driver {
                 .volumes
                 .insert(key(&rec.pool, &rec.name), rec.clone());
             if let Some(a) = rec.attachment.clone() {
+                if self.is_block_pool(&rec.pool) {
+                    match self.locate_backing(&mut rec) {
+                        Ok(Located::Here) | Ok(Located::Unidentified) => {}
+                        Ok(Located::Moved(from)) => {
+                            tracing::warn!(pool = %rec.pool, volume = %rec.name, from = %from.display(),
+                                to = %rec.path.display(), "backing device found under a new name");
+                            self.put_record(&rec)?;
+                        }
+                        Ok(Located::Absent) => {
+                            // Keep the attachment: the export starts when the device
+                            // appears (hotplug), on the same socket.
+                            tracing::warn!(pool = %rec.pool, volume = %rec.name,
+                                identity = %rec.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+                                "backing device absent: the export waits for it");
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(pool = %rec.pool, volume = %rec.name, error = %e.chain(),
+                            "recording the backing device's identity")
+                        }
+                    }
+                }
                 if let Err(e) = self.start_export(&rec, &a) {
                     tracing::error!(pool = %rec.pool, volume = %rec.name, error = %e.chain(),
                         "re-exporting an attached volume failed; marking it detached");
@@ -1355,6 +1730,19 @@ impl Driver {
         }
         Ok(())
     }
+}
+
+/// Where [`Driver::locate_backing`] found a block volume's device.
+#[derive(Debug)]
+enum Located {
+    /// At its recorded path.
+    Here,
+    /// Elsewhere: the record's path was changed from this one.
+    Moved(PathBuf),
+    /// Nowhere.
+    Absent,
+    /// The device has no stable identity: taken as it is.
+    Unidentified,
 }
 
 fn state_pb(s: Option<VolState>) -> pb::VolumeState {
@@ -1395,6 +1783,7 @@ fn attachment_pb(rec: &VolumeRecord, a: &AttachRecord) -> pb::Attachment {
         qemu_chardev,
         qemu_device,
         attached_unix_ms: a.attached_unix_ms,
+        ..Default::default()
     }
 }
 
@@ -1718,5 +2107,176 @@ mod tests {
         ] {
             assert_eq!(e.code(), tonic::Code::Aborted);
         }
+    }
+
+    fn backend_kinds(rx: &mut broadcast::Receiver<pb::Event>) -> Vec<pb::event::Kind> {
+        let mut out = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            match e.kind {
+                Some(k @ pb::event::Kind::BackendRemoved(_))
+                | Some(k @ pb::event::Kind::BackendResumed(_))
+                | Some(k @ pb::event::Kind::IoTimeout(_)) => out.push(k),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn an_export_that_reports_its_volume_removed_is_shown_removed_once_then_resumed() {
+        let t = tempfile::tempdir().unwrap();
+        let fake = FakeExporter::default();
+        let d = open(t.path(), &fake);
+        d.create_volume(empty("a")).unwrap();
+        let a = d.attach_volume(attach("a")).unwrap();
+        assert_eq!(a.backend_state, pb::BackendState::Active as i32);
+        let mut rx = d.subscribe();
+        let x = fake.export(Path::new(&a.socket_path)).unwrap();
+        x.fail_io("I/O failed: No such device");
+        x.fail_io("I/O failed: No such device");
+        let v = d.get_volume(DEFAULT_POOL, "a").unwrap();
+        let att = v.attachment.unwrap();
+        assert_eq!(att.backend_state, pb::BackendState::Removed as i32);
+        assert!(att.backend_removed_reason.contains("No such device"));
+        let k = backend_kinds(&mut rx);
+        assert!(
+            matches!(&k[..], [pb::event::Kind::BackendRemoved(r)] if r.device == v.path),
+            "{k:?}"
+        );
+        // The export comes back by itself (e.g. resumed through the export's own API).
+        *x.state.lock().unwrap() = (BackendState::Active, PathBuf::from(&v.path));
+        (x.events)(&BackendEvent::Resumed {
+            volume: PathBuf::from(&v.path),
+        });
+        (x.events)(&BackendEvent::TimedOut { requests: 3 });
+        let k = backend_kinds(&mut rx);
+        assert!(
+            matches!(&k[..], [pb::event::Kind::BackendResumed(r), pb::event::Kind::IoTimeout(t)]
+                if r.device == v.path && t.requests == 3),
+            "{k:?}"
+        );
+        let att = d.get_volume(DEFAULT_POOL, "a").unwrap().attachment.unwrap();
+        assert_eq!(att.backend_state, pb::BackendState::Active as i32);
+    }
+
+    #[test]
+    fn hotplug_decisions_remove_and_resume_the_export_on_the_new_path() {
+        let t = tempfile::tempdir().unwrap();
+        let fake = FakeExporter::default();
+        let d = open(t.path(), &fake);
+        let v = d.create_volume(empty("a")).unwrap();
+        let a = d.attach_volume(attach("a")).unwrap();
+        let x = fake.export(Path::new(&a.socket_path)).unwrap();
+        let mut rx = d.subscribe();
+        let sysfs = Sysfs::new(t.path().join("no-sysfs"));
+        let (pool, volume) = (DEFAULT_POOL.to_owned(), "a".to_owned());
+        assert!(d.hotplug_apply(
+            &Decision::Remove {
+                pool: pool.clone(),
+                volume: volume.clone(),
+                reason: "the backing device was removed".into()
+            },
+            &sysfs
+        ));
+        assert_eq!(x.backend().0, BackendState::Removed);
+        let moved = t.path().join("moved.img");
+        assert!(d.hotplug_apply(
+            &Decision::Resume {
+                pool: pool.clone(),
+                volume: volume.clone(),
+                device: moved.clone()
+            },
+            &sysfs
+        ));
+        assert_eq!(x.backend(), (BackendState::Active, moved.clone()));
+        let k = backend_kinds(&mut rx);
+        assert!(
+            matches!(&k[..], [pb::event::Kind::BackendRemoved(_), pb::event::Kind::BackendResumed(r)]
+                if r.device == moved.display().to_string() && r.previous_device == v.path),
+            "{k:?}"
+        );
+        // The record follows the device, across a restart too.
+        assert_eq!(
+            d.get_volume(DEFAULT_POOL, "a").unwrap().path,
+            moved.display().to_string()
+        );
+        drop(d);
+        let d2 = open(t.path(), &FakeExporter::default());
+        assert_eq!(
+            d2.get_volume(DEFAULT_POOL, "a").unwrap().path,
+            moved.display().to_string()
+        );
+    }
+
+    #[test]
+    fn a_failed_resume_leaves_the_export_removed_and_a_busy_volume_defers() {
+        let t = tempfile::tempdir().unwrap();
+        let fake = FakeExporter::default();
+        let d = open(t.path(), &fake);
+        let v = d.create_volume(empty("a")).unwrap();
+        let a = d.attach_volume(attach("a")).unwrap();
+        let x = fake.export(Path::new(&a.socket_path)).unwrap();
+        let sysfs = Sysfs::new(t.path().join("no-sysfs"));
+        let remove = Decision::Remove {
+            pool: DEFAULT_POOL.into(),
+            volume: "a".into(),
+            reason: "gone".into(),
+        };
+        {
+            let _g = d.begin(vkey(DEFAULT_POOL, "a"), "a").unwrap();
+            assert!(!d.hotplug_apply(&remove, &sysfs), "busy: deferred");
+        }
+        assert_eq!(x.backend().0, BackendState::Active);
+        assert!(d.hotplug_apply(&remove, &sysfs));
+        *fake.fail_resume.lock().unwrap() = Some("volume too small".into());
+        let resume = Decision::Resume {
+            pool: DEFAULT_POOL.into(),
+            volume: "a".into(),
+            device: t.path().join("other.img"),
+        };
+        assert!(d.hotplug_apply(&resume, &sysfs));
+        assert_eq!(x.backend().0, BackendState::Removed);
+        assert_eq!(d.get_volume(DEFAULT_POOL, "a").unwrap().path, v.path);
+    }
+
+    #[test]
+    fn configured_attachments_are_exported_at_startup_and_missing_ones_are_skipped() {
+        let t = tempfile::tempdir().unwrap();
+        let fake = FakeExporter::default();
+        let d = open(t.path(), &fake);
+        d.create_volume(empty("a")).unwrap();
+        drop(d);
+        let mut config = Config::default();
+        for v in ["ghost", "a"] {
+            config.attachments.push(AttachmentConfig {
+                pool: DEFAULT_POOL.into(),
+                volume: v.into(),
+                logical_block_size: 4096,
+                read_only: false,
+                num_queues: 0,
+                queue_size: 0,
+            });
+        }
+        let fake2 = FakeExporter::default();
+        let d2 = Driver::open(DriverParams {
+            state_dir: t.path().join("state"),
+            export_dir: t.path().join("exports"),
+            config,
+            exporter: Box::new(fake2.clone()),
+            pause_at: None,
+            pause_marker: None,
+        })
+        .unwrap();
+        d2.apply_configured_attachments();
+        let running = fake2.running.lock().unwrap().clone();
+        assert_eq!(running.len(), 1);
+        assert_eq!(running[0].logical_block_size, 4096);
+        assert_eq!(
+            running[0].io_timeout_ms,
+            crate::config::DEFAULT_IO_TIMEOUT_MS
+        );
+        // Again (a restart): the same attachment, not a second export.
+        d2.apply_configured_attachments();
+        assert_eq!(fake2.running.lock().unwrap().len(), 1);
     }
 }

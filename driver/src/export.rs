@@ -6,12 +6,12 @@
 //!                              │ VhostExporter: binds the socket now, serves on a thread
 //!  Driver::detach ──► ExportHandle::stop() (stop serving, join the thread)
 //!  thread ends with an error ──► on_exit(Some(message)) ──► Watch ExportError event
+//!  hotplug ──► ExportHandle::remove(reason) / resume(new device)
+//!  export ──► EventSink(BackendEvent: Removed, Resumed, TimedOut, ...) ──► Watch events
 //! ```
 
-use std::path::PathBuf;
-#[cfg(any(test, feature = "test-utils"))]
-use std::sync::Arc;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 /// What to export.
@@ -33,24 +33,73 @@ pub struct ExportParams {
     pub serial: String,
     /// O_DIRECT where possible.
     pub direct_io: bool,
+    /// Requests older than this fail with an I/O error (ms; 0: no timeout).
+    pub io_timeout_ms: u64,
 }
 
 /// Called once when an export stops on its own: `Some(error)` if it failed.
 pub type OnExit = Box<dyn FnOnce(Option<String>) + Send>;
 
+/// Whether an export's volume is being served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendState {
+    /// Requests are served from the volume.
+    Active,
+    /// The volume is gone: every request fails with an I/O error until resumed.
+    Removed,
+}
+
+/// What an export reports while it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendEvent {
+    /// The volume went away (removed, or its I/O failed with ENODEV/ENXIO).
+    Removed {
+        /// Why.
+        reason: String,
+    },
+    /// Requests are served again, from this path.
+    Resumed {
+        /// The volume's path now.
+        volume: PathBuf,
+    },
+    /// Requests were failed by the I/O timeout.
+    TimedOut {
+        /// How many.
+        requests: u64,
+    },
+    /// A vhost-user frontend connected.
+    Connected,
+    /// The frontend went away.
+    Disconnected,
+}
+
+/// Receives an export's [`BackendEvent`]s, on the export's own threads.
+pub type EventSink = Arc<dyn Fn(&BackendEvent) + Send + Sync>;
+
 /// A running export.
 pub trait ExportHandle: Send + Sync + std::fmt::Debug {
     /// Stops serving (the guest's requests are answered first) and waits for it.
     fn stop(&self);
+    /// The volume is gone: fail its requests (in flight and new) with an I/O error until
+    /// [`ExportHandle::resume`]; the vhost-user session stays up. Idempotent.
+    fn remove(&self, reason: &str);
+    /// Serves `volume` (the same disk, perhaps under a new path) from now on.
+    fn resume(&self, volume: &Path) -> anyhow::Result<()>;
+    /// Active or removed.
+    fn state(&self) -> BackendState;
+    /// The path of the volume served (or last served).
+    fn volume_path(&self) -> PathBuf;
 }
 
 /// Starts exports.
 pub trait Exporter: Send + Sync + std::fmt::Debug {
-    /// Starts serving `params`; errors that happen before serving are returned.
+    /// Starts serving `params`; errors that happen before serving are returned. Events
+    /// go to `events` from the start.
     fn start(
         &self,
         params: &ExportParams,
         on_exit: OnExit,
+        events: EventSink,
     ) -> anyhow::Result<Box<dyn ExportHandle>>;
 }
 
@@ -61,6 +110,7 @@ pub struct VhostExporter;
 #[derive(Debug)]
 struct VhostHandle {
     stop: vhost_blk::StopHandle,
+    control: vhost_blk::ExportControl,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -74,10 +124,51 @@ impl ExportHandle for VhostHandle {
             }
         }
     }
+
+    fn remove(&self, reason: &str) {
+        self.control.remove(reason);
+    }
+
+    fn resume(&self, volume: &Path) -> anyhow::Result<()> {
+        self.control.resume(volume)?;
+        Ok(())
+    }
+
+    fn state(&self) -> BackendState {
+        match self.control.state() {
+            vhost_blk::VolumeState::Active => BackendState::Active,
+            vhost_blk::VolumeState::Removed => BackendState::Removed,
+        }
+    }
+
+    fn volume_path(&self) -> PathBuf {
+        self.control.volume_path()
+    }
+}
+
+fn backend_event(e: &vhost_blk::ExportEvent) -> BackendEvent {
+    match e {
+        vhost_blk::ExportEvent::Removed { reason } => BackendEvent::Removed {
+            reason: reason.clone(),
+        },
+        vhost_blk::ExportEvent::Resumed { volume } => BackendEvent::Resumed {
+            volume: volume.clone(),
+        },
+        vhost_blk::ExportEvent::TimedOut { requests } => BackendEvent::TimedOut {
+            requests: *requests,
+        },
+        vhost_blk::ExportEvent::Connected => BackendEvent::Connected,
+        vhost_blk::ExportEvent::Disconnected => BackendEvent::Disconnected,
+    }
 }
 
 impl Exporter for VhostExporter {
-    fn start(&self, p: &ExportParams, on_exit: OnExit) -> anyhow::Result<Box<dyn ExportHandle>> {
+    fn start(
+        &self,
+        p: &ExportParams,
+        on_exit: OnExit,
+        events: EventSink,
+    ) -> anyhow::Result<Box<dyn ExportHandle>> {
         let cfg = vhost_blk::ExportConfig {
             volume: p.volume.clone(),
             socket: p.socket.clone(),
@@ -87,10 +178,15 @@ impl Exporter for VhostExporter {
             queue_size: p.queue_size,
             serial: p.serial.clone(),
             direct_io: p.direct_io,
+            io_timeout_ms: p.io_timeout_ms,
             ..vhost_blk::ExportConfig::default()
         };
         let stop = vhost_blk::StopHandle::new()?;
         let export = vhost_blk::Export::with_stop_handle(cfg, stop.clone())?;
+        let control = export.control();
+        control.set_event_sink(Arc::new(move |e: &vhost_blk::ExportEvent| {
+            events(&backend_event(e))
+        }));
         let socket = p.socket.clone();
         let thread = std::thread::Builder::new()
             .name("vmblk-export".into())
@@ -105,8 +201,52 @@ impl Exporter for VhostExporter {
             })?;
         Ok(Box::new(VhostHandle {
             stop,
+            control,
             thread: Mutex::new(Some(thread)),
         }))
+    }
+}
+
+/// One export of the [`FakeExporter`], as the test sees it.
+#[cfg(any(test, feature = "test-utils"))]
+#[derive(Clone)]
+pub struct FakeExport {
+    /// What it was started with.
+    pub params: ExportParams,
+    /// Its state and current volume.
+    pub state: Arc<Mutex<(BackendState, PathBuf)>>,
+    /// Its event sink (to simulate the export reporting an I/O failure).
+    pub events: EventSink,
+}
+
+#[cfg(any(test, feature = "test-utils"))]
+impl std::fmt::Debug for FakeExport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeExport")
+            .field("params", &self.params)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(any(test, feature = "test-utils"))]
+impl FakeExport {
+    /// Simulates the export's I/O failing with ENODEV: it removes itself and says so.
+    pub fn fail_io(&self, reason: &str) {
+        let was = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::replace(&mut s.0, BackendState::Removed)
+        };
+        if was == BackendState::Active {
+            (self.events)(&BackendEvent::Removed {
+                reason: reason.to_owned(),
+            });
+        }
+    }
+
+    /// Its state now.
+    pub fn backend(&self) -> (BackendState, PathBuf) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -118,8 +258,12 @@ pub struct FakeExporter {
     pub running: Arc<Mutex<Vec<ExportParams>>>,
     /// Make the next starts fail with this message.
     pub fail_start: Arc<Mutex<Option<String>>>,
+    /// Make resumes fail with this message.
+    pub fail_resume: Arc<Mutex<Option<String>>>,
     /// The exit callbacks of running exports, to simulate an export failing.
     pub on_exit: Arc<Mutex<Vec<OnExit>>>,
+    /// Every export started, by socket.
+    pub exports: Arc<Mutex<Vec<FakeExport>>>,
 }
 
 #[cfg(any(test, feature = "test-utils"))]
@@ -145,6 +289,17 @@ impl FakeExporter {
             cb(Some(message.to_owned()));
         }
     }
+
+    /// The last export started on `socket`.
+    pub fn export(&self, socket: &Path) -> Option<FakeExport> {
+        self.exports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .rev()
+            .find(|e| e.params.socket == socket)
+            .cloned()
+    }
 }
 
 #[cfg(any(test, feature = "test-utils"))]
@@ -152,6 +307,8 @@ impl FakeExporter {
 struct FakeHandle {
     params: ExportParams,
     running: Arc<Mutex<Vec<ExportParams>>>,
+    export: FakeExport,
+    fail_resume: Arc<Mutex<Option<String>>>,
 }
 
 #[cfg(any(test, feature = "test-utils"))]
@@ -160,11 +317,45 @@ impl ExportHandle for FakeHandle {
         let mut r = self.running.lock().unwrap_or_else(|e| e.into_inner());
         r.retain(|p| p != &self.params);
     }
+
+    fn remove(&self, reason: &str) {
+        self.export.fail_io(reason);
+    }
+
+    fn resume(&self, volume: &Path) -> anyhow::Result<()> {
+        if let Some(m) = self
+            .fail_resume
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            anyhow::bail!("{m}");
+        }
+        *self.export.state.lock().unwrap_or_else(|e| e.into_inner()) =
+            (BackendState::Active, volume.to_owned());
+        (self.export.events)(&BackendEvent::Resumed {
+            volume: volume.to_owned(),
+        });
+        Ok(())
+    }
+
+    fn state(&self) -> BackendState {
+        self.export.backend().0
+    }
+
+    fn volume_path(&self) -> PathBuf {
+        self.export.backend().1
+    }
 }
 
 #[cfg(any(test, feature = "test-utils"))]
 impl Exporter for FakeExporter {
-    fn start(&self, p: &ExportParams, on_exit: OnExit) -> anyhow::Result<Box<dyn ExportHandle>> {
+    fn start(
+        &self,
+        p: &ExportParams,
+        on_exit: OnExit,
+        events: EventSink,
+    ) -> anyhow::Result<Box<dyn ExportHandle>> {
         if let Some(m) = self
             .fail_start
             .lock()
@@ -181,9 +372,20 @@ impl Exporter for FakeExporter {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(p.clone());
+        let export = FakeExport {
+            params: p.clone(),
+            state: Arc::new(Mutex::new((BackendState::Active, p.volume.clone()))),
+            events,
+        };
+        self.exports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(export.clone());
         Ok(Box::new(FakeHandle {
             params: p.clone(),
             running: self.running.clone(),
+            export,
+            fail_resume: self.fail_resume.clone(),
         }))
     }
 }

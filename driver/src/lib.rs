@@ -8,6 +8,8 @@
 //!                        │ records: Store (state.rs, fsync'd atomic JSON files)
 //!                        │ fill:    image_unpack::unpack / repair, FICLONE (sys.rs)
 //!                        │ export:  Exporter (export.rs) ──► vhost_blk::Export
+//!                        │ hotplug: Monitor (hotplug.rs): kernel uevents, identity.rs
+//!                        │          ──► remove / resume exports of block-pool volumes
 //!                        └ events:  broadcast ──► Watch stream
 //! ```
 //!
@@ -19,6 +21,8 @@ mod config;
 mod driver;
 mod error;
 mod export;
+mod hotplug;
+mod identity;
 mod names;
 mod server;
 mod service;
@@ -29,13 +33,18 @@ pub mod client;
 pub mod hook;
 
 pub use config::{
-    Config, ConfigError, ExportDefaults, PoolConfig, PoolKind, DEFAULT_CONFIG_PATH, DEFAULT_POOL,
-    DEFAULT_SOCKET, DEFAULT_STATE_DIR,
+    AttachmentConfig, Config, ConfigError, ExportDefaults, HotplugConfig, PoolConfig, PoolKind,
+    DEFAULT_CONFIG_PATH, DEFAULT_IO_TIMEOUT_MS, DEFAULT_POOL, DEFAULT_SOCKET, DEFAULT_STATE_DIR,
 };
 pub use driver::{Driver, DriverParams};
 pub use error::Error;
+pub use export::{
+    BackendEvent, BackendState, EventSink, ExportHandle, ExportParams, Exporter, OnExit,
+    VhostExporter,
+};
 #[cfg(any(test, feature = "test-utils"))]
-pub use export::FakeExporter;
-pub use export::{ExportHandle, ExportParams, Exporter, OnExit, VhostExporter};
+pub use export::{FakeExport, FakeExporter};
+pub use hotplug::{reconcile, Decision, Monitor, MonitorHandle, Tracked, TrackedState, Uevent};
+pub use identity::{BlockDev, DeviceIdentity, Sysfs};
 pub use server::{init_tracing, run, serve, Args, LogFormat, Settings};
 pub use service::Service;

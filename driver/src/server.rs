@@ -1,6 +1,14 @@
 //! Daemon startup and shutdown: configuration, the state-directory lock, stale bridge
 //! cleanup, crash recovery, the unix socket (mode 0660 by default), gRPC health and
 //! reflection, and a clean stop on SIGTERM/SIGINT.
+//!
+//! Startup order (whatever order the configuration file lists things in):
+//!
+//! ```text
+//!  uevent socket opened (events queue, unread) ─► pools, volumes, recorded attachments
+//!  restored ─► configured attachments exported ─► hotplug monitor started (queued events,
+//!  then a full reconcile) ─► gRPC socket bound
+//! ```
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -13,6 +21,7 @@ use vmblk_proto::v1::storage_driver_server::StorageDriverServer;
 use crate::config::{Config, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET, DEFAULT_STATE_DIR};
 use crate::driver::{Driver, DriverParams};
 use crate::export::VhostExporter;
+use crate::hotplug::Monitor;
 use crate::service::Service;
 
 /// Log output format.
@@ -205,9 +214,35 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             .filter(|s| !s.is_empty()),
         pause_marker: std::env::var_os("VMBLKD_TEST_PAUSE_MARKER").map(PathBuf::from),
     };
-    let driver = tokio::task::spawn_blocking(move || Driver::open(params))
-        .await?
-        .map_err(|e| anyhow::anyhow!("{}", e.chain()))?;
+    // The uevent socket is bound before anything is restored, so no hot-remove or re-add
+    // that happens meanwhile is lost; its events are read only once everything
+    // configured is in place (an early reader would race the restore).
+    let monitor = if settings.config.hotplug.enabled {
+        match Monitor::open() {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open the kernel uevent socket: hotplug is off");
+                None
+            }
+        }
+    } else {
+        tracing::info!("hotplug disabled by the configuration");
+        None
+    };
+    let driver = tokio::task::spawn_blocking(move || {
+        let d = Driver::open(params)?;
+        d.apply_configured_attachments();
+        Ok::<_, crate::error::Error>(d)
+    })
+    .await?
+    .map_err(|e| anyhow::anyhow!("{}", e.chain()))?;
+    let mut hotplug = match monitor {
+        Some(m) => Some(
+            m.start(Arc::clone(&driver))
+                .context("starting the hotplug monitor")?,
+        ),
+        None => None,
+    };
     let listener = bind(&settings.socket, settings.config.socket_mode())?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -256,7 +291,13 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             "operations still running after the grace period; stopping without them"
         ),
     }
-    tokio::task::spawn_blocking(move || d2.shutdown()).await?;
+    tokio::task::spawn_blocking(move || {
+        if let Some(h) = hotplug.as_mut() {
+            h.stop();
+        }
+        d2.shutdown()
+    })
+    .await?;
     let _ = std::fs::remove_file(&settings.socket);
     tracing::info!("vmblkd stopped");
     Ok(())

@@ -108,6 +108,12 @@ pub struct VolumeRecord {
     /// The size requested at creation (0: the image's), for idempotent repeats.
     #[serde(default)]
     pub requested_bytes: u64,
+    /// Block pools: the stable identity of the device (recorded at creation, or at the
+    /// first attach or start for records written before identities were), so the device
+    /// is recognised when it comes back under another name, and another device at the
+    /// same path is not taken for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<crate::identity::DeviceIdentity>,
 }
 
 /// A cached image.
@@ -332,6 +338,7 @@ mod tests {
             created_unix_ms: 1,
             reflinked: false,
             requested_bytes: 4096,
+            identity: None,
         }
     }
 

@@ -1,9 +1,10 @@
 //! The kernel interfaces the driver uses directly: reflink (`FICLONE`), block device
-//! geometry (`BLKGETSIZE64`, `BLKSSZGET`), directory fsync and file-system space.
+//! geometry (`BLKGETSIZE64`, `BLKSSZGET`), directory fsync, file-system space, and the
+//! kernel uevent netlink socket.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
@@ -116,4 +117,97 @@ pub fn copy_range(src: &File, dst: &File, off: u64, len: u64) -> io::Result<()> 
         done += n as u64;
     }
     Ok(())
+}
+
+/// The kernel's uevent netlink socket (NETLINK_KOBJECT_UEVENT, multicast group 1: the
+/// kernel's own messages; no udevd is needed), through libudev's monitor, filtered to the
+/// `block` subsystem. Events queue in the socket from [`UeventSocket::open`] on, whether
+/// or not anyone reads them yet.
+pub struct UeventSocket {
+    sock: udev::MonitorSocket,
+}
+
+impl std::fmt::Debug for UeventSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UeventSocket")
+            .field("fd", &self.sock.as_raw_fd())
+            .finish()
+    }
+}
+
+/// Receive buffer asked for the uevent socket, so a burst (many disks appearing at once
+/// while the state is being restored) does not overflow it.
+pub const UEVENT_RCVBUF: usize = 8 << 20;
+
+/// One batch of received uevents.
+#[derive(Debug, Default)]
+pub struct UeventBatch {
+    /// Each event's properties (ACTION, DEVPATH, SUBSYSTEM, DEVNAME, MAJOR, ...).
+    pub events: Vec<Vec<(String, String)>>,
+    /// The socket overflowed (ENOBUFS): events were lost, so state must be rescanned.
+    pub overflowed: bool,
+}
+
+impl UeventSocket {
+    /// Opens and binds the socket (kernel source, `block` subsystem).
+    pub fn open() -> io::Result<UeventSocket> {
+        let sock = udev::MonitorBuilder::new_kernel()?
+            .match_subsystem("block")?
+            .listen()?;
+        // SO_RCVBUFFORCE needs CAP_NET_ADMIN; without it the default buffer stays.
+        let force = nix::sys::socket::setsockopt(
+            &sock,
+            nix::sys::socket::sockopt::RcvBufForce,
+            &UEVENT_RCVBUF,
+        );
+        if let Err(e) = force {
+            tracing::debug!(error = %e, "uevent socket keeps the default receive buffer");
+        }
+        Ok(UeventSocket { sock })
+    }
+
+    /// Waits up to `timeout` for events; true if some are ready.
+    pub fn wait(&self, timeout: std::time::Duration) -> io::Result<bool> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(n) => Ok(n > 0),
+            Err(nix::Error::EINTR) => Ok(false),
+            Err(e) => Err(errno(e)),
+        }
+    }
+
+    /// Reads every queued event without blocking.
+    pub fn drain(&self) -> UeventBatch {
+        let mut b = UeventBatch::default();
+        let mut it = self.sock.iter();
+        let mut overflows = 0;
+        loop {
+            match it.next() {
+                Some(ev) => b.events.push(
+                    ev.properties()
+                        .map(|p| {
+                            (
+                                p.name().to_string_lossy().into_owned(),
+                                p.value().to_string_lossy().into_owned(),
+                            )
+                        })
+                        .collect(),
+                ),
+                None => {
+                    // libudev returns NULL with errno set: EAGAIN when the queue is empty,
+                    // ENOBUFS when the kernel dropped messages for want of buffer.
+                    let e = io::Error::last_os_error();
+                    if e.raw_os_error() == Some(libc::ENOBUFS) && overflows < 16 {
+                        b.overflowed = true;
+                        overflows += 1;
+                        continue;
+                    }
+                    break;
+                }
+            }
+        }
+        b
+    }
 }

@@ -329,6 +329,13 @@ pub struct Attachment {
     /// Attach time, milliseconds since the Unix epoch.
     #[prost(uint64, tag = "10")]
     pub attached_unix_ms: u64,
+    /// Whether the backing device is there: block-pool volumes follow their device through
+    /// hot-remove and re-add (matched by stable identity, not by name).
+    #[prost(enumeration = "BackendState", tag = "11")]
+    pub backend_state: i32,
+    /// While BACKEND_STATE_REMOVED: why.
+    #[prost(string, tag = "12")]
+    pub backend_removed_reason: ::prost::alloc::string::String,
 }
 /// DetachVolume's request.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -442,7 +449,7 @@ pub struct Event {
     /// Volume name (or image fingerprint for image imports).
     #[prost(string, tag = "3")]
     pub name: ::prost::alloc::string::String,
-    #[prost(oneof = "event::Kind", tags = "10, 11, 12, 13")]
+    #[prost(oneof = "event::Kind", tags = "10, 11, 12, 13, 14, 15, 16")]
     pub kind: ::core::option::Option<event::Kind>,
 }
 /// Nested message and enum types in `Event`.
@@ -461,6 +468,15 @@ pub mod event {
         /// An export failed while serving.
         #[prost(message, tag = "13")]
         ExportError(super::ExportError),
+        /// An attached volume's backing device went away.
+        #[prost(message, tag = "14")]
+        BackendRemoved(super::BackendRemoved),
+        /// An attached volume's backing device came back and is served again.
+        #[prost(message, tag = "15")]
+        BackendResumed(super::BackendResumed),
+        /// Guest requests failed because they outlived the I/O timeout.
+        #[prost(message, tag = "16")]
+        IoTimeout(super::IoTimeout),
     }
 }
 /// A volume changed state. A volume that is removed goes to VOLUME_STATE_UNSPECIFIED.
@@ -505,6 +521,37 @@ pub struct ExportError {
     /// The error, with its causes.
     #[prost(string, tag = "1")]
     pub message: ::prost::alloc::string::String,
+}
+/// The backing device of an attached volume went away (hot-remove, its I/O failing with
+/// ENODEV/ENXIO, or another device now at its path). The export stays up and answers
+/// every request with an I/O error until the device comes back.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct BackendRemoved {
+    /// Why, e.g. "the backing device was removed".
+    #[prost(string, tag = "1")]
+    pub reason: ::prost::alloc::string::String,
+    /// The device node the volume was served from.
+    #[prost(string, tag = "2")]
+    pub device: ::prost::alloc::string::String,
+}
+/// The backing device of an attached volume came back (same stable identity) and the
+/// export serves it again, without the guest reconnecting.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct BackendResumed {
+    /// The device node it is served from now (it may have a new name).
+    #[prost(string, tag = "1")]
+    pub device: ::prost::alloc::string::String,
+    /// The device node it was served from before the removal.
+    #[prost(string, tag = "2")]
+    pub previous_device: ::prost::alloc::string::String,
+}
+/// Guest requests that outlived the export's I/O timeout (exports.io_timeout_ms) were
+/// completed with an I/O error.
+#[derive(Clone, Copy, PartialEq, ::prost::Message)]
+pub struct IoTimeout {
+    /// How many requests.
+    #[prost(uint64, tag = "1")]
+    pub requests: u64,
 }
 /// How a pool stores its volumes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -612,6 +659,45 @@ impl VolumeState {
             "VOLUME_STATE_READY" => Some(Self::Ready),
             "VOLUME_STATE_GROWING" => Some(Self::Growing),
             "VOLUME_STATE_DELETING" => Some(Self::Deleting),
+            _ => None,
+        }
+    }
+}
+/// Where an attached volume's backing device stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum BackendState {
+    /// Unset.
+    Unspecified = 0,
+    /// The export serves the volume.
+    Active = 1,
+    /// The backing device went away: the export keeps its socket and session and answers
+    /// every request with an I/O error until the device comes back.
+    Removed = 2,
+    /// The backing device was absent when vmblkd started: the attachment is kept and the
+    /// export starts (its socket appears) when the device does.
+    Missing = 3,
+}
+impl BackendState {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "BACKEND_STATE_UNSPECIFIED",
+            Self::Active => "BACKEND_STATE_ACTIVE",
+            Self::Removed => "BACKEND_STATE_REMOVED",
+            Self::Missing => "BACKEND_STATE_MISSING",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "BACKEND_STATE_UNSPECIFIED" => Some(Self::Unspecified),
+            "BACKEND_STATE_ACTIVE" => Some(Self::Active),
+            "BACKEND_STATE_REMOVED" => Some(Self::Removed),
+            "BACKEND_STATE_MISSING" => Some(Self::Missing),
             _ => None,
         }
     }
