@@ -59,6 +59,8 @@ impl Rig {
             CommandExport::start(CommandExportParams::vmblk(boot.device(), 512)).unwrap();
         let mut p = CommandExportParams::vmblk(data_loop.path(), 512);
         p.name = "vmblk-export-data".into();
+        // Events as JSON lines on stderr.
+        p.args.push("--json".into());
         if let Some(ms) = io_timeout_ms {
             p.args.extend(["--io-timeout-ms".into(), ms.to_string()]);
         }
@@ -203,6 +205,15 @@ impl Rig {
     }
 }
 
+/// The export's events (`--json`: one JSON object per line on stderr), by name.
+fn events(e: &CommandExport) -> Vec<String> {
+    e.logs()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
+        .filter_map(|v| v.get("event").and_then(|e| e.as_str()).map(str::to_owned))
+        .collect()
+}
+
 fn assert_alive(e: &mut CommandExport) {
     if let Err(err) = e.check_alive() {
         panic!("{err:#}");
@@ -243,6 +254,13 @@ fn poweroff_with_a_removed_disk_under_scan_completes_within_10s() {
     assert_alive(&mut rig.data_export);
     assert_alive(&mut rig.boot_export);
     assert!(rig.data_loop.path().exists());
+    let ev = events(&rig.data_export);
+    eprintln!("data export events: {ev:?}");
+    assert!(
+        ev.iter().any(|e| e == "removed"),
+        "ENODEV did not turn the export Removed: {ev:?}\n{}",
+        rig.data_export.logs()
+    );
 }
 
 #[test]
@@ -269,6 +287,9 @@ fn poweroff_with_a_hung_disk_under_scan_completes_and_the_export_serves_again() 
         to_error >= Duration::from_millis(IO_TIMEOUT_MS / 2),
         "error before the I/O timeout could have expired ({to_error:?}): not the timeout path?"
     );
+    // Power off while the scanner's next read is stuck (it reads every 0.2 s; each read
+    // of the hung disk ends only with the export's I/O timeout).
+    std::thread::sleep(Duration::from_secs(1));
 
     let (poweroff, jobs) = rig.poweroff();
     eprintln!(
@@ -277,6 +298,10 @@ fn poweroff_with_a_hung_disk_under_scan_completes_and_the_export_serves_again() 
         ctl.stats().blocked
     );
     assert!(poweroff < POWEROFF_LIMIT, "poweroff took {poweroff:?}");
+    assert!(
+        jobs > 0.5,
+        "the shutdown did not wait for a stuck read ({jobs:.2} s): the test did not hit one"
+    );
     assert!(ctl.stats().blocked >= 1, "{:?}", ctl.stats());
 
     // The export is alive and serves a second QEMU; the disk is still hung, so its
@@ -301,5 +326,14 @@ fn poweroff_with_a_hung_disk_under_scan_completes_and_the_export_serves_again() 
     std::thread::sleep(Duration::from_millis(500));
     assert_alive(&mut rig.data_export);
     assert_eq!(ctl.stats().blocked, 0);
-    eprintln!("whole test {:?}", started.elapsed());
+    let ev = events(&rig.data_export);
+    eprintln!(
+        "data export events: {ev:?}; whole test {:?}",
+        started.elapsed()
+    );
+    assert!(ev.iter().any(|e| e == "timed_out"), "{ev:?}");
+    assert!(
+        ev.iter().filter(|e| *e == "connected").count() >= 2,
+        "the second QEMU did not connect: {ev:?}"
+    );
 }
