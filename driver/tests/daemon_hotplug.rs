@@ -7,6 +7,7 @@ mod common;
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -182,6 +183,11 @@ async fn a_removed_device_that_comes_back_under_a_new_name_resumes_its_export() 
         "export does not serve {}",
         l2.dev.display()
     );
+    assert!(
+        !has_open(pid, &l1.dev),
+        "export still holds the old device {}",
+        l1.dev.display()
+    );
     UnixStream::connect(&a.socket_path).expect("the export's socket accepts");
     eprintln!(
         "remove event -> BackendRemoved: {removed_ms} ms; new loop device -> BackendResumed: {resumed_ms} ms"
@@ -206,6 +212,134 @@ async fn a_removed_device_that_comes_back_under_a_new_name_resumes_its_export() 
     drop(d);
     drop(l2);
     drop(l1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_device_at_the_old_path_is_not_exported_and_the_right_one_is_when_it_appears() {
+    use std::os::unix::fs::FileExt;
+    let _lock = loop_lock();
+    let t = tempfile::Builder::new()
+        .prefix("vmblkd-identity")
+        .tempdir()
+        .unwrap();
+    let (fa, fb) = (t.path().join("a.img"), t.path().join("b.img"));
+    sparse_file(&fa, 16 * MIB);
+    sparse_file(&fb, 16 * MIB);
+    let marker = b"ANOTHER-DISK-NOT-TO-BE-TOUCHED";
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fb)
+        .unwrap()
+        .write_all_at(marker, 0)
+        .unwrap();
+    let la = Loop::attach(&fa, 512);
+    let old_path = la.dev.clone();
+    let cfg = format!(
+        "pools:\n  - name: nvme\n    type: block\n    devices: [{}]\nhotplug: {{enabled: true}}\n",
+        la.dev.display()
+    );
+    let mut d = Daemon::start(
+        t.path(),
+        DaemonOpts {
+            config: Some(cfg),
+            ..Default::default()
+        },
+    );
+    let mut c = d.client().await;
+    c.create_volume(empty_request("nvme", "vm", 8 * MIB))
+        .await
+        .unwrap();
+    let a = c
+        .attach_volume(pb::AttachVolumeRequest {
+            pool: "nvme".into(),
+            name: "vm".into(),
+            logical_block_size: 512,
+            read_only: false,
+            num_queues: 0,
+            queue_size: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    drop(c);
+    // The daemon dies; while it is down, the disk goes away and another disk gets its
+    // name.
+    d.kill();
+    drop(la);
+    run(Command::new("losetup").arg(&old_path).arg(&fb));
+    let lb = Loop {
+        dev: old_path.clone(),
+    };
+    d.restart_with_env(vec![]);
+    let mut c = d.client().await;
+    let att = attachment(&mut c, "nvme", "vm").await;
+    assert_eq!(
+        att.backend_state,
+        pb::BackendState::Missing as i32,
+        "{}",
+        d.log_text()
+    );
+    let pid = d.pid().unwrap();
+    assert!(
+        !has_open(pid, &old_path),
+        "the other disk at {} was exported",
+        old_path.display()
+    );
+    assert!(UnixStream::connect(&a.socket_path).is_err());
+    let mut w = c
+        .watch(pb::WatchRequest {
+            pool: "nvme".into(),
+            name: "vm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Events about the other disk change nothing.
+    kernel_uevent(&lb.dev, "change");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!has_open(pid, &old_path));
+    // The right disk appears under a new name: its export starts, on the same socket.
+    let t0 = Instant::now();
+    let la2 = Loop::attach(&fa, 512);
+    let k = next_backend_event(&mut w, &d).await;
+    let started_ms = t0.elapsed().as_millis();
+    assert!(
+        matches!(&k, pb::event::Kind::BackendResumed(r) if r.device == la2.dev.display().to_string()),
+        "{k:?}"
+    );
+    let v = c
+        .get_volume(pb::GetVolumeRequest {
+            pool: "nvme".into(),
+            name: "vm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.path, la2.dev.display().to_string());
+    let att = v.attachment.unwrap();
+    assert_eq!(att.backend_state, pb::BackendState::Active as i32);
+    assert_eq!(att.socket_path, a.socket_path);
+    UnixStream::connect(&a.socket_path).expect("the export's socket accepts");
+    assert!(has_open(pid, &la2.dev));
+    assert!(!has_open(pid, &old_path));
+    assert_eq!(
+        read_at(&fb, 0, marker.len()),
+        marker,
+        "the other disk was written"
+    );
+    eprintln!("missing device appeared -> export started: {started_ms} ms");
+    drop(w);
+    c.detach_volume(pb::DetachVolumeRequest {
+        pool: "nvme".into(),
+        name: "vm".into(),
+    })
+    .await
+    .unwrap();
+    drop(c);
+    d.stop();
+    drop(d);
+    drop(la2);
+    drop(lb);
 }
 
 /// Sends change uevents for `devs` every few milliseconds until stopped, so events are
