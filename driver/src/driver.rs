@@ -1026,6 +1026,16 @@ impl Driver {
 
     /// AttachVolume.
     pub fn attach_volume(self: &Arc<Self>, r: pb::AttachVolumeRequest) -> Result<pb::Attachment> {
+        self.attach(r, false)
+    }
+
+    /// Attaches; with `allow_missing`, a block volume whose device is absent is recorded
+    /// attached anyway (its export starts when the device appears) instead of refused.
+    fn attach(
+        self: &Arc<Self>,
+        r: pb::AttachVolumeRequest,
+        allow_missing: bool,
+    ) -> Result<pb::Attachment> {
         check_name("pool", &r.pool)?;
         check_name("volume", &r.name)?;
         let lbs = match r.logical_block_size {
@@ -1078,9 +1088,11 @@ impl Driver {
                 "volume {pool}/{name} is attached with other parameters"
             )));
         }
+        let mut missing = false;
         if self.is_block_pool(pool) {
             match self.locate_backing(&mut rec)? {
                 Located::Here | Located::Unidentified => {}
+                Located::Absent if allow_missing => missing = true,
                 Located::Moved(from) => {
                     tracing::warn!(pool, volume = name, from = %from.display(), to = %rec.path.display(),
                         "backing device found under a new name");
@@ -1105,7 +1117,15 @@ impl Driver {
             queue_size,
             attached_unix_ms: now_ms(),
         };
-        self.start_export(&rec, &a)?;
+        if missing {
+            tracing::warn!(
+                pool,
+                volume = name,
+                "backing device absent: attached, the export waits for it"
+            );
+        } else {
+            self.start_export(&rec, &a)?;
+        }
         rec.attachment = Some(a.clone());
         if let Err(e) = self.put_record(&rec) {
             self.stop_export(pool, name);
@@ -1216,7 +1236,9 @@ impl Driver {
 
     /// Attaches (exports) every volume the configuration lists that is not attached yet.
     /// Called once at startup, after [`Driver::open`] and before the hotplug monitor
-    /// starts. A listed volume that cannot be attached is logged; the others still are.
+    /// starts. A block volume whose device is absent is attached "missing": its export
+    /// starts when the device appears. A listed volume that cannot be attached is logged;
+    /// the others still are.
     pub fn apply_configured_attachments(self: &Arc<Self>) {
         for c in self.config_attachments.clone() {
             let r = pb::AttachVolumeRequest {
@@ -1227,7 +1249,7 @@ impl Driver {
                 num_queues: c.num_queues,
                 queue_size: c.queue_size,
             };
-            match self.attach_volume(r) {
+            match self.attach(r, true) {
                 Ok(a) => {
                     tracing::info!(pool = %c.pool, volume = %c.volume, socket = %a.socket_path,
                         "configured attachment exported")

@@ -222,21 +222,34 @@ async fn another_device_at_the_old_path_is_not_exported_and_the_right_one_is_whe
         .prefix("vmblkd-identity")
         .tempdir()
         .unwrap();
-    let (fa, fb) = (t.path().join("a.img"), t.path().join("b.img"));
-    sparse_file(&fa, 16 * MIB);
-    sparse_file(&fb, 16 * MIB);
+    // Two volumes: "rec" attached over the API (the record brings it back), "cfg"
+    // attached by the configuration only.
+    let names = ["rec", "cfg"];
     let marker = b"ANOTHER-DISK-NOT-TO-BE-TOUCHED";
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&fb)
-        .unwrap()
-        .write_all_at(marker, 0)
-        .unwrap();
-    let la = Loop::attach(&fa, 512);
-    let old_path = la.dev.clone();
+    let mut right = Vec::new();
+    let mut other = Vec::new();
+    for n in names {
+        let (fa, fb) = (
+            t.path().join(format!("{n}-a.img")),
+            t.path().join(format!("{n}-b.img")),
+        );
+        sparse_file(&fa, 16 * MIB);
+        sparse_file(&fb, 16 * MIB);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fb)
+            .unwrap()
+            .write_all_at(marker, 0)
+            .unwrap();
+        right.push(fa);
+        other.push(fb);
+    }
+    let las: Vec<Loop> = right.iter().map(|f| Loop::attach(f, 512)).collect();
+    let old_paths: Vec<PathBuf> = las.iter().map(|l| l.dev.clone()).collect();
     let cfg = format!(
-        "pools:\n  - name: nvme\n    type: block\n    devices: [{}]\nhotplug: {{enabled: true}}\n",
-        la.dev.display()
+        "attachments:\n  - {{pool: nvme, volume: cfg}}\npools:\n  - name: nvme\n    type: block\n    devices: [{}, {}]\nhotplug: {{enabled: true}}\n",
+        old_paths[0].display(),
+        old_paths[1].display()
     );
     let mut d = Daemon::start(
         t.path(),
@@ -246,100 +259,127 @@ async fn another_device_at_the_old_path_is_not_exported_and_the_right_one_is_whe
         },
     );
     let mut c = d.client().await;
-    c.create_volume(empty_request("nvme", "vm", 8 * MIB))
-        .await
-        .unwrap();
-    let a = c
-        .attach_volume(pb::AttachVolumeRequest {
-            pool: "nvme".into(),
-            name: "vm".into(),
-            logical_block_size: 512,
-            read_only: false,
-            num_queues: 0,
-            queue_size: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    drop(c);
-    // The daemon dies; while it is down, the disk goes away and another disk gets its
-    // name.
-    d.kill();
-    drop(la);
-    run(Command::new("losetup").arg(&old_path).arg(&fb));
-    let lb = Loop {
-        dev: old_path.clone(),
-    };
-    d.restart_with_env(vec![]);
-    let mut c = d.client().await;
-    let att = attachment(&mut c, "nvme", "vm").await;
-    assert_eq!(
-        att.backend_state,
-        pb::BackendState::Missing as i32,
-        "{}",
-        d.log_text()
-    );
-    let pid = d.pid().unwrap();
-    assert!(
-        !has_open(pid, &old_path),
-        "the other disk at {} was exported",
-        old_path.display()
-    );
-    assert!(UnixStream::connect(&a.socket_path).is_err());
-    let mut w = c
-        .watch(pb::WatchRequest {
-            pool: "nvme".into(),
-            name: "vm".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    // Events about the other disk change nothing.
-    kernel_uevent(&lb.dev, "change");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!has_open(pid, &old_path));
-    // The right disk appears under a new name: its export starts, on the same socket.
-    let t0 = Instant::now();
-    let la2 = Loop::attach(&fa, 512);
-    let k = next_backend_event(&mut w, &d).await;
-    let started_ms = t0.elapsed().as_millis();
-    assert!(
-        matches!(&k, pb::event::Kind::BackendResumed(r) if r.device == la2.dev.display().to_string()),
-        "{k:?}"
-    );
-    let v = c
-        .get_volume(pb::GetVolumeRequest {
-            pool: "nvme".into(),
-            name: "vm".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(v.path, la2.dev.display().to_string());
-    let att = v.attachment.unwrap();
-    assert_eq!(att.backend_state, pb::BackendState::Active as i32);
-    assert_eq!(att.socket_path, a.socket_path);
-    UnixStream::connect(&a.socket_path).expect("the export's socket accepts");
-    assert!(has_open(pid, &la2.dev));
-    assert!(!has_open(pid, &old_path));
-    assert_eq!(
-        read_at(&fb, 0, marker.len()),
-        marker,
-        "the other disk was written"
-    );
-    eprintln!("missing device appeared -> export started: {started_ms} ms");
-    drop(w);
+    let mut sockets = Vec::new();
+    for n in names {
+        c.create_volume(empty_request("nvme", n, 8 * MIB))
+            .await
+            .unwrap();
+        let a = c
+            .attach_volume(pb::AttachVolumeRequest {
+                pool: "nvme".into(),
+                name: n.into(),
+                logical_block_size: 512,
+                read_only: false,
+                num_queues: 0,
+                queue_size: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        sockets.push(a.socket_path);
+    }
     c.detach_volume(pb::DetachVolumeRequest {
         pool: "nvme".into(),
-        name: "vm".into(),
+        name: "cfg".into(),
     })
     .await
     .unwrap();
     drop(c);
+    // The daemon dies; while it is down, the disks go away and other disks get their
+    // names.
+    d.kill();
+    drop(las);
+    let lbs: Vec<Loop> = old_paths
+        .iter()
+        .zip(&other)
+        .map(|(dev, f)| {
+            run(Command::new("losetup").arg(dev).arg(f));
+            Loop { dev: dev.clone() }
+        })
+        .collect();
+    d.restart_with_env(vec![]);
+    let pid = d.pid().unwrap();
+    let mut c = d.client().await;
+    for (i, n) in names.iter().enumerate() {
+        let att = attachment(&mut c, "nvme", n).await;
+        assert_eq!(
+            att.backend_state,
+            pb::BackendState::Missing as i32,
+            "{n}:\n{}",
+            d.log_text()
+        );
+        assert_eq!(att.socket_path, sockets[i]);
+        assert!(
+            !has_open(pid, &old_paths[i]),
+            "the other disk at {} was exported",
+            old_paths[i].display()
+        );
+        assert!(UnixStream::connect(&sockets[i]).is_err());
+    }
+    let mut w = c
+        .watch(pb::WatchRequest {
+            pool: "nvme".into(),
+            name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Events about the other disks change nothing.
+    for l in &lbs {
+        kernel_uevent(&l.dev, "change");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(old_paths.iter().all(|p| !has_open(pid, p)));
+    // The right disks appear under new names: their exports start, on the same sockets.
+    let mut la2s = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let t0 = Instant::now();
+        let la2 = Loop::attach(&right[i], 512);
+        let k = next_backend_event(&mut w, &d).await;
+        let started_ms = t0.elapsed().as_millis();
+        assert!(
+            matches!(&k, pb::event::Kind::BackendResumed(r) if r.device == la2.dev.display().to_string()),
+            "{n}: {k:?}"
+        );
+        let v = c
+            .get_volume(pb::GetVolumeRequest {
+                pool: "nvme".into(),
+                name: (*n).into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(v.path, la2.dev.display().to_string());
+        let att = v.attachment.unwrap();
+        assert_eq!(att.backend_state, pb::BackendState::Active as i32);
+        assert_eq!(att.socket_path, sockets[i]);
+        UnixStream::connect(&sockets[i]).expect("the export's socket accepts");
+        assert!(has_open(pid, &la2.dev));
+        eprintln!("{n}: missing device appeared -> export started: {started_ms} ms");
+        la2s.push(la2);
+    }
+    assert!(old_paths.iter().all(|p| !has_open(pid, p)));
+    for f in &other {
+        assert_eq!(
+            read_at(f, 0, marker.len()),
+            marker,
+            "another disk was written"
+        );
+    }
+    drop(w);
+    for n in names {
+        c.detach_volume(pb::DetachVolumeRequest {
+            pool: "nvme".into(),
+            name: n.into(),
+        })
+        .await
+        .unwrap();
+    }
+    drop(c);
     d.stop();
     drop(d);
-    drop(la2);
-    drop(lb);
+    drop(la2s);
+    drop(lbs);
 }
 
 /// Sends change uevents for `devs` every few milliseconds until stopped, so events are
