@@ -234,6 +234,9 @@ pub fn reconcile(tracked: &[Tracked], present: &[BlockDev], prefer: &[String]) -
                         "the backing device {n} shrank to {} bytes, below the volume's {}",
                         d.size_bytes, t.size_bytes
                     ),
+                    (Some(n), Some(d)) if d.identity.is_none() => {
+                        format!("the backing device {n} lost its identity (its backing is gone)")
+                    }
                     (Some(n), Some(_)) => {
                         format!("{n} is another device now (its identity changed)")
                     }
@@ -582,6 +585,9 @@ MAJOR=259\0MINOR=2\0",
         assert!(remove_reason(&d).unwrap().contains("no medium"), "{d:?}");
         let d = reconcile(&t, &[dev("loop3", 4096, Some(loop_id(1)))], &[]);
         assert!(remove_reason(&d).unwrap().contains("shrank"), "{d:?}");
+        // Its backing file unreachable (e.g. a failing FUSE file): no identity, removed.
+        let d = reconcile(&t, &[dev("loop3", 1 << 24, None)], &[]);
+        assert!(remove_reason(&d).unwrap().contains("lost its identity"), "{d:?}");
     }
 
     #[test]
