@@ -173,7 +173,7 @@ impl Default for Sysfs {
 pub struct BlockDev {
     /// Kernel name ("loop3", "nvme0n1p2").
     pub name: String,
-    /// Its node: /dev/<name>.
+    /// Its node: `/dev/<name>`.
     pub devnode: PathBuf,
     /// Device number (as st_rdev).
     pub devnum: u64,
