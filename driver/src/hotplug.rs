@@ -587,7 +587,10 @@ MAJOR=259\0MINOR=2\0",
         assert!(remove_reason(&d).unwrap().contains("shrank"), "{d:?}");
         // Its backing file unreachable (e.g. a failing FUSE file): no identity, removed.
         let d = reconcile(&t, &[dev("loop3", 1 << 24, None)], &[]);
-        assert!(remove_reason(&d).unwrap().contains("lost its identity"), "{d:?}");
+        assert!(
+            remove_reason(&d).unwrap().contains("lost its identity"),
+            "{d:?}"
+        );
     }
 
     #[test]
