@@ -148,6 +148,8 @@ pub struct Guest {
     milestones: Vec<(&'static str, Duration)>,
     control: Option<std::fs::File>,
     next_command: u32,
+    /// `VMBLK-WORKLOAD ready` lines already waited for.
+    ready_seen: usize,
     dir: tempfile::TempDir,
 }
 
@@ -261,6 +263,7 @@ impl Guest {
             milestones: Vec::new(),
             control,
             next_command: 0,
+            ready_seen: 0,
             dir,
         })
     }
@@ -419,19 +422,25 @@ impl Guest {
     }
 
     /// Waits (bounded) until the guest's `/init` reads commands from the control channel
-    /// (`VMBLK-WORKLOAD ready`).
+    /// (`VMBLK-WORKLOAD ready`, printed once per boot): the first call waits for the first
+    /// boot's line, each later call for the line of the boot after the one before (e.g.
+    /// after a `reboot` command).
     pub fn wait_workload_ready(&mut self, timeout: Duration) -> Result<()> {
-        let n = self.serial_log().matches("VMBLK-WORKLOAD ready").count();
+        let n = self.ready_seen;
         let seen = self.wait_for(timeout, |log| {
-            (log.matches("VMBLK-WORKLOAD ready").count() > n).then_some(())
+            let c = log.matches("VMBLK-WORKLOAD ready").count();
+            (c > n).then_some(c)
         })?;
-        if seen.is_none() {
-            bail!(
+        match seen {
+            Some(c) => {
+                self.ready_seen = c;
+                Ok(())
+            }
+            None => bail!(
                 "guest did not get ready for commands\n{}",
                 self.diagnostics()
-            );
+            ),
         }
-        Ok(())
     }
 
     /// Sends one workload command (without the id) on the control channel; returns its id.

@@ -25,6 +25,7 @@ mod loopdev;
 mod process;
 mod report;
 mod util;
+mod vmblkd;
 mod volume;
 mod workload;
 
@@ -48,6 +49,7 @@ pub use loopdev::LoopDevice;
 pub use process::ManagedProcess;
 pub use report::{BootReport, Check, GuestReport};
 pub use util::{cache_dir, run, sha256_file, sha256_hex, tail, target_dir, vmblk_bin, wait_until};
+pub use vmblkd::{vmblkd_bin, Vmblkd};
 pub use volume::{
     damage_with_direct_sgdisk, prepared_volume, write_image, CommandPrepare, DirectSgdiskRepair,
     ManualBridgeRepair, PrepareVolume, Volume, WriteRawImage, DEFAULT_VOLUME_BYTES,
