@@ -126,6 +126,11 @@ impl Vmblkd {
         Ok(())
     }
 
+    /// The log of the running daemon process (since the last restart).
+    pub fn current_logs(&self) -> String {
+        self.proc.stderr()
+    }
+
     /// The log of every daemon process so far.
     pub fn logs(&self) -> String {
         format!("{}{}", self.earlier_logs, self.proc.stderr())

@@ -15,6 +15,11 @@
 //! ```
 //!
 //! The cycle count is `$VMBLK_HOTPLUG_CYCLES` (default 10).
+//!
+//! And a vmblkd crash: SIGKILL while the guest writes on both its disks (four writers on
+//! the data disk, their records on the boot disk), restart; QEMU (`reconnect=1`)
+//! reconnects to the same sockets; every writer finishes without an error and every
+//! block reads back exact.
 
 use std::time::{Duration, Instant};
 
@@ -391,4 +396,135 @@ fn two_guests_survive_hot_remove_readd_and_reboot_cycles_with_exact_data() {
     );
     drop(guests);
     drop(vd);
+}
+
+/// Blocks written so far by writers `w0..w{n}` (from their progress lines).
+fn written(log: &str, writers: u64) -> u64 {
+    (0..writers)
+        .map(|i| {
+            io_lines(log, "writer", &format!("w{i}"))
+                .last()
+                .and_then(|m| m.get("ok").and_then(|v| v.parse::<u64>().ok()))
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+#[test]
+fn guest_carries_on_when_vmblkd_is_killed_during_writes_and_restarted() {
+    const WRITERS: u64 = 4;
+    const PER_WRITER: u64 = 64;
+    let _lock = loop_tests_lock().unwrap();
+    let started = Instant::now();
+    let image = ImageSpec::default().build().unwrap();
+    let data = integration_tests::Volume::new(4096, NS_BYTES).unwrap();
+    let pool_dir = tempfile::Builder::new()
+        .prefix("vmblk-dirpool-")
+        .tempdir()
+        .unwrap();
+    let config = format!(
+        "hotplug: {{enabled: true}}\npools:\n  - {{name: local, type: dir, path: {}}}\n  - {{name: nvme, type: block, devices: [{}]}}\n",
+        pool_dir.path().display(),
+        data.device().display()
+    );
+    let mut vd = Vmblkd::start(&config).unwrap();
+    let qcow2 = image.qcow2.display().to_string();
+    let (_, boot_sock) = create_and_attach(&vd, "local", "boot", &["--image", &qcow2]);
+    let (_, data_sock) = create_and_attach(&vd, "nvme", "data", &["--size", "32M"]);
+    let params = GuestParams {
+        disks: vec![
+            GuestDisk::socket(boot_sock.as_ref(), 1, Some(1)),
+            GuestDisk::socket(data_sock.as_ref(), 1, None),
+        ],
+        control: true,
+        reconnect: Some(1),
+        log_name: Some("vmblkd_restart".into()),
+        timeout: Duration::from_secs(170),
+        ..GuestParams::default()
+    };
+    let mut guest = Guest::start(&params).unwrap();
+    guest.wait_workload_ready(Duration::from_secs(90)).unwrap();
+    for i in 0..WRITERS {
+        let cmd = format!("writer w{i} data {} {} {PER_WRITER}", i + 1, i * PER_WRITER);
+        let r = guest.command(&cmd, Duration::from_secs(5)).unwrap();
+        assert_eq!(r.rc, 0, "{r:?}");
+    }
+    let mid = guest
+        .wait_for(Duration::from_secs(60), |log| {
+            (written(log, WRITERS) >= 48).then_some(())
+        })
+        .unwrap();
+    assert!(mid.is_some(), "writers too slow\n{}", guest.diagnostics());
+
+    // The daemon crashes in the middle of the writes and comes back.
+    let before = written(&guest.serial_log(), WRITERS);
+    let t_kill = Instant::now();
+    vd.kill().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    vd.restart().unwrap();
+    let back = t_kill.elapsed();
+    for (name, sock) in [("boot", &boot_sock), ("data", &data_sock)] {
+        let pool = if name == "boot" { "local" } else { "nvme" };
+        let v = vd.vmblk(&["volume", "get", name, "--pool", pool]).unwrap();
+        assert_eq!(
+            v["attachment"]["socket_path"].as_str(),
+            Some(sock.as_str()),
+            "{name}: not on the same socket after the restart: {v}"
+        );
+    }
+
+    // The guest carries on: every writer finishes without an error.
+    for i in 0..WRITERS {
+        let name = format!("w{i}");
+        let done = guest
+            .wait_for(Duration::from_secs(120), |log| writer_done_ok(log, &name))
+            .unwrap();
+        assert_eq!(
+            done,
+            Some((PER_WRITER, 0)),
+            "writer {name} after the restart ({before} blocks before)\n{}\n{}",
+            guest.diagnostics(),
+            integration_tests::tail(&vd.logs(), 30)
+        );
+    }
+    let resumed = t_kill.elapsed();
+    // QEMU reconnected both disks to the new daemon.
+    let reconnects = vd.current_logs().matches("frontend connected").count();
+    assert!(reconnects >= 2, "{}", vd.current_logs());
+    // Everything it wrote reads back exact: the guest's checksum and the host's file.
+    for i in 0..WRITERS {
+        let want: Vec<(u64, u64)> = (i * PER_WRITER..(i + 1) * PER_WRITER)
+            .map(|b| (b, i + 1))
+            .collect();
+        let r = guest
+            .command(&format!("verify w{i} data"), Duration::from_secs(150))
+            .unwrap();
+        let digest = integration_tests::verify_digest(&want);
+        assert!(
+            r.rc == 0
+                && r.lines.iter().any(|l| l.contains(&format!(
+                    "blocks={PER_WRITER} bad=0 skipped=0 sha256={digest}"
+                ))),
+            "guest verify: {r:#?}"
+        );
+        check_blocks(data.file(), 0, &want).unwrap();
+    }
+    guest.send("poweroff").unwrap();
+    let outcome = guest.wait_exit(Duration::from_secs(60)).unwrap();
+    assert!(
+        !outcome.killed && outcome.exit.is_some_and(|s| s.success()),
+        "{outcome:?}\n{}",
+        guest.diagnostics()
+    );
+    if let Err(e) = outcome.report.last().unwrap().ensure_passed() {
+        panic!("{e:#}\n{}", guest.diagnostics());
+    }
+    vd.check_alive().unwrap();
+    assert!(!vd.logs().contains("panicked"), "{}", vd.logs());
+    eprintln!(
+        "vmblkd SIGKILL after {before} of {} blocks; back (gRPC) after {back:?}; writers \
+         done {resumed:?} after the kill; whole test {:?}",
+        WRITERS * PER_WRITER,
+        started.elapsed()
+    );
 }
