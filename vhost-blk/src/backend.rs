@@ -347,7 +347,9 @@ impl Session {
         let mut inline = Vec::new();
         // Oldest last: popped from the end.
         let mut resubmit: Vec<u16> = qs.take_resubmit().into_iter().rev().collect();
-        loop {
+        // Once quiesced (export stopping) nothing more is taken: requests the guest still
+        // makes available stay there, so leave rather than wake up for them again.
+        while !self.quiesced.load(Ordering::Relaxed) {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
@@ -479,7 +481,7 @@ impl Session {
         let qs = self.queue(queue)?;
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut resubmit: Vec<u16> = qs.take_resubmit().into_iter().rev().collect();
-        loop {
+        while !self.quiesced.load(Ordering::Relaxed) {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }

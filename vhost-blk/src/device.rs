@@ -194,8 +194,13 @@ impl Device {
         }
     }
 
-    /// Whether a failed I/O means the device itself is gone (then the export is removed).
-    pub(crate) fn note_io_error(&self, e: &VolumeError) {
+    /// Whether a failed I/O on `vol` means the device itself is gone (then the export is
+    /// removed). Failures of a volume already swapped out by a resume are not its
+    /// replacement's.
+    pub(crate) fn note_io_error(&self, vol: &Volume, e: &VolumeError) {
+        if !std::ptr::eq(vol, &**self.volume.load()) {
+            return;
+        }
         if let Some(errno @ (libc::ENODEV | libc::ENXIO)) = e.raw_os_error() {
             let what = if errno == libc::ENODEV {
                 "ENODEV"

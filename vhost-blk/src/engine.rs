@@ -365,6 +365,9 @@ impl Inner {
         if let Some(range) = io.lock {
             io.vol.unlock_write(range);
         }
+        if let Err(e) = &r {
+            self.dev.note_io_error(&io.vol, e);
+        }
         done.push(finish_io(&self.dev, io.pending, r));
         self.free.push(idx);
     }

@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Volati
 use crate::chain::{RawChain, Seg, Segs};
 pub(crate) use crate::device::Device;
 use crate::metrics::{Failure, Kind};
-use crate::volume::{VolumeError, SECTOR_SIZE};
+use crate::volume::{Volume, VolumeError, SECTOR_SIZE};
 
 /// VIRTIO_BLK_T_IN.
 pub const VIRTIO_BLK_T_IN: u32 = 0;
@@ -301,15 +301,15 @@ fn check_range(dev: &Device, sector: u64, count: u64) -> Result<(u64, u64), Requ
 
 /// Runs a validated request; returns the number of bytes written into guest data buffers.
 fn execute(dev: &Device, req: &Request<'_>) -> Result<u64, RequestError> {
-    let r = execute_on(dev, req);
+    let volume = dev.volume();
+    let r = execute_on(dev, &volume, req);
     if let Err(RequestError::Volume(e)) = &r {
-        dev.note_io_error(e);
+        dev.note_io_error(&volume, e);
     }
     r
 }
 
-fn execute_on(dev: &Device, req: &Request<'_>) -> Result<u64, RequestError> {
-    let volume = dev.volume();
+fn execute_on(dev: &Device, volume: &Volume, req: &Request<'_>) -> Result<u64, RequestError> {
     let offset = req
         .sector
         .checked_mul(SECTOR_SIZE)
@@ -611,9 +611,6 @@ pub(crate) fn finish_io(dev: &Device, p: Pending, result: Result<(), VolumeError
     } else {
         RequestType::In
     };
-    if let Err(e) = &result {
-        dev.note_io_error(e);
-    }
     let written = if p.write { 0 } else { p.len };
     let result = result
         .map(|()| (written, p.len))

@@ -1170,6 +1170,19 @@ fn a_removed_volume_fails_new_requests_at_once_and_a_resume_serves_them_again() 
     let c = f.io(VIRTIO_BLK_T_IN, 5, wr(DATA, 512));
     assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
     assert_eq!(&f.read_guest(DATA, 8), &5u64.to_le_bytes());
+    // ENODEV from a request still on the volume that was swapped out does not remove the
+    // new one; from the current one it does.
+    let enodev = || crate::VolumeError::Io {
+        op: "test",
+        offset: 0,
+        source: std::io::Error::from_raw_os_error(libc::ENODEV),
+    };
+    let old = Volume::open(f._file.as_ref().unwrap().path(), &params()).unwrap();
+    f.dev.note_io_error(&old, &enodev());
+    assert_eq!(f.dev.state(), crate::VolumeState::Active);
+    f.dev.note_io_error(&f.dev.volume(), &enodev());
+    assert_eq!(f.dev.state(), crate::VolumeState::Removed);
+    f.dev.resume(copy.path()).unwrap();
     // A smaller volume is refused, and the export keeps the one it has.
     let small = tempfile::NamedTempFile::new().unwrap();
     small.as_file().set_len(4096).unwrap();

@@ -628,6 +628,69 @@ fn blkio_requests_on_every_queue_complete(e: Engine) {
     }
 }
 
+fn blkio_stopping_under_load_returns_promptly(e: Engine) {
+    // A client keeps 32 reads in flight while the export is stopped: requests the client
+    // makes available after the stop are not taken, and the export stops (the stop is
+    // bounded: no new request, a short drain, the rest IOERR, the connection closed).
+    let mut s = Server::start(8 << 20, |cfg| e.apply(cfg));
+    let mut c = Client::connect(&s, 1, 32 * 4096);
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let r = running.clone();
+    let load = std::thread::spawn(move || {
+        let base = c.buf.addr;
+        let mut done = 0u64;
+        let mut comps: Vec<MaybeUninit<Completion>> =
+            (0..32).map(|_| MaybeUninit::uninit()).collect();
+        for i in 0..32usize {
+            c.q.read(
+                i as u64 * 4096,
+                (base + i * 4096) as *mut u8,
+                4096,
+                i,
+                ReqFlags::empty(),
+            );
+        }
+        while r.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut t = Duration::from_millis(200);
+            let Ok(k) = c.q.do_io(&mut comps, 1, Some(&mut t), None) else {
+                break;
+            };
+            for comp in &comps[..k] {
+                // SAFETY: do_io initialised these `k` completions.
+                let comp = unsafe { comp.assume_init_ref() };
+                let i = comp.user_data;
+                c.q.read(
+                    i as u64 * 4096,
+                    (base + i * 4096) as *mut u8,
+                    4096,
+                    i,
+                    ReqFlags::empty(),
+                );
+            }
+            done += k as u64;
+        }
+        done
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t = std::time::Instant::now();
+    s.stop.stop();
+    let thread = s.thread.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(thread.join().is_ok());
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(5)),
+        Ok(true),
+        "export did not stop"
+    );
+    let took = t.elapsed();
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    let done = load.join().unwrap();
+    assert!(done > 32, "the client was not running ({done} reads)");
+    assert!(took < Duration::from_secs(2), "stop took {took:?}");
+}
+
 /// Runs every data-path check against one engine.
 macro_rules! conformance {
     ($engine:ident, $($check:ident),* $(,)?) => {
@@ -658,6 +721,7 @@ macro_rules! all_checks {
             blkio_reads_of_a_volume_that_shrank_underneath_fail_promptly,
             blkio_aligned_and_read_modify_write_requests_in_flight_together,
             blkio_requests_on_every_queue_complete,
+            blkio_stopping_under_load_returns_promptly,
         );
     };
 }
