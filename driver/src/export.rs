@@ -40,41 +40,14 @@ pub struct ExportParams {
 /// Called once when an export stops on its own: `Some(error)` if it failed.
 pub type OnExit = Box<dyn FnOnce(Option<String>) + Send>;
 
-/// Whether an export's volume is being served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendState {
-    /// Requests are served from the volume.
-    Active,
-    /// The volume is gone: every request fails with an I/O error until resumed.
-    Removed,
-}
+/// Whether an export's volume is being served (vhost-blk's own type).
+pub use vhost_blk::VolumeState as BackendState;
 
-/// What an export reports while it serves.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BackendEvent {
-    /// The volume went away (removed, or its I/O failed with ENODEV/ENXIO).
-    Removed {
-        /// Why.
-        reason: String,
-    },
-    /// Requests are served again, from this path.
-    Resumed {
-        /// The volume's path now.
-        volume: PathBuf,
-    },
-    /// Requests were failed by the I/O timeout.
-    TimedOut {
-        /// How many.
-        requests: u64,
-    },
-    /// A vhost-user frontend connected.
-    Connected,
-    /// The frontend went away.
-    Disconnected,
-}
+/// What an export reports while it serves (vhost-blk's own type).
+pub use vhost_blk::ExportEvent as BackendEvent;
 
 /// Receives an export's [`BackendEvent`]s, on the export's own threads.
-pub type EventSink = Arc<dyn Fn(&BackendEvent) + Send + Sync>;
+pub use vhost_blk::EventSink;
 
 /// A running export.
 pub trait ExportHandle: Send + Sync + std::fmt::Debug {
@@ -135,30 +108,11 @@ impl ExportHandle for VhostHandle {
     }
 
     fn state(&self) -> BackendState {
-        match self.control.state() {
-            vhost_blk::VolumeState::Active => BackendState::Active,
-            vhost_blk::VolumeState::Removed => BackendState::Removed,
-        }
+        self.control.state()
     }
 
     fn volume_path(&self) -> PathBuf {
         self.control.volume_path()
-    }
-}
-
-fn backend_event(e: &vhost_blk::ExportEvent) -> BackendEvent {
-    match e {
-        vhost_blk::ExportEvent::Removed { reason } => BackendEvent::Removed {
-            reason: reason.clone(),
-        },
-        vhost_blk::ExportEvent::Resumed { volume } => BackendEvent::Resumed {
-            volume: volume.clone(),
-        },
-        vhost_blk::ExportEvent::TimedOut { requests } => BackendEvent::TimedOut {
-            requests: *requests,
-        },
-        vhost_blk::ExportEvent::Connected => BackendEvent::Connected,
-        vhost_blk::ExportEvent::Disconnected => BackendEvent::Disconnected,
     }
 }
 
@@ -184,9 +138,7 @@ impl Exporter for VhostExporter {
         let stop = vhost_blk::StopHandle::new()?;
         let export = vhost_blk::Export::with_stop_handle(cfg, stop.clone())?;
         let control = export.control();
-        control.set_event_sink(Arc::new(move |e: &vhost_blk::ExportEvent| {
-            events(&backend_event(e))
-        }));
+        control.set_event_sink(events);
         let socket = p.socket.clone();
         let thread = std::thread::Builder::new()
             .name("vmblk-export".into())
