@@ -23,6 +23,7 @@ loops_before=$(losetup -a | wc -l)
 echo "== cargo test"
 # Privileged and guest tests serialise themselves with a file lock; unit tests
 # run in parallel.
+mkdir -p target
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee target/test.log
 # Nothing the suite started may survive it.
 if [ "$(losetup -a | wc -l)" -gt "$loops_before" ]; then
