@@ -11,6 +11,7 @@
 //!   Mode::Fail(errno) every read/write/fsync returns errno at once (EIO, ENODEV, ...)
 //!   Mode::Hang        every read/write/fsync blocks until the mode changes or the file
 //!                     system goes away (requests already blocked then follow the new mode)
+//!   Mode::HangRange   only reads/writes touching a byte range block
 //! ```
 //!
 //! Data requests are answered on threads of their own, so a hung request never stops the
@@ -54,6 +55,14 @@ pub enum Mode {
     Fail(i32),
     /// Blocked until the mode changes or the file system is torn down.
     Hang,
+    /// Requests that touch bytes `start..end` of the file block like [`Mode::Hang`];
+    /// the others are served (so requests complete out of order).
+    HangRange {
+        /// First byte.
+        start: u64,
+        /// One past the last byte.
+        end: u64,
+    },
 }
 
 /// Counters of the data requests seen so far.
@@ -161,7 +170,7 @@ impl FuseControl {
     }
 
     /// Admission of one data request: `Ok` to serve it, or the errno to answer with.
-    fn gate(&self, kind: Kind) -> std::result::Result<(), Errno> {
+    fn gate(&self, kind: Kind, offset: u64, len: u64) -> std::result::Result<(), Errno> {
         let mut st = self.lock();
         match kind {
             Kind::Read => st.stats.reads += 1,
@@ -173,10 +182,17 @@ impl FuseControl {
             if st.closing {
                 break Err(Errno::EIO);
             }
-            match st.mode {
-                Mode::Ok => break Ok(()),
+            let hang = match st.mode {
+                Mode::Ok => false,
                 Mode::Fail(e) => break Err(Errno::from_i32(e)),
-                Mode::Hang => {
+                Mode::Hang => true,
+                Mode::HangRange { start, end } => {
+                    !matches!(kind, Kind::Fsync) && offset < end && offset + len > start
+                }
+            };
+            match hang {
+                false => break Ok(()),
+                true => {
                     if !counted {
                         counted = true;
                         st.stats.ever_blocked += 1;
@@ -281,8 +297,13 @@ impl Filesystem for OneFileFs {
             reply.error(Errno::EISDIR);
             return;
         }
-        // Direct I/O: no page cache, so every read and write reaches the gate.
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+        // Direct I/O: no page cache, so every read and write reaches the gate. Parallel
+        // direct writes: without it the kernel holds the inode lock across each write, so
+        // one hung write would stop every other write to the file.
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+        );
     }
 
     fn read(
@@ -298,7 +319,7 @@ impl Filesystem for OneFileFs {
     ) {
         let (file, control) = (Arc::clone(&self.backing), self.control.clone());
         std::thread::spawn(move || {
-            if let Err(e) = control.gate(Kind::Read) {
+            if let Err(e) = control.gate(Kind::Read, offset, u64::from(size)) {
                 return reply.error(e);
             }
             let mut buf = vec![0u8; size as usize];
@@ -333,7 +354,7 @@ impl Filesystem for OneFileFs {
         let (file, control) = (Arc::clone(&self.backing), self.control.clone());
         let data = data.to_vec();
         std::thread::spawn(move || {
-            if let Err(e) = control.gate(Kind::Write) {
+            if let Err(e) = control.gate(Kind::Write, offset, data.len() as u64) {
                 return reply.error(e);
             }
             match file.write_all_at(&data, offset) {
@@ -356,7 +377,7 @@ impl Filesystem for OneFileFs {
     ) {
         let (file, control) = (Arc::clone(&self.backing), self.control.clone());
         std::thread::spawn(move || {
-            if let Err(e) = control.gate(Kind::Fsync) {
+            if let Err(e) = control.gate(Kind::Fsync, 0, 0) {
                 return reply.error(e);
             }
             match file.sync_data() {
@@ -687,10 +708,35 @@ mod tests {
         let e = writer.join().unwrap().unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENXIO));
 
+        // HangRange: a write into the range blocks, one outside it is served meanwhile.
+        fuse.set_mode(Mode::HangRange {
+            start: 0,
+            end: 4096,
+        });
+        let path = fuse.path().to_owned();
+        let held = std::thread::spawn(move || open_rw(&path).write_at(b"z", 100));
+        assert_eq!(fuse.control().wait_blocked(1, Duration::from_secs(5)), 1);
+        // Bounded: if this write were stuck behind the held one, the test process could
+        // not even exit (its own thread waiting on its own file system).
+        let path = fuse.path().to_owned();
+        let outside = std::thread::spawn(move || open_rw(&path).write_all_at(b"outside", 8192));
+        let t = Instant::now();
+        while !outside.is_finished() && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !outside.is_finished() {
+            fuse.set_mode(Mode::Ok);
+            panic!("a write outside the hung range waited for the hung one");
+        }
+        outside.join().unwrap().unwrap();
+        assert!(!held.is_finished());
+        fuse.set_mode(Mode::Ok);
+        assert_eq!(held.join().unwrap().unwrap(), 1);
+
         let s = fuse.stats();
         assert!(s.reads >= 4 && s.writes >= 4 && s.failed >= 5, "{s:?}");
         assert_eq!(s.blocked, 0);
-        assert_eq!(s.ever_blocked, 2);
+        assert_eq!(s.ever_blocked, 3);
         drop(f);
         let mnt = fuse.mountpoint().to_owned();
         fuse.unmount().unwrap();
