@@ -11,7 +11,9 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+#[cfg(any(test, feature = "test-utils"))]
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// What to export.
