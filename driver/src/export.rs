@@ -11,9 +11,9 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 #[cfg(any(test, feature = "test-utils"))]
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::thread::JoinHandle;
 
 /// What to export.
