@@ -351,8 +351,14 @@ impl Inner {
         // of the memory map held in the same slot for the same time; `direct_ok` checked
         // the buffers lie inside it (they came from validated `VolatileSlice`s).
         unsafe {
-            self.ring
-                .push_rw(io.pending.write, iov.as_ptr(), cnt, io.offset, idx as u64)
+            self.ring.push_rw(
+                io.pending.write,
+                iov.as_ptr(),
+                cnt,
+                io.offset,
+                idx as u64,
+                io.vol.waits_for_a_server(),
+            )
         }
         .map_err(err)
     }

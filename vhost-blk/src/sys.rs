@@ -137,20 +137,41 @@ pub fn borrow_fd<'a>(fd: std::os::fd::RawFd) -> std::os::fd::BorrowedFd<'a> {
     unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }
 
+/// The filesystem type (`statfs.f_type`) of `file`.
+fn fs_magic(file: &File) -> Option<u64> {
+    // SAFETY: `statfs` is a plain C struct of integers, for which all-zero bytes are valid.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open for the call and `st` is a valid, writable statfs buffer.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Some(st.f_type as u64)
+}
+
 /// Whether `file` lives in memory (tmpfs, ramfs): its reads and writes are page-cache
 /// copies that never wait for a device.
 pub fn is_memory_backed(file: &File) -> bool {
     const TMPFS_MAGIC: u64 = 0x0102_1994;
     const RAMFS_MAGIC: u64 = 0x8584_58f6;
-    // SAFETY: `statfs` is a plain C struct of integers, for which all-zero bytes are valid.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: the fd is open for the call and `st` is a valid, writable statfs buffer.
-    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
-        return false;
-    }
-    #[allow(clippy::unnecessary_cast)]
-    let t = st.f_type as u64;
-    t == TMPFS_MAGIC || t == RAMFS_MAGIC
+    matches!(fs_magic(file), Some(TMPFS_MAGIC | RAMFS_MAGIC))
+}
+
+/// Whether `file` is on a filesystem whose I/O waits for a server (FUSE, NFS, SMB, Ceph,
+/// 9p) and may block the thread that submits it to io_uring, which issues it inline:
+/// seen with FUSE, whose direct reads wait in `io_uring_enter` for the daemon's answer.
+/// Such I/O is sent to io_uring's workers (IOSQE_ASYNC) so the queue thread never waits.
+pub fn waits_for_a_server(file: &File) -> bool {
+    const FUSE_MAGIC: u64 = 0x6573_5546;
+    const NFS_MAGIC: u64 = 0x6969;
+    const SMB2_MAGIC: u64 = 0xfe53_4d42;
+    const CIFS_MAGIC: u64 = 0xff53_4d42;
+    const CEPH_MAGIC: u64 = 0x00c3_6400;
+    const V9FS_MAGIC: u64 = 0x0102_1997;
+    matches!(
+        fs_magic(file),
+        Some(FUSE_MAGIC | NFS_MAGIC | SMB2_MAGIC | CIFS_MAGIC | CEPH_MAGIC | V9FS_MAGIC)
+    )
 }
 
 /// O_DIRECT alignment of a regular file (`statx` `STATX_DIOALIGN`): (memory, offset), or
@@ -215,7 +236,8 @@ impl Uring {
     }
 
     /// Queues a vectored read (or write) of the registered file at `offset`, submitting
-    /// what is queued first if the submission queue is full.
+    /// what is queued first if the submission queue is full. `force_async`: never issued
+    /// inline by the submitting thread, always by io_uring's workers.
     ///
     /// # Safety
     /// `iov` must point to `iovcnt` iovecs, and those iovecs and every byte of memory they
@@ -229,6 +251,7 @@ impl Uring {
         iovcnt: u32,
         offset: u64,
         user_data: u64,
+        force_async: bool,
     ) -> io::Result<()> {
         let fd = io_uring::types::Fixed(0);
         let sqe = if write {
@@ -241,6 +264,11 @@ impl Uring {
                 .build()
         }
         .user_data(user_data);
+        let sqe = if force_async {
+            sqe.flags(io_uring::squeue::Flags::ASYNC)
+        } else {
+            sqe
+        };
         loop {
             // SAFETY: the entry refers to the registered file and to iovecs the caller keeps
             // valid, with the memory they describe, until its completion is reaped.

@@ -114,6 +114,8 @@ pub(crate) struct Volume {
     is_block_device: bool,
     /// A file in memory (tmpfs): writes are copies best made by the queue thread itself.
     memory_backed: bool,
+    /// A file on FUSE or a network filesystem: its I/O may wait for a server.
+    waits_for_a_server: bool,
     /// Usable size in bytes: a multiple of `block_size` and of the guest sector.
     size: u64,
     /// Offset and length granularity of I/O to the volume.
@@ -301,10 +303,12 @@ impl Volume {
         }
         let mem_align = if direct { block_size } else { 1 };
         let memory_backed = !is_block_device && sys::is_memory_backed(&file);
+        let waits_for_a_server = !is_block_device && sys::waits_for_a_server(&file);
         Ok(Volume {
             file,
             is_block_device,
             memory_backed,
+            waits_for_a_server,
             size: align_down(raw_size, block_size),
             block_size,
             mem_align,
@@ -345,6 +349,12 @@ impl Volume {
     }
 
     /// Whether the volume is a file in memory (tmpfs, ramfs).
+    /// A file on FUSE or a network filesystem, whose I/O may wait for a server: never
+    /// issued inline by a queue thread.
+    pub(crate) fn waits_for_a_server(&self) -> bool {
+        self.waits_for_a_server
+    }
+
     pub(crate) fn is_memory_backed(&self) -> bool {
         self.memory_backed
     }
