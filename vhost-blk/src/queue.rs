@@ -136,7 +136,8 @@ impl QueueState {
                     t.live += 1;
                 }
             }
-            // Out of the table: answered without a ticket (see `complete`).
+            // Not reached: heads are below the queue size, and the table has the largest
+            // size the export accepts (SET_VRING_NUM above it is refused).
             None => return 0,
         }
         drop(t);
