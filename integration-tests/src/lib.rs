@@ -51,8 +51,9 @@ pub use report::{BootReport, Check, GuestReport};
 pub use util::{cache_dir, run, sha256_file, sha256_hex, tail, target_dir, vmblk_bin, wait_until};
 pub use vmblkd::{vmblkd_bin, Vmblkd};
 pub use volume::{
-    damage_with_direct_sgdisk, prepared_volume, write_image, CommandPrepare, DirectSgdiskRepair,
-    ManualBridgeRepair, PrepareVolume, Volume, WriteRawImage, DEFAULT_VOLUME_BYTES,
+    damage_with_direct_sgdisk, prepared_volume, unpacked_volume, vmblk_unpack, write_image,
+    CommandPrepare, DirectSgdiskRepair, ManualBridgeRepair, PrepareVolume, Volume, WriteRawImage,
+    DEFAULT_VOLUME_BYTES,
 };
 pub use workload::{
     check_blocks, io_lines, parse_io_line, pattern_block, shutdown_times, verify_digest, IO_BLOCK,

@@ -175,6 +175,24 @@ pub fn prepared_volume(
     Ok((volume, evidence))
 }
 
+/// Runs `vmblk unpack IMAGE VOLUME`; returns its output.
+pub fn vmblk_unpack(image: &Path, volume: &Volume) -> Result<String> {
+    crate::run(
+        Command::new(crate::vmblk_bin())
+            .arg("unpack")
+            .arg(image)
+            .arg(volume.device()),
+    )
+    .context("vmblk unpack")
+}
+
+/// A `sector_size` volume of `bytes` with `image` unpacked onto it by `vmblk unpack`.
+pub fn unpacked_volume(image: &Path, sector_size: u32, bytes: u64) -> Result<Volume> {
+    let volume = Volume::new(sector_size, bytes)?;
+    vmblk_unpack(image, &volume)?;
+    Ok(volume)
+}
+
 /// Copies `image` onto the block device `dev` from offset 0 and flushes it.
 pub fn write_image(image: &Path, dev: &Path) -> Result<()> {
     let mut src =

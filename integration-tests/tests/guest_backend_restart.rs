@@ -11,11 +11,10 @@
 //!                                                                   64 blocks each
 //! ```
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    check_blocks, io_lines, loop_tests_lock, run, verify_digest, vmblk_bin, CommandExport,
+    check_blocks, io_lines, loop_tests_lock, unpacked_volume, verify_digest, CommandExport,
     CommandExportParams, Export, Guest, GuestDisk, GuestParams, ImageSpec, Volume, IO_BLOCK,
 };
 
@@ -43,12 +42,7 @@ fn guest_writes_survive_sigkill_and_restart_of_its_export_processes() {
     let _lock = loop_tests_lock().unwrap();
     let started = Instant::now();
     let image = ImageSpec::default().build().unwrap();
-    let boot = Volume::new(4096, BOOT_BYTES).unwrap();
-    run(Command::new(vmblk_bin())
-        .arg("unpack")
-        .arg(&image.qcow2)
-        .arg(boot.device()))
-    .expect("vmblk unpack");
+    let boot = unpacked_volume(&image.qcow2, 4096, BOOT_BYTES).unwrap();
     let data = Volume::new(4096, DATA_BYTES).unwrap();
     let mut boot_export =
         CommandExport::start(CommandExportParams::vmblk(boot.device(), 512)).unwrap();

@@ -18,11 +18,10 @@
 //! Poweroff is timed from the host seeing `VMBLK-SHUTDOWN begin` (the guest's init
 //! starts stopping its jobs) to QEMU's exit, and must take under 10 s.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    check_blocks, io_lines, loop_tests_lock, run, shutdown_times, verify_digest, vmblk_bin,
+    check_blocks, io_lines, loop_tests_lock, shutdown_times, unpacked_volume, verify_digest,
     CommandExport, CommandExportParams, Export, FuseFile, Guest, GuestDisk, GuestParams, ImageSpec,
     LoopDevice, Mode, ReleaseOnDrop, Volume,
 };
@@ -47,12 +46,7 @@ struct Rig {
 impl Rig {
     fn new(io_timeout_ms: Option<u64>) -> Self {
         let image = ImageSpec::default().build().unwrap();
-        let boot = Volume::new(4096, BOOT_BYTES).unwrap();
-        run(Command::new(vmblk_bin())
-            .arg("unpack")
-            .arg(&image.qcow2)
-            .arg(boot.device()))
-        .expect("vmblk unpack");
+        let boot = unpacked_volume(&image.qcow2, 4096, BOOT_BYTES).unwrap();
         let fuse = FuseFile::new(DATA_BYTES).unwrap();
         let data_loop = LoopDevice::attach(fuse.path(), 4096).unwrap();
         let boot_export =

@@ -20,12 +20,11 @@
 //! the other on its worker threads (hashed by inode), so a hung write would hold back the
 //! later writes instead of letting them complete first.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    check_blocks, io_lines, loop_tests_lock, run, vmblk_bin, CommandExport, CommandExportParams,
-    Export, FuseFile, Guest, GuestDisk, GuestParams, ImageSpec, Mode, Volume, IO_BLOCK,
+    check_blocks, io_lines, loop_tests_lock, unpacked_volume, CommandExport, CommandExportParams,
+    Export, FuseFile, Guest, GuestDisk, GuestParams, ImageSpec, Mode, IO_BLOCK,
 };
 
 fn writer_done(log: &str, name: &str) -> Option<(u64, u64)> {
@@ -40,12 +39,7 @@ fn a_read_stuck_at_the_crash_behind_completed_writes_is_resubmitted_after_restar
     let _lock = loop_tests_lock().unwrap();
     let started = Instant::now();
     let image = ImageSpec::default().build().unwrap();
-    let boot = Volume::new(4096, 192 << 20).unwrap();
-    run(Command::new(vmblk_bin())
-        .arg("unpack")
-        .arg(&image.qcow2)
-        .arg(boot.device()))
-    .expect("vmblk unpack");
+    let boot = unpacked_volume(&image.qcow2, 4096, 192 << 20).unwrap();
     let fuse = FuseFile::new(64 << 20).unwrap();
     let ctl = fuse.control();
     let boot_export = CommandExport::start(CommandExportParams::vmblk(boot.device(), 512)).unwrap();

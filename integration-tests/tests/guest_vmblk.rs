@@ -7,12 +7,11 @@
 //! The negative control ends here too: after `sgdisk -e` on the 4K device the image no
 //! longer boots (guest_negative_control.rs); after `vmblk repair` it boots again.
 
-use std::path::Path;
 use std::process::Command;
 
 use integration_tests::{
-    damage_with_direct_sgdisk, loop_tests_lock, run, vmblk_bin, write_image, BootMode,
-    CommandExport, CommandExportParams, Export, Guest, GuestFile, GuestParams, ImageSpec,
+    damage_with_direct_sgdisk, loop_tests_lock, run, vmblk_bin, vmblk_unpack, write_image,
+    BootMode, CommandExport, CommandExportParams, Export, Guest, GuestFile, GuestParams, ImageSpec,
     TestImage, Volume,
 };
 
@@ -71,14 +70,6 @@ fn image_with_sector_checks() -> TestImage {
     }
     .build()
     .unwrap()
-}
-
-fn vmblk_unpack(image: &Path, volume: &Volume) -> String {
-    run(Command::new(vmblk_bin())
-        .arg("unpack")
-        .arg(image)
-        .arg(volume.device()))
-    .expect("vmblk unpack")
 }
 
 fn export(volume: &Volume, queues: u16) -> CommandExport {
@@ -141,7 +132,7 @@ fn unpacked_on_4k_volume_boots_through_vmblk_export_one_queue_and_again_after_qe
     let _lock = loop_tests_lock().unwrap();
     let image = image_with_sector_checks();
     let volume = Volume::new(4096, VOLUME_BYTES).unwrap();
-    vmblk_unpack(&image.qcow2, &volume);
+    vmblk_unpack(&image.qcow2, &volume).unwrap();
     let export = export(&volume, 1);
     boot_and_check(&export, "vmblk_4k_q1");
     // QEMU exited and disconnected; a new QEMU connects to the same export process.
@@ -158,7 +149,7 @@ fn unpacked_on_512_volume_boots_through_vmblk_export() {
     let _lock = loop_tests_lock().unwrap();
     let image = image_with_sector_checks();
     let volume = Volume::new(512, VOLUME_BYTES).unwrap();
-    vmblk_unpack(&image.qcow2, &volume);
+    vmblk_unpack(&image.qcow2, &volume).unwrap();
     let export = export(&volume, 1);
     boot_and_check_on(&export, "vmblk_512", 512);
 }
@@ -173,7 +164,7 @@ fn guest_reboot_through_vmblk_export_runs_checks_twice() {
     .build()
     .unwrap();
     let volume = Volume::new(4096, VOLUME_BYTES).unwrap();
-    vmblk_unpack(&image.qcow2, &volume);
+    vmblk_unpack(&image.qcow2, &volume).unwrap();
     let export = export(&volume, 2);
     let mut params = GuestParams::boot_from(&export).log_name("vmblk_reboot");
     params.allow_reboot = true;
@@ -193,7 +184,7 @@ fn unpacked_on_4k_volume_boots_through_vmblk_export_four_queues() {
     let _lock = loop_tests_lock().unwrap();
     let image = image_with_sector_checks();
     let volume = Volume::new(4096, VOLUME_BYTES).unwrap();
-    vmblk_unpack(&image.qcow2, &volume);
+    vmblk_unpack(&image.qcow2, &volume).unwrap();
     let export = export(&volume, 4);
     boot_and_check_with(&export, "vmblk_4k_q4", 4096, 2);
 }
