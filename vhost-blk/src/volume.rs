@@ -3,7 +3,8 @@
 //! ```text
 //!  guest request (512-byte sectors, any buffers)
 //!        |
-//!        +-- offset, length and every buffer aligned to the device block? --> preadv/pwritev
+//!        +-- offset and length aligned to the device block, buffers to what O_DIRECT
+//!        |   takes (often 512 bytes on a 4096-sector device)? ------------> preadv/pwritev
 //!        |                                      (O_DIRECT, split at `max_iovecs` iovecs)
 //!        +-- otherwise --> bounce buffer, in chunks: read the partial head/tail blocks,
 //!                          merge the guest bytes, write whole blocks (read-modify-write)
@@ -120,8 +121,10 @@ pub(crate) struct Volume {
     size: u64,
     /// Offset and length granularity of I/O to the volume.
     block_size: u64,
-    /// Alignment of memory buffers the volume needs (1 for buffered I/O).
+    /// Alignment of memory buffer addresses the volume needs (1 for buffered I/O).
     mem_align: u64,
+    /// Granularity of each buffer's length (1 for buffered I/O).
+    seg_align: u64,
     physical_block_size: u64,
     io_min: u32,
     io_opt: u32,
@@ -193,6 +196,39 @@ impl<'a> SliceCursor<'a> {
         self.advance(buf.len(), |sub, at| {
             sub.copy_from(&buf[at..at + sub.len()]);
         })
+    }
+}
+
+/// Alignment of O_DIRECT buffers of a volume with `block_size` blocks: (address, length
+/// of each buffer). What the kernel reports for addresses (`STATX_DIOALIGN`; a 4096-sector
+/// device usually takes 512-byte aligned memory), at least 512; the same for lengths if a
+/// read of the first block into two such buffers works (kernels that want every buffer a
+/// whole block long refuse it with EINVAL), else whole blocks.
+fn dio_buffer_alignment(file: &File, block_size: u64, size: u64) -> (u64, u64) {
+    let mem = sys::dio_alignment(file)
+        .map(|(m, _)| u64::from(m))
+        .filter(|m| m.is_power_of_two())
+        .map_or(block_size, |m| m.clamp(SECTOR_SIZE, block_size));
+    if mem == block_size || size < block_size {
+        return (mem, block_size);
+    }
+    // Two buffers, mem-aligned but not block-aligned, with lengths mem and block - mem.
+    let (bs, m) = (block_size as usize, mem as usize);
+    let mut buf = AlignedBuf::new(2 * bs, bs);
+    let (a, b) = buf.as_mut().split_at_mut(bs);
+    let slices = [
+        VolatileSlice::from(&mut a[m..2 * m]),
+        VolatileSlice::from(&mut b[m..]),
+    ];
+    match sys::preadv(file, &slices, 0) {
+        Ok(n) if n == bs => (mem, mem),
+        Ok(_) => (mem, block_size),
+        Err(e) => {
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                tracing::debug!(error = %e, "O_DIRECT buffer probe failed");
+            }
+            (mem, block_size)
+        }
     }
 }
 
@@ -301,7 +337,11 @@ impl Volume {
                 block_size,
             });
         }
-        let mem_align = if direct { block_size } else { 1 };
+        let (mem_align, seg_align) = if direct {
+            dio_buffer_alignment(&file, block_size, raw_size)
+        } else {
+            (1, 1)
+        };
         let memory_backed = !is_block_device && sys::is_memory_backed(&file);
         let waits_for_a_server = !is_block_device && sys::waits_for_a_server(&file);
         Ok(Volume {
@@ -312,6 +352,7 @@ impl Volume {
             size: align_down(raw_size, block_size),
             block_size,
             mem_align,
+            seg_align,
             physical_block_size: pbs.max(block_size),
             io_min,
             io_opt,
@@ -394,7 +435,7 @@ impl Volume {
             && total % self.block_size == 0
             && slices.iter().all(|s| {
                 let p = s.ptr_guard().as_ptr() as u64;
-                p % self.mem_align == 0 && s.len() as u64 % self.mem_align == 0
+                p % self.mem_align == 0 && s.len() as u64 % self.seg_align == 0
             })
     }
 
