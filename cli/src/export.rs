@@ -33,8 +33,9 @@ pub struct ExportArgs {
     /// I/O error (the guest's driver has no timeout of its own); 0: never.
     #[arg(long, default_value_t = vhost_blk::DEFAULT_IO_TIMEOUT_MS)]
     pub io_timeout_ms: u64,
-    /// Longest busy-poll (µs) of a queue thread waiting for the next request at queue
-    /// depth 1; 0: never poll (less CPU, more latency).
+    /// Longest busy-poll (µs) of a queue thread waiting for the next request or a
+    /// completion at queue depth 1 (waits longer than half of it are slept through);
+    /// 0: never poll (less CPU, more latency).
     #[arg(long, default_value_t = vhost_blk::DEFAULT_POLL_US)]
     pub poll_us: u32,
     /// Print events as JSON lines on standard error and the final counters as JSON.

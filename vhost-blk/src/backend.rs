@@ -45,7 +45,11 @@ const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
 /// Byte offset of `wce` in `virtio_blk_config`.
 const WCE_OFFSET: usize = 32;
 /// Data bytes after which the io_uring path ends a batch: submits, completes, signals.
-const FLUSH_BYTES: u64 = 128 * 1024;
+/// Measured with 128 KiB sequential I/O at queue depth 8 (bench/vhost.sh workloads):
+/// 512 KiB against 128 KiB took 25-30% less CPU per request on a 4096-sector loop device
+/// (sequential requests submitted together merge in the block layer) and 5-10% less on
+/// tmpfs (fewer guest notifications); 4 MiB was no better than 512 KiB.
+const FLUSH_BYTES: u64 = 512 * 1024;
 /// Most completions added to the used ring before the guest is signalled.
 const SIGNAL_BATCH: u32 = 8;
 /// Size of `virtio_blk_config` up to and including the write-zeroes fields.
@@ -419,7 +423,8 @@ impl Session {
         if window.is_zero() || inner.busy() > 1 || self.quiesced.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        let deadline = Instant::now() + window;
+        let start = Instant::now();
+        let deadline = start + window;
         let mut done = Vec::new();
         loop {
             if inner.has_completions() {
@@ -434,6 +439,7 @@ impl Session {
                         .is_ok_and(|i| i.0 != q.next_avail())
             };
             if avail {
+                inner.poll.caught(start.elapsed());
                 return Ok(true);
             }
             if Instant::now() >= deadline {

@@ -106,29 +106,60 @@ pub(crate) struct Inner {
 /// sleeps (`ExportConfig::poll_us`).
 pub const DEFAULT_POLL_US: u32 = 50;
 const MIN_POLL: Duration = Duration::from_micros(8);
+/// Most wake-ups slept through after a poll that took too long.
+const MAX_HOLD_OFF: u32 = 1024;
 
 /// Adaptive busy-poll window of one queue thread. After a batch, with at most one request
-/// in flight, the thread polls for new requests and completions (guest notifications stay off meanwhile, so the guest does not
-/// kick) for `window`, then sleeps. The window is set from the last sleep: a wake-up that
-/// came within `max` of going to sleep would have been caught by polling twice as
-/// long as that gap; a poll that finds nothing turns polling off until such a wake-up
-/// comes again. An idle queue therefore costs one failed poll, then nothing.
+/// in flight, the thread polls for new requests and completions (guest notifications stay
+/// off meanwhile, so the guest does not kick) for `window`, then sleeps. The window is set
+/// from the last sleep: a wake-up that came within `max` of going to sleep would have been
+/// caught by polling twice as long as that gap. An idle queue costs one failed poll, then
+/// nothing.
+///
+/// Polling pays only for short waits. A poll that found nothing, or found work only after
+/// more than half of `max`, was a wait the thread is better off sleeping through: the next
+/// 1, 2, 4, ... (up to [`MAX_HOLD_OFF`]) wake-ups sleep without polling; a poll that finds
+/// work within a third of `max` brings the next hold-off back to one wake-up. Spinning through a device's latency
+/// also takes the CPU its completion work would run on: measured on a 4096-sector loop
+/// device at queue depth 1, about 38 µs of CPU per request spinning against 25 µs
+/// sleeping, while a file in memory (nothing to wait for but the guest) was served at a
+/// third of the latency for less CPU per request than sleeping.
 #[derive(Debug, Default)]
 pub(crate) struct Poll {
     /// Longest window (zero: never poll).
     max: Duration,
     window: Duration,
     asleep_since: Option<Instant>,
+    /// Wake-ups left to sleep through before polling again.
+    hold_off: u32,
+    /// Hold-off after the next poll that takes too long.
+    next_hold_off: u32,
 }
 
 impl Poll {
+    pub(crate) fn new(max: Duration) -> Poll {
+        Poll {
+            max,
+            next_hold_off: 1,
+            ..Poll::default()
+        }
+    }
+
     /// The queue thread woke up (guest kick or completion).
     pub(crate) fn woke(&mut self) {
-        if let Some(t) = self.asleep_since.take() {
-            let gap = t.elapsed();
-            if gap <= self.max && !self.max.is_zero() {
-                self.window = (gap * 2).clamp(MIN_POLL.min(self.max), self.max);
-            }
+        let Some(t) = self.asleep_since.take() else {
+            return;
+        };
+        if self.max.is_zero() {
+            return;
+        }
+        if self.hold_off > 0 {
+            self.hold_off -= 1;
+            return;
+        }
+        let gap = t.elapsed();
+        if gap <= self.max {
+            self.window = (gap * 2).clamp(MIN_POLL.min(self.max), self.max);
         }
     }
 
@@ -142,9 +173,24 @@ impl Poll {
         self.window
     }
 
-    /// A poll found nothing: stop polling until wake-ups come quickly again.
+    /// A poll found nothing: sleep through the next wake-ups.
     pub(crate) fn missed(&mut self) {
+        self.hold_off();
+    }
+
+    /// A poll found a new request after spinning for `spun`.
+    pub(crate) fn caught(&mut self, spun: Duration) {
+        if spun * 2 > self.max {
+            self.hold_off();
+        } else if spun * 3 <= self.max {
+            self.next_hold_off = 1;
+        }
+    }
+
+    fn hold_off(&mut self) {
         self.window = Duration::ZERO;
+        self.hold_off = self.next_hold_off;
+        self.next_hold_off = (self.next_hold_off * 2).min(MAX_HOLD_OFF);
     }
 }
 
@@ -167,10 +213,7 @@ impl Engine {
                 slots,
                 free: (0..n).rev().collect(),
                 cqes: Vec::with_capacity(n),
-                poll: Poll {
-                    max: max_poll,
-                    ..Poll::default()
-                },
+                poll: Poll::new(max_poll),
             })),
         })
     }
@@ -480,5 +523,80 @@ impl Drop for Inner {
                 std::mem::forget(s);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: Duration = Duration::from_micros(50);
+
+    /// One sleep and wake-up with (almost) no gap: polling is on unless held off.
+    fn wake(p: &mut Poll) -> bool {
+        p.sleeping();
+        p.woke();
+        !p.window().is_zero()
+    }
+
+    #[test]
+    fn short_waits_keep_polling() {
+        let mut p = Poll::new(MAX);
+        assert!(wake(&mut p));
+        for _ in 0..100 {
+            p.caught(Duration::from_micros(12));
+            assert!(wake(&mut p));
+        }
+    }
+
+    #[test]
+    fn long_waits_are_slept_through_for_longer_and_longer() {
+        let mut p = Poll::new(MAX);
+        // Each wait that took over half the window doubles the wake-ups slept through.
+        for expect in [1, 2, 4, 8, 16] {
+            assert!(wake(&mut p));
+            p.caught(Duration::from_micros(30));
+            assert!(p.window().is_zero());
+            for _ in 0..expect {
+                assert!(!wake(&mut p));
+            }
+        }
+        // Middling waits neither hold off nor reset...
+        assert!(wake(&mut p));
+        p.caught(Duration::from_micros(20));
+        assert!(wake(&mut p));
+        p.caught(Duration::from_micros(40));
+        assert_eq!((0..32).filter(|_| !wake(&mut p)).count(), 32);
+        // ...a short one does: the next long wait costs one wake-up again.
+        p.caught(Duration::from_micros(10));
+        assert!(wake(&mut p));
+        p.caught(Duration::from_micros(40));
+        assert!(!wake(&mut p));
+        assert!(wake(&mut p));
+    }
+
+    #[test]
+    fn a_poll_that_finds_nothing_holds_off_and_the_hold_off_is_bounded() {
+        let mut p = Poll::new(MAX);
+        for _ in 0..20 {
+            assert!(wake(&mut p));
+            p.missed();
+            while !wake(&mut p) {}
+        }
+        assert_eq!(p.next_hold_off, MAX_HOLD_OFF);
+        p.missed();
+        assert_eq!(
+            (0..MAX_HOLD_OFF).filter(|_| !wake(&mut p)).count() as u32,
+            MAX_HOLD_OFF
+        );
+        assert!(wake(&mut p));
+    }
+
+    #[test]
+    fn zero_max_never_polls() {
+        let mut p = Poll::new(Duration::ZERO);
+        assert!(!wake(&mut p));
+        p.caught(Duration::ZERO);
+        assert!(!wake(&mut p));
     }
 }

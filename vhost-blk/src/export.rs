@@ -98,8 +98,9 @@ pub struct ExportConfig {
     /// IOERR (the guest's virtio-blk driver has no timeout of its own); 0: never.
     pub io_timeout_ms: u64,
     /// Longest busy-poll, in microseconds, of a queue thread waiting for the guest's next
-    /// request or a completion (adaptive, only with at most one request in flight);
-    /// 0: never poll (less CPU, more latency at queue depth 1).
+    /// request or a completion (adaptive, only with at most one request in flight; waits
+    /// longer than half of it are slept through); 0: never poll (less CPU, more latency at
+    /// queue depth 1).
     pub poll_us: u32,
 }
 
