@@ -203,13 +203,13 @@ impl<'a> SliceCursor<'a> {
 /// of each buffer). What the kernel reports for addresses (`STATX_DIOALIGN`; a 4096-sector
 /// device usually takes 512-byte aligned memory), at least 512; the same for lengths if a
 /// read of the first block into two such buffers works (kernels that want every buffer a
-/// whole block long refuse it with EINVAL), else whole blocks.
-fn dio_buffer_alignment(file: &File, block_size: u64, size: u64) -> (u64, u64) {
+/// whole block long refuse it with EINVAL), else (or without `probe`) whole blocks.
+fn dio_buffer_alignment(file: &File, block_size: u64, size: u64, probe: bool) -> (u64, u64) {
     let mem = sys::dio_alignment(file)
         .map(|(m, _)| u64::from(m))
         .filter(|m| m.is_power_of_two())
         .map_or(block_size, |m| m.clamp(SECTOR_SIZE, block_size));
-    if mem == block_size || size < block_size {
+    if mem == block_size || size < block_size || !probe {
         return (mem, block_size);
     }
     // Two buffers, mem-aligned but not block-aligned, with lengths mem and block - mem.
@@ -337,13 +337,16 @@ impl Volume {
                 block_size,
             });
         }
+        let memory_backed = !is_block_device && sys::is_memory_backed(&file);
+        let waits_for_a_server = !is_block_device && sys::waits_for_a_server(&file);
         let (mem_align, seg_align) = if direct {
-            dio_buffer_alignment(&file, block_size, raw_size)
+            // No probe read where a read may wait for a server (a hung FUSE daemon would
+            // hold up the open).
+            let probe = !waits_for_a_server;
+            dio_buffer_alignment(&file, block_size, raw_size, probe)
         } else {
             (1, 1)
         };
-        let memory_backed = !is_block_device && sys::is_memory_backed(&file);
-        let waits_for_a_server = !is_block_device && sys::waits_for_a_server(&file);
         Ok(Volume {
             file,
             is_block_device,
