@@ -824,20 +824,29 @@ fn a_4096_sector_loop_device_takes_512_byte_aligned_buffers_through_io_uring() {
         f.write_guest(addr, &data[at..at + len as usize]);
         at += len as usize;
     }
-    f.header(VIRTIO_BLK_T_OUT, 8);
-    let mut descs = vec![rd(HDR, 16)];
-    descs.extend(segs.iter().map(|&(a, l)| rd(a, l)));
-    descs.push(wr(STATUS, 1));
-    let c = run(&descs);
-    assert_eq!((c.status, c.used_len), (Some(VIRTIO_BLK_S_OK), 1));
+    // A request of type `t` at sector 8 with data buffers `bufs`.
+    let request = |t, bufs: &[(u64, u32)]| {
+        f.header(t, 8);
+        let data = |&(a, l)| {
+            if t == VIRTIO_BLK_T_IN {
+                wr(a, l)
+            } else {
+                rd(a, l)
+            }
+        };
+        let mut descs = vec![rd(HDR, 16)];
+        descs.extend(bufs.iter().map(data));
+        descs.push(wr(STATUS, 1));
+        let c = run(&descs);
+        (c.status, c.used_len)
+    };
+    assert_eq!(request(VIRTIO_BLK_T_OUT, &segs), (Some(VIRTIO_BLK_S_OK), 1));
     // ...read back into other such buffers...
     let back = [(DATA + 0x30_0200, 2560u32), (DATA + 0x31_0a00, 5632)];
-    f.header(VIRTIO_BLK_T_IN, 8);
-    let mut descs = vec![rd(HDR, 16)];
-    descs.extend(back.iter().map(|&(a, l)| wr(a, l)));
-    descs.push(wr(STATUS, 1));
-    let c = run(&descs);
-    assert_eq!((c.status, c.used_len), (Some(VIRTIO_BLK_S_OK), 8193));
+    assert_eq!(
+        request(VIRTIO_BLK_T_IN, &back),
+        (Some(VIRTIO_BLK_S_OK), 8193)
+    );
     let mut got = f.read_guest(back[0].0, back[0].1 as usize);
     got.extend(f.read_guest(back[1].0, back[1].1 as usize));
     assert_eq!(got, data);
