@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::ops::Deref;
-use std::process::Command;
 use std::sync::Arc;
 
 use virtio_bindings::bindings::virtio_ring::{
@@ -685,52 +684,10 @@ fn concurrent_writes_to_adjacent_sectors_of_one_block_both_survive() {
 
 // ---- 4096-sector loop devices (root only; serialized with the shared lock file) ----
 
-struct LoopDev {
-    path: String,
-    _backing: tempfile::NamedTempFile,
-    _lock: nix::fcntl::Flock<std::fs::File>,
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.path]).status();
-    }
-}
-
 /// A 4096-sector loop device over a temporary file. Fails the test (never skips) without
-/// root or loop devices: the suite runs as root.
-fn loop_4k(size: u64) -> LoopDev {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "this test attaches a loop device and must run as root (CI does)"
-    );
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open("/tmp/vmblk-loop-tests.lock")
-        .unwrap();
-    let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .unwrap();
-    let backing = tempfile::NamedTempFile::new().unwrap();
-    backing.as_file().set_len(size).unwrap();
-    let out = Command::new("losetup")
-        .args(["-f", "--show", "--sector-size", "4096"])
-        .arg(backing.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "losetup failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    LoopDev {
-        path,
-        _lock: lock,
-        _backing: backing,
-    }
+/// root: the suite runs as root.
+fn loop_4k(size: u64) -> loop_bridge::testing::TempLoop {
+    loop_bridge::testing::TempLoop::new(size, 4096)
 }
 
 #[test]
@@ -753,7 +710,7 @@ fn misaligned_writes_on_a_4096_sector_loop_device_read_modify_write() {
     let ld = loop_4k(4 << 20);
     let mut p = params();
     p.min_block_size = 0;
-    let volume = Volume::open(ld.path.as_ref(), &p).unwrap();
+    let volume = Volume::open(ld.path(), &p).unwrap();
     assert_eq!(volume.block_size(), 4096);
     let f = Fixture {
         mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
@@ -780,7 +737,7 @@ fn a_4096_sector_loop_device_takes_512_byte_aligned_buffers_through_io_uring() {
     let ld = loop_4k(4 << 20);
     let mut p = params();
     p.min_block_size = 0;
-    let open = || Volume::open(ld.path.as_ref(), &p).unwrap();
+    let open = || Volume::open(ld.path(), &p).unwrap();
     let volume = open();
     assert!(volume.is_direct());
     assert_eq!(volume.block_size(), 4096);
@@ -853,7 +810,7 @@ fn a_4096_sector_loop_device_takes_512_byte_aligned_buffers_through_io_uring() {
     // ...and on the device at bytes 4096..12288, blocks 0 and 3 untouched.
     let mut disk = vec![0u8; 16384];
     std::os::unix::fs::FileExt::read_exact_at(
-        &std::fs::File::open(&ld.path).unwrap(),
+        &std::fs::File::open(ld.path()).unwrap(),
         &mut disk,
         0,
     )
@@ -868,7 +825,7 @@ fn concurrent_rmw_on_a_4096_sector_loop_device_keeps_every_write() {
     let ld = loop_4k(4 << 20);
     let mut p = params();
     p.min_block_size = 0;
-    let volume = Volume::open(ld.path.as_ref(), &p).unwrap();
+    let volume = Volume::open(ld.path(), &p).unwrap();
     assert!(volume.is_direct());
     assert_eq!(volume.block_size(), 4096);
     concurrent_rmw_survives(Arc::new(device(volume)));

@@ -340,64 +340,19 @@ fn blkio_sees_a_read_only_export_as_read_only(e: Engine) {
     assert_eq!(c.read(0, 0, 4096), 0);
 }
 
-/// A 4096-sector loop device over a sparse file; detached on drop. Loop-device tests of
-/// every crate serialize on the same lock file.
-struct LoopDev {
-    path: PathBuf,
-    _backing: tempfile::NamedTempFile,
-    _lock: nix::fcntl::Flock<std::fs::File>,
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .arg("-d")
-            .arg(&self.path)
-            .status();
-    }
-}
-
 /// A 4096-sector loop device over a temporary file. Fails the test (never skips) without
-/// root or loop devices: the suite runs as root.
-fn loop_4k(size: u64) -> LoopDev {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "this test attaches a loop device and must run as root (CI does)"
-    );
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open("/tmp/vmblk-loop-tests.lock")
-        .unwrap();
-    let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .unwrap();
-    let backing = tempfile::NamedTempFile::new().unwrap();
-    backing.as_file().set_len(size).unwrap();
-    let out = std::process::Command::new("losetup")
-        .args(["-f", "--show", "--sector-size", "4096"])
-        .arg(backing.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "losetup failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-    LoopDev {
-        path,
-        _backing: backing,
-        _lock: lock,
-    }
+/// root: the suite runs as root.
+fn loop_4k(size: u64) -> loop_bridge::testing::TempLoop {
+    loop_bridge::testing::TempLoop::new(size, 4096)
 }
 
 fn blkio_on_a_4096_sector_loop_device_sees_512_byte_sectors(e: Engine) {
     let ld = loop_4k(16 << 20);
-    let s = Server::start_on(tempfile::tempdir().unwrap(), ld.path.clone(), |cfg| {
-        e.apply(cfg)
-    });
+    let s = Server::start_on(
+        tempfile::tempdir().unwrap(),
+        ld.path().to_path_buf(),
+        |cfg| e.apply(cfg),
+    );
     let mut c = Client::connect(&s, 1, 4 << 20);
     assert_eq!(c.capacity(), 16 << 20);
     assert_eq!(c.b.get_i32("request-alignment").unwrap(), 512);
