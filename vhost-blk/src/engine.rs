@@ -123,9 +123,9 @@ const SHORT_RUN: u32 = 8;
 /// 1, 2, 4, ... (up to [`MAX_HOLD_OFF`]) wake-ups sleep without polling; [`SHORT_RUN`]
 /// polls in a row that find work within a third of `max` bring the next hold-off back to
 /// one wake-up (one short poll does not: where waits of both kinds alternate, a device's
-/// latency and the guest's answer, the long ones must win). Spinning through a device's latency
-/// also takes the CPU its completion work would run on: measured on a 4096-sector loop
-/// device at queue depth 1, about 38 µs of CPU per request spinning against 25 µs
+/// latency and the guest's answer, the long ones must win). Spinning through a device's
+/// latency also takes the CPU its completion work would run on: measured on a 4096-sector
+/// loop device at queue depth 1, about 38 µs of CPU per request spinning against 25 µs
 /// sleeping, while a file in memory (nothing to wait for but the guest) was served at a
 /// third of the latency for less CPU per request than sleeping.
 #[derive(Debug, Default)]
