@@ -104,6 +104,18 @@ impl GuestParams {
         }
     }
 
+    /// A boot disk and a data disk, with the control channel the guest's workload reads
+    /// commands from; the serial log kept as `log_name`, the run bounded by `timeout`.
+    pub fn workload(boot: GuestDisk, data: GuestDisk, log_name: &str, timeout: Duration) -> Self {
+        Self {
+            disks: vec![boot, data],
+            control: true,
+            log_name: Some(log_name.to_owned()),
+            timeout,
+            ..Self::default()
+        }
+    }
+
     /// Keeps the serial log under `target/vmblk-guest/logs/<name>.serial.log`.
     pub fn log_name(mut self, name: &str) -> Self {
         self.log_name = Some(name.to_owned());

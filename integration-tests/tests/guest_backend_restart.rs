@@ -51,15 +51,13 @@ fn guest_writes_survive_sigkill_and_restart_of_its_export_processes() {
     let mut data_export = CommandExport::start(p).unwrap();
 
     let params = GuestParams {
-        disks: vec![
+        reconnect: Some(1),
+        ..GuestParams::workload(
             GuestDisk::from_export(&boot_export, Some(1)),
             GuestDisk::from_export(&data_export, None),
-        ],
-        control: true,
-        reconnect: Some(1),
-        log_name: Some("backend_restart".into()),
-        timeout: Duration::from_secs(170),
-        ..GuestParams::default()
+            "backend_restart",
+            Duration::from_secs(170),
+        )
     };
     let mut guest = Guest::start(&params).unwrap();
     guest.wait_workload_ready(Duration::from_secs(90)).unwrap();

@@ -72,16 +72,12 @@ impl Rig {
 
     /// Starts a guest on both disks with a control channel and waits for its workload.
     fn start_guest(&mut self, log_name: &str) -> &mut Guest {
-        let params = GuestParams {
-            disks: vec![
-                GuestDisk::from_export(&self.boot_export, Some(1)),
-                GuestDisk::from_export(&self.data_export, None),
-            ],
-            control: true,
-            log_name: Some(log_name.into()),
-            timeout: Duration::from_secs(150),
-            ..GuestParams::default()
-        };
+        let params = GuestParams::workload(
+            GuestDisk::from_export(&self.boot_export, Some(1)),
+            GuestDisk::from_export(&self.data_export, None),
+            log_name,
+            Duration::from_secs(150),
+        );
         let guest = self.guest.insert(Guest::start(&params).unwrap());
         guest.wait_workload_ready(Duration::from_secs(90)).unwrap();
         guest

@@ -50,15 +50,13 @@ fn a_read_stuck_at_the_crash_behind_completed_writes_is_resubmitted_after_restar
     p.args.extend(["--io-timeout-ms".into(), "0".into()]);
     let mut data_export = CommandExport::start(p).unwrap();
     let params = GuestParams {
-        disks: vec![
+        reconnect: Some(1),
+        ..GuestParams::workload(
             GuestDisk::from_export(&boot_export, Some(1)),
             GuestDisk::from_export(&data_export, None),
-        ],
-        control: true,
-        reconnect: Some(1),
-        log_name: Some("inflight_resubmit".into()),
-        timeout: Duration::from_secs(150),
-        ..GuestParams::default()
+            "inflight_resubmit",
+            Duration::from_secs(150),
+        )
     };
     let mut guest = Guest::start(&params).unwrap();
     let _release = ctl.release_on_drop();

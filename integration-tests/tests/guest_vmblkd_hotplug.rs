@@ -197,15 +197,13 @@ fn two_guests_survive_hot_remove_readd_and_reboot_cycles_with_exact_data() {
             .position(|n| n.path() == path)
             .expect("data volume on a namespace");
         let params = GuestParams {
-            disks: vec![
+            allow_reboot: true,
+            ..GuestParams::workload(
                 GuestDisk::socket(boot_sock.as_ref(), 1, Some(1)),
                 GuestDisk::socket(data_sock.as_ref(), 1, None),
-            ],
-            control: true,
-            allow_reboot: true,
-            log_name: Some(format!("vmblkd_hotplug_guest{i}")),
-            timeout: Duration::from_secs(120 + 90 * u64::from(cycles)),
-            ..GuestParams::default()
+                &format!("vmblkd_hotplug_guest{i}"),
+                Duration::from_secs(120 + 90 * u64::from(cycles)),
+            )
         };
         guests.push(Guest::start(&params).unwrap());
     }
@@ -432,15 +430,13 @@ fn guest_carries_on_when_vmblkd_is_killed_during_writes_and_restarted() {
     let (_, boot_sock) = create_and_attach(&vd, "local", "boot", &["--image", &qcow2]);
     let (_, data_sock) = create_and_attach(&vd, "nvme", "data", &["--size", "32M"]);
     let params = GuestParams {
-        disks: vec![
+        reconnect: Some(1),
+        ..GuestParams::workload(
             GuestDisk::socket(boot_sock.as_ref(), 1, Some(1)),
             GuestDisk::socket(data_sock.as_ref(), 1, None),
-        ],
-        control: true,
-        reconnect: Some(1),
-        log_name: Some("vmblkd_restart".into()),
-        timeout: Duration::from_secs(170),
-        ..GuestParams::default()
+            "vmblkd_restart",
+            Duration::from_secs(170),
+        )
     };
     let mut guest = Guest::start(&params).unwrap();
     guest.wait_workload_ready(Duration::from_secs(90)).unwrap();
