@@ -75,7 +75,7 @@ pub(crate) enum Started {
     /// the copy costs less than a hand-off to another thread, and nothing waits. (io_uring
     /// hands reads and writes of tmpfs files to its worker threads: measured on Linux
     /// 6.18, a 4 KiB read at queue depth 1 took two context switches through io-wq.)
-    /// Carries the data length.
+    /// Carries the bytes its buffers describe (header and status included), for batching.
     Inline(RawChain, u64),
 }
 
@@ -288,14 +288,22 @@ impl Inner {
         seq: u64,
         done: &mut Vec<Completion>,
     ) -> Started {
+        let dev = self.dev.clone();
+        let vol = dev.volume();
+        if vol.is_memory_backed() {
+            // The queue thread copies it itself; `process_chain` validates it there, once.
+            let len = chain
+                .segs
+                .as_ref()
+                .map_or(0, |s| s.iter().map(|g| g.len).sum());
+            return Started::Inline(chain, len);
+        }
         let copy = RawChain {
             head: chain.head,
             segs: None,
         };
         let keep = chain.segs.clone();
         let mut has_slot = !self.free.is_empty();
-        let dev = self.dev.clone();
-        let vol = dev.volume();
         if dev.generation() != self.generation {
             // The volume was resumed on another file: requests in flight keep the old
             // one through their slot; new ones go to the new one.
@@ -307,9 +315,8 @@ impl Inner {
                 }
             }
         }
-        let in_memory = vol.is_memory_backed();
         let begun = begin(&dev, mem, chain, seq, |write, offset, slices| {
-            if in_memory || !has_slot || !vol.direct_ok(offset, slices) {
+            if !has_slot || !vol.direct_ok(offset, slices) {
                 return None;
             }
             if write {
@@ -325,8 +332,7 @@ impl Inner {
                 done.push(c);
                 return Started::Taken(0);
             }
-            Begun::Declined(len) if in_memory => return Started::Inline(copy, len),
-            Begun::Declined(_) => return Started::Declined(copy),
+            Begun::Declined => return Started::Declined(copy),
             Begun::Io(p, s, l) => (p, s, l),
         };
         if pending.len == 0 {

@@ -557,8 +557,8 @@ pub(crate) enum Begun<'m, T> {
     /// A validated read or write the caller accepted: transfer `slices`, then [`finish_io`].
     Io(Pending, Slices<'m>, T),
     /// Valid, but not a read or write the caller accepted: nothing was done, the caller
-    /// serves the chain with [`process_chain`]. Carries the data length (0 if none).
-    Declined(u64),
+    /// serves the chain with [`process_chain`].
+    Declined,
 }
 
 /// Validates a chain for asynchronous execution. Reads and writes (writes only with the
@@ -583,11 +583,11 @@ pub(crate) fn begin<'m, T>(
     let write = match req.kind {
         RequestType::In => false,
         RequestType::Out if dev.wce.load(std::sync::atomic::Ordering::Relaxed) => true,
-        _ => return Begun::Declined(req.data_len),
+        _ => return Begun::Declined,
     };
     // parse() checked `sector + count <= capacity`, so the offset cannot overflow.
     let Some(offset) = req.sector.checked_mul(SECTOR_SIZE) else {
-        return Begun::Declined(req.data_len);
+        return Begun::Declined;
     };
     match accept(write, offset, &req.data) {
         Some(t) => Begun::Io(
@@ -600,7 +600,7 @@ pub(crate) fn begin<'m, T>(
             req.data,
             t,
         ),
-        None => Begun::Declined(req.data_len),
+        None => Begun::Declined,
     }
 }
 
