@@ -184,7 +184,13 @@ impl Session {
         let mut engines = Vec::new();
         if io_uring {
             for _ in 0..geometry.num_queues {
-                match Engine::new(dev.clone(), geometry.queue_size, max_poll) {
+                match Engine::new(
+                    dev.clone(),
+                    geometry.queue_size,
+                    max_poll,
+                    // Completion work deferred to the queue thread (Linux 6.1+).
+                    true,
+                ) {
                     Ok(e) => engines.push(e),
                     Err(e) => {
                         tracing::info!(error = %e, "io_uring unavailable, using I/O threads");
@@ -459,6 +465,7 @@ impl Session {
         let mut done = Vec::new();
         let mut inner = engine.lock();
         inner.poll.woke();
+        inner.notified();
         inner.reap(&mut done);
         qs.complete(vring, &mut done)?;
         // The guest usually answers a completion with a new request: poll for it too.

@@ -9,15 +9,18 @@
 //!            -> used ring, one guest notification per batch
 //! ```
 //!
-//! Only the queue's own worker thread submits and reaps. Each in-flight request owns a slot
-//! holding its iovecs and a reference to the guest memory map they point into; both live
-//! until the completion is reaped, and dropping the engine waits for every completion
-//! first. Writes to a volume with range locks hold their device-aligned range from submit
-//! to completion, taken without waiting (a busy range declines the request to the
-//! synchronous path, which may wait), so the queue thread never blocks on a range lock.
+//! Only the queue's own worker thread submits and reaps (the ring's completion work is
+//! deferred to it where the kernel allows: see [`Uring`]). Each in-flight request owns a
+//! slot holding its iovecs and a reference to the guest memory map they point into; both
+//! live until the completion is reaped. An engine dropped with requests in flight (the
+//! session ended while the volume stalled) closes its ring and leaves the slots to a
+//! thread that frees them once the kernel has released the ring. Writes to a volume with
+//! range locks hold their device-aligned range from submit to completion, taken without
+//! waiting (a busy range declines the request to the synchronous path, which may wait), so
+//! the queue thread never blocks on a range lock.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -25,7 +28,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::chain::RawChain;
 use crate::request::{begin, finish_io, Begun, Completion, Device, Pending};
-use crate::sys::Uring;
+use crate::sys::{wait_released, Uring};
 use crate::volume::{Volume, VolumeError};
 
 /// Iovecs of one slot.
@@ -83,7 +86,7 @@ pub(crate) enum Started {
 #[derive(Debug)]
 pub(crate) struct Engine {
     fd: RawFd,
-    inner: Arc<Mutex<Inner>>,
+    inner: Mutex<Inner>,
 }
 
 /// The engine's state; locked by the queue thread for a whole batch.
@@ -91,6 +94,10 @@ pub(crate) struct Engine {
 pub(crate) struct Inner {
     dev: Arc<Device>,
     ring: Uring,
+    /// The ring serves the thread holding the lock (see [`Engine::lock`]).
+    usable: bool,
+    /// A thread other than the ring's owner was refused (logged once).
+    refused: bool,
     /// Generation of the device's volume registered with the ring.
     generation: u64,
     /// Never resized after creation: iovec lists of in-flight slots do not move.
@@ -210,65 +217,64 @@ impl Poll {
 }
 
 impl Engine {
-    /// An engine for a queue of `queue_size` descriptors; fails where io_uring is
+    /// An engine for a queue of `queue_size` descriptors, its completion work deferred to
+    /// the queue thread if `defer` and the kernel allows it; fails where io_uring is
     /// unavailable (ENOSYS, EPERM) or cannot be set up.
-    pub(crate) fn new(dev: Arc<Device>, queue_size: u16, max_poll: Duration) -> io::Result<Engine> {
+    pub(crate) fn new(
+        dev: Arc<Device>,
+        queue_size: u16,
+        max_poll: Duration,
+        defer: bool,
+    ) -> io::Result<Engine> {
         let n = usize::from(queue_size.max(1));
         let entries = u32::from(queue_size.max(1));
         let generation = dev.generation();
-        let ring = Uring::new(entries, dev.volume().file())?;
-        let fd = ring.as_raw_fd();
+        let ring = Uring::new(entries, dev.volume().file(), defer)?;
+        let fd = ring.notify_fd();
+        tracing::debug!(
+            entries,
+            deferred = ring.is_deferred(),
+            "io_uring ring set up"
+        );
         let slots = (0..n).map(|_| Slot::default()).collect();
         Ok(Engine {
             fd,
-            inner: Arc::new(Mutex::new(Inner {
+            inner: Mutex::new(Inner {
                 dev,
                 ring,
+                usable: false,
+                refused: false,
                 generation,
                 slots,
                 free: (0..n).rev().collect(),
                 cqes: Vec::with_capacity(n),
                 poll: Poll::new(max_poll),
-            })),
+            }),
         })
     }
 
-    /// The ring fd, readable while completions wait to be reaped.
+    /// The fd to watch: readable while completions wait to be reaped.
     pub(crate) fn fd(&self) -> RawFd {
         self.fd
     }
 
+    /// The engine, for the calling thread: the first thread to lock it owns a ring with
+    /// deferred completion work (the queue thread; one thread serves each queue). Any other
+    /// finds the engine unusable: its chains are declined to the synchronous path and it
+    /// reaps nothing.
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        // Requests the volume has not finished (a stalled device) keep their guest memory
-        // and iovecs until the kernel is done with them; waiting for that here would hold
-        // up the session's end (and the next connection). A thread waits instead.
-        let busy = self.lock().busy();
-        if busy == 0 {
-            return;
-        }
-        let inner = self.inner.clone();
-        let spawned = std::thread::Builder::new()
-            .name("vhost-blk-reaper".into())
-            .spawn(move || {
-                let mut done = Vec::new();
-                let mut g = inner.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Err(e) = g.wait_all(&mut done) {
-                    tracing::warn!(error = %e, "waiting for io_uring requests failed");
+        let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        match g.ring.claim() {
+            Ok(()) => g.usable = true,
+            Err(e) => {
+                g.usable = false;
+                if !g.refused {
+                    g.refused = true;
+                    tracing::warn!(error = %e, "io_uring used from a second thread; requests take the synchronous path there");
                 }
-                tracing::info!(
-                    requests = done.len(),
-                    "requests of a closed session finished"
-                );
-            });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, requests = busy, "cannot start a thread for requests in flight");
+            }
         }
+        g
     }
 }
 
@@ -303,8 +309,8 @@ impl Inner {
             segs: None,
         };
         let keep = chain.segs.clone();
-        let mut has_slot = !self.free.is_empty();
-        if dev.generation() != self.generation {
+        let mut has_slot = self.usable && !self.free.is_empty();
+        if has_slot && dev.generation() != self.generation {
             // The volume was resumed on another file: requests in flight keep the old
             // one through their slot; new ones go to the new one.
             match self.ring.register(vol.file()) {
@@ -402,10 +408,12 @@ impl Inner {
         // SAFETY: the iovecs live in `self.slots[idx].iov`, whose heap buffer is neither
         // modified, reallocated nor freed until the completion with user_data `idx` is
         // reaped: only `reap` (after that completion) and `start` (on a free slot) touch
-        // it, `slots` is never resized, and dropping the engine reaps every completion
-        // first. The memory they describe is guest memory kept mapped by `io.mem`, an Arc
-        // of the memory map held in the same slot for the same time; `direct_ok` checked
-        // the buffers lie inside it (they came from validated `VolatileSlice`s).
+        // it, `slots` is never resized, and an engine dropped with requests in flight
+        // hands its slots over, untouched, to a thread that frees them only once the
+        // kernel has released the ring (`InFlight`). The memory they describe is guest
+        // memory kept mapped by `io.mem`, an Arc of the memory map held in the same slot
+        // for the same time; `direct_ok` checked the buffers lie inside it (they came from
+        // validated `VolatileSlice`s).
         unsafe {
             self.ring.push_rw(
                 io.pending.write,
@@ -436,19 +444,33 @@ impl Inner {
 
     /// Whether completions wait to be reaped (no system call).
     pub(crate) fn has_completions(&mut self) -> bool {
-        self.busy() > 0 && self.ring.has_completions()
+        self.usable && self.busy() > 0 && self.ring.has_completions()
     }
 
-    /// Submits every queued request (one system call).
+    /// Submits every queued request (one system call, if any).
     pub(crate) fn submit(&mut self) -> io::Result<()> {
+        if !self.usable {
+            return Ok(());
+        }
         self.ring.submit().map(|_| ())
+    }
+
+    /// The engine's fd woke the queue thread (it is cleared by the next reap).
+    pub(crate) fn notified(&mut self) {
+        self.ring.notified();
     }
 
     /// Reaps waiting completions into `done`; short transfers are resubmitted for the rest.
     pub(crate) fn reap(&mut self, done: &mut Vec<Completion>) {
+        if !self.usable {
+            return;
+        }
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.clear();
-        self.ring.reap(&mut cqes);
+        if let Err(e) = self.ring.reap(&mut cqes, self.busy()) {
+            // What was posted is taken below; the rest comes with the next wake-up.
+            tracing::warn!(error = %e, "running io_uring completion work failed");
+        }
         let mut resubmit = false;
         for &(ud, res) in &cqes {
             let idx = usize::try_from(ud).unwrap_or(usize::MAX);
@@ -519,6 +541,9 @@ impl Inner {
 
     /// Waits until every request in flight has completed, into `done`.
     pub(crate) fn wait_all(&mut self, done: &mut Vec<Completion>) -> io::Result<()> {
+        if !self.usable && self.busy() > 0 {
+            return Err(io::Error::from_raw_os_error(libc::EEXIST));
+        }
         while self.busy() > 0 {
             self.ring.wait()?;
             self.reap(done);
@@ -528,22 +553,72 @@ impl Inner {
 }
 
 impl Drop for Inner {
-    // Runs where the last reference goes: the session, or the reaper thread above.
+    // Runs where the session ends, after the queue threads have exited.
     fn drop(&mut self) {
-        // The kernel may still access guest memory and iovecs of requests in flight: wait
-        // for all of them before the slots (and their memory references) are dropped.
-        let mut done = Vec::new();
-        if let Err(e) = self.wait_all(&mut done) {
-            tracing::error!(error = %e, "cannot wait for io_uring requests; leaking their buffers");
-            for s in self.slots.drain(..) {
-                if let Some(io) = s.io.as_ref() {
-                    if let Some(range) = io.lock {
-                        io.vol.unlock_write(range);
-                    }
-                }
-                std::mem::forget(s);
+        if self.busy() == 0 {
+            return;
+        }
+        // The kernel may still access the guest memory and iovecs of requests in flight
+        // (a stalled volume), and only the ring's owner, gone now, could reap them. The
+        // ring closes when this returns; a thread keeps the slots (and their memory
+        // references and range locks) until the kernel has released it.
+        let slots: Vec<Slot> = std::mem::take(&mut self.slots)
+            .into_iter()
+            .filter(|s| s.io.is_some())
+            .collect();
+        let held = Arc::new(Mutex::new(None));
+        let requests = slots.len();
+        match self.ring.marker() {
+            Ok(marker) => {
+                *held.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some(InFlight { marker, slots })
+            }
+            Err(e) => {
+                tracing::error!(error = %e, requests, "cannot follow io_uring requests of a closed session; leaking their buffers");
+                std::mem::forget(slots);
+                return;
             }
         }
+        let h = held.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vhost-blk-reaper".into())
+            .spawn(move || {
+                let slots = h.lock().unwrap_or_else(PoisonError::into_inner).take();
+                // Waits for the kernel to release the ring.
+                drop(slots);
+            });
+        if let Err(e) = spawned {
+            // Waiting here would wait for a ring that closes only after this returns.
+            tracing::error!(error = %e, requests, "cannot start a thread for requests in flight; leaking their buffers");
+            std::mem::forget(held.lock().unwrap_or_else(PoisonError::into_inner).take());
+        }
+    }
+}
+
+/// The slots of a closed ring's requests, freed once the kernel has released the ring.
+struct InFlight {
+    marker: OwnedFd,
+    slots: Vec<Slot>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Err(e) = wait_released(&self.marker) {
+            tracing::error!(error = %e, requests = self.slots.len(), "cannot wait for io_uring requests; leaking their buffers");
+            std::mem::forget(std::mem::take(&mut self.slots));
+            return;
+        }
+        for s in &self.slots {
+            if let Some(io) = &s.io {
+                if let Some(range) = io.lock {
+                    io.vol.unlock_write(range);
+                }
+            }
+        }
+        tracing::info!(
+            requests = self.slots.len(),
+            "requests of a closed session ended"
+        );
     }
 }
 

@@ -752,7 +752,7 @@ fn a_4096_sector_loop_device_takes_512_byte_aligned_buffers_through_io_uring() {
         _file: None,
     };
     let mem = Arc::new(f.mem.clone());
-    let engine = Engine::new(dev.clone(), 16, std::time::Duration::ZERO).unwrap();
+    let engine = Engine::new(dev.clone(), 16, std::time::Duration::ZERO, true).unwrap();
     // Runs one chain through the engine; panics if it went to the bounce path instead.
     let run = |descs: &[RawDescriptor]| -> Answered {
         let vq = MockSplitQueue::new(&*mem, 16);
@@ -963,10 +963,16 @@ fn sessions_serve_queues_through_io_uring_where_the_kernel_allows() {
 
 #[test]
 fn io_uring_engine_round_trips_declines_the_rest_and_fails_short_reads() {
+    // With completion work deferred to the queue thread, and without.
+    engine_round_trip(true);
+    engine_round_trip(false);
+}
+
+fn engine_round_trip(defer: bool) {
     use crate::engine::{Engine, Started};
     let Fixture { mem, dev, _file } = fixture();
     let (mem, dev) = (Arc::new(mem), Arc::new(dev));
-    let engine = Engine::new(dev.clone(), 16, std::time::Duration::ZERO)
+    let engine = Engine::new(dev.clone(), 16, std::time::Duration::ZERO, defer)
         .expect("io_uring (the suite runs where the kernel has it)");
     let f = Fixture {
         mem: (*mem).clone(),
@@ -1039,7 +1045,7 @@ fn the_engine_leaves_reads_and_writes_of_a_file_in_memory_to_the_queue_thread() 
         _file: None,
     };
     let mem = Arc::new(f.mem.clone());
-    let engine = Engine::new(dev, 16, std::time::Duration::ZERO).unwrap();
+    let engine = Engine::new(dev, 16, std::time::Duration::ZERO, true).unwrap();
     for (t, data) in [
         (VIRTIO_BLK_T_IN, wr(DATA, 4096)),
         (VIRTIO_BLK_T_OUT, rd(DATA, 4096)),
@@ -1056,6 +1062,38 @@ fn the_engine_leaves_reads_and_writes_of_a_file_in_memory_to_the_queue_thread() 
         );
         assert_eq!(engine.lock().busy(), 0);
     }
+}
+
+#[test]
+fn a_deferred_engine_declines_chains_on_any_thread_but_its_queue_thread() {
+    use crate::engine::{Engine, Started};
+    let Fixture { mem, dev, _file } = fixture();
+    let (mem, dev) = (Arc::new(mem), Arc::new(dev));
+    let engine = Engine::new(dev, 16, std::time::Duration::ZERO, true).unwrap();
+    let f = Fixture {
+        mem: (*mem).clone(),
+        dev: device(Volume::open(_file.as_ref().unwrap().path(), &params()).unwrap()),
+        _file: None,
+    };
+    f.header(VIRTIO_BLK_T_IN, 16);
+    let start = || {
+        let vq = MockSplitQueue::new(&*mem, 16);
+        let descs = [rd(HDR, 16), wr(DATA, 4096), wr(STATUS, 1)];
+        let chain = RawChain::from_chain(vq.build_desc_chain(&descs).unwrap());
+        let mut done = Vec::new();
+        let mut inner = engine.lock();
+        let started = inner.start(&mem, chain, 1, &mut done);
+        inner.submit().unwrap();
+        inner.wait_all(&mut done).unwrap();
+        (started, done.len())
+    };
+    // The first thread to lock the engine owns its ring.
+    let (started, n) = start();
+    assert!(matches!(started, Started::Taken(4096)), "{started:?}");
+    assert_eq!(n, 1);
+    let (started, n) = std::thread::scope(|s| s.spawn(start).join().unwrap());
+    assert!(matches!(started, Started::Declined(_)), "{started:?}");
+    assert_eq!(n, 0);
 }
 
 #[test]
