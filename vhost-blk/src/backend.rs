@@ -52,6 +52,14 @@ const WCE_OFFSET: usize = 32;
 const FLUSH_BYTES: u64 = 512 * 1024;
 /// Most completions added to the used ring before the guest is signalled.
 const SIGNAL_BATCH: u32 = 8;
+/// Most requests queued on a queue's io_uring before they are submitted, while more
+/// chains are taken from the ring: the device starts on the first ones while the queue
+/// thread parses the rest. Measured with 4 KiB random reads at queue depth 32 on a
+/// 4096-sector loop device (bench/vhost.sh setup; IOPS, range over the runs): one submit
+/// per batch 171-213k (8 runs); every 2 requests 195-237k (3); 4: 200-272k (5); 8:
+/// 235-280k (9); 16: 209-241k (3); every request 180-193k (2). qemu-storage-daemon
+/// (aio=native) in the same runs: 194-248k.
+const SUBMIT_BATCH: u32 = 8;
 /// Size of `virtio_blk_config` up to and including the write-zeroes fields.
 pub(crate) const CONFIG_LEN: usize = 60;
 
@@ -370,12 +378,20 @@ impl Session {
             // reach the guest while the next ones are copied.
             loop {
                 let mut bytes = 0u64;
+                let mut queued = 0;
                 while bytes < FLUSH_BYTES && !self.quiesced.load(Ordering::Relaxed) {
                     let Some((chain, seq)) = self.next_chain(vring, qs, &mem, &mut resubmit) else {
                         break;
                     };
                     match inner.start(&mem, chain, seq, &mut done) {
-                        Started::Taken(len) => bytes += len,
+                        Started::Taken(len) => {
+                            bytes += len;
+                            queued += 1;
+                            if queued == SUBMIT_BATCH {
+                                inner.submit()?;
+                                queued = 0;
+                            }
+                        }
                         Started::Declined(chain) => declined.push((chain, seq)),
                         Started::Inline(chain, len) => {
                             bytes += len;
