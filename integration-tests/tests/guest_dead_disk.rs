@@ -311,11 +311,33 @@ fn poweroff_with_a_hung_disk_under_scan_completes_and_the_export_serves_again() 
     eprintln!("second QEMU powered off in {poweroff2:?}");
     assert!(poweroff2 < POWEROFF_LIMIT, "poweroff took {poweroff2:?}");
 
-    // The backing recovers; the stale requests drain; the export is still there.
+    // The backing recovers; the stale requests drain; the export is still there, and the
+    // first session's io_uring requests, left in flight when it ended, are accounted for
+    // once the kernel has let go of them.
     ctl.set_mode(Mode::Ok);
     std::thread::sleep(Duration::from_millis(500));
     assert_alive(&mut rig.data_export);
     assert_eq!(ctl.stats().blocked, 0);
+    let released = Instant::now();
+    while !rig
+        .data_export
+        .logs()
+        .contains("requests of a closed session ended")
+    {
+        assert!(
+            released.elapsed() < Duration::from_secs(10),
+            "the requests left in flight by the first session were never released:\n{}",
+            rig.data_export.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let logs = rig.data_export.logs();
+    for l in logs
+        .lines()
+        .filter(|l| l.contains("closed session") || l.contains("still in the kernel"))
+    {
+        eprintln!("{l}");
+    }
     let ev = events(&rig.data_export);
     eprintln!(
         "data export events: {ev:?}; whole test {:?}",

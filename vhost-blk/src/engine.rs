@@ -579,6 +579,10 @@ impl Drop for Inner {
                 return;
             }
         }
+        tracing::warn!(
+            requests,
+            "session ended with io_uring requests still in the kernel; their guest memory is kept until they end"
+        );
         let h = held.clone();
         let spawned = std::thread::Builder::new()
             .name("vhost-blk-reaper".into())
@@ -603,6 +607,7 @@ struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        let started = Instant::now();
         if let Err(e) = wait_released(&self.marker) {
             tracing::error!(error = %e, requests = self.slots.len(), "cannot wait for io_uring requests; leaking their buffers");
             std::mem::forget(std::mem::take(&mut self.slots));
@@ -615,8 +620,9 @@ impl Drop for InFlight {
                 }
             }
         }
-        tracing::info!(
+        tracing::warn!(
             requests = self.slots.len(),
+            waited_ms = started.elapsed().as_millis() as u64,
             "requests of a closed session ended"
         );
     }
