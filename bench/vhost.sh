@@ -15,6 +15,9 @@
 # (`--poll-us 0`, the "no poll" rows) and spinning through waits up to 50 µs
 # (`--poll-us 100`, the "poll 100 µs" rows): polling trades CPU for latency.
 #
+# Runs of one point are interleaved across the servers. BENCH_BACKINGS="loop" (or
+# "tmpfs") measures one backing only; BENCH_VERBOSE=1 prints every run on stderr.
+#
 # Usage: bench/vhost.sh [--quick]   (--quick: 1 run of 2 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -108,7 +111,7 @@ row() {
 median() { sort -g | awk '{a[NR]=$1} END{ if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
 
 printf '| backing | workload | vmblk IOPS | best QSD IOPS (each mode) | IOPS ratio | vmblk p50 µs | best QSD p50 µs | p50 ratio | IOPS/CPU-s ratio |\n|---|---|---|---|---|---|---|---|---|\n'
-for kind in tmpfs loop; do
+for kind in ${BENCH_BACKINGS:-tmpfs loop}; do
   path=$SHM/file.img; qsd_modes=(threads io_uring)
   if [ "$kind" = loop ]; then path=$LOOP; qsd_modes=(native io_uring); fi
   for w in "randread 4096 1" "randread 4096 32" "seqread 131072 8" "seqwrite 131072 8"; do
@@ -116,15 +119,20 @@ for kind in tmpfs loop; do
     declare -A iops=() p50=() eff=()
     tools=(vmblk "${qsd_modes[@]/#/qsd-}")
     [ "$3" = 1 ] && tools+=(vmblk-nopoll vmblk-poll100)
-    for tool in "${tools[@]}"; do
-      is=(); ps=(); es=()
-      for _ in $(seq "$RUNS"); do
+    # Runs interleaved (every tool once, then again), so a drift of the machine during
+    # the point weighs on every tool alike.
+    declare -A is=() ps=() es=()
+    for _ in $(seq "$RUNS"); do
+      for tool in "${tools[@]}"; do
         read -r a b c < <(run_one "$tool" "$kind" "$path" "$1" "$2" "$3")
-        is+=("$a"); ps+=("$b"); es+=("$c")
+        is[$tool]+="$a "; ps[$tool]+="$b "; es[$tool]+="$c "
+        [ -n "${BENCH_VERBOSE:-}" ] && echo "  $kind $1 $2 QD$3 $tool: iops $a p50 $b iops/cpu-s $c" >&2
       done
-      iops[$tool]=$(printf '%s\n' "${is[@]}" | median)
-      p50[$tool]=$(printf '%s\n' "${ps[@]}" | median)
-      eff[$tool]=$(printf '%s\n' "${es[@]}" | median)
+    done
+    for tool in "${tools[@]}"; do
+      iops[$tool]=$(printf '%s\n' ${is[$tool]} | median)
+      p50[$tool]=$(printf '%s\n' ${ps[$tool]} | median)
+      eff[$tool]=$(printf '%s\n' ${es[$tool]} | median)
     done
     label="$1 $(( $2 / 1024 ))K QD$3"
     row "$kind" "$label" vmblk
