@@ -257,8 +257,8 @@ impl Session {
     }
 
     /// Fds the queue threads watch besides the kicks: `(queue, fd, event id offset)`; the
-    /// io_uring fds (offset 1: ids num_queues + 1 + queue) and the resubmission events
-    /// (offset 2: ids 2 * num_queues + 1 + queue).
+    /// io_uring completion fds (offset 1: ids num_queues + 1 + queue) and the resubmission
+    /// events (offset 2: ids 2 * num_queues + 1 + queue).
     pub(crate) fn extra_fds(&self) -> Vec<(usize, std::os::fd::RawFd, u64)> {
         use std::os::fd::AsRawFd;
         let nq = u64::from(self.geometry.num_queues);
@@ -439,9 +439,10 @@ impl Session {
         inner: &mut crate::engine::Inner,
     ) -> io::Result<bool> {
         let window = inner.poll.window();
-        // With several requests in flight, completions come through the ring fd: polling
-        // meanwhile would take the CPU from whoever completes them (a loop device's
-        // worker, say). A single one (queue depth 1) is polled for, with the avail ring.
+        // With several requests in flight, completions come through the ring's eventfd:
+        // polling meanwhile would take the CPU from whoever completes them (a loop
+        // device's worker, say). A single one (queue depth 1) is polled for, with the avail
+        // ring.
         if window.is_zero() || inner.busy() > 1 || self.quiesced.load(Ordering::Relaxed) {
             return Ok(false);
         }

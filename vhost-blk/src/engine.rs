@@ -2,10 +2,10 @@
 //!
 //! ```text
 //!  kick -> pop every available chain -> begin(): validate
-//!            aligned read / write (write cache on) -> slot + iovecs -> SQE   } one submit
-//!            anything else (misaligned RMW, flush, discard, ...) -> declined  } per batch
+//!            aligned read / write (write cache on) -> slot + iovecs -> SQE   } a submit per
+//!            anything else (misaligned RMW, flush, discard, ...) -> declined  } 8 SQEs
 //!            (on a volume in memory, reads and writes run inline instead)
-//!  ring fd readable (or right after the submit) -> reap CQEs -> finish_io()
+//!  ring eventfd readable (or right after the submit) -> reap CQEs -> finish_io()
 //!            -> used ring, one guest notification per batch
 //! ```
 //!
