@@ -388,7 +388,7 @@ impl Session {
                             bytes += len;
                             queued += 1;
                             if queued == SUBMIT_BATCH {
-                                inner.submit()?;
+                                submit(&mut inner);
                                 queued = 0;
                             }
                         }
@@ -399,7 +399,7 @@ impl Session {
                         }
                     }
                 }
-                inner.submit()?;
+                submit(&mut inner);
                 for (chain, seq) in inline.drain(..) {
                     done.push(process_chain(&self.dev, &mem, chain, seq));
                 }
@@ -543,6 +543,15 @@ impl Session {
             }
         }
         Ok(())
+    }
+}
+
+/// Submits the engine's queued requests. A failure (the kernel short of memory, say) is
+/// logged and the requests stay queued for the next submit: returning it would drop the
+/// batch's other requests, taken from the ring and not answered yet.
+fn submit(inner: &mut crate::engine::Inner) {
+    if let Err(e) = inner.submit() {
+        tracing::warn!(error = %e, "io_uring submit failed; retried with the next batch");
     }
 }
 
