@@ -270,7 +270,7 @@ impl Engine {
                 g.usable = false;
                 if !g.refused {
                     g.refused = true;
-                    tracing::warn!(error = %e, "io_uring used from a second thread; requests take the synchronous path there");
+                    tracing::warn!(error = %e, "io_uring ring unusable on this thread; its requests take the synchronous path");
                 }
             }
         }

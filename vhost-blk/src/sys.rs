@@ -299,14 +299,18 @@ impl Uring {
         };
         let me = std::thread::current().id();
         match d.owner {
-            Some(t) if t == me => Ok(()),
-            Some(_) => Err(io::Error::from_raw_os_error(libc::EEXIST)),
-            None => {
-                self.ring.submitter().register_enable_rings()?;
-                d.owner = Some(me);
-                Ok(())
-            }
+            Some(t) if t == me => return Ok(()),
+            Some(_) => return Err(io::Error::from_raw_os_error(libc::EEXIST)),
+            None => {}
         }
+        self.ring.submitter().register_enable_rings()?;
+        // A kernel that bound the ring to the thread that created it would refuse every
+        // submit from this one (EEXIST): find out now, while nothing is in flight.
+        self.run_work()?;
+        if let Some(d) = self.deferred.as_mut() {
+            d.owner = Some(me);
+        }
+        Ok(())
     }
 
     /// The notify fd woke the caller: the next [`Uring::reap`] clears it.
