@@ -566,65 +566,65 @@ impl Drop for Inner {
             .into_iter()
             .filter(|s| s.io.is_some())
             .collect();
-        let held = Arc::new(Mutex::new(None));
         let requests = slots.len();
-        match self.ring.marker() {
-            Ok(marker) => {
-                *held.lock().unwrap_or_else(PoisonError::into_inner) =
-                    Some(InFlight { marker, slots })
-            }
+        let marker = match self.ring.marker() {
+            Ok(m) => m,
             Err(e) => {
                 tracing::error!(error = %e, requests, "cannot follow io_uring requests of a closed session; leaking their buffers");
                 std::mem::forget(slots);
                 return;
             }
-        }
+        };
         tracing::warn!(
             requests,
             "session ended with io_uring requests still in the kernel; their guest memory is kept until they end"
         );
-        let h = held.clone();
+        let held = InFlight { marker, slots };
         let spawned = std::thread::Builder::new()
             .name("vhost-blk-reaper".into())
-            .spawn(move || {
-                let slots = h.lock().unwrap_or_else(PoisonError::into_inner).take();
-                // Waits for the kernel to release the ring.
-                drop(slots);
-            });
+            .spawn(move || held.release());
         if let Err(e) = spawned {
-            // Waiting here would wait for a ring that closes only after this returns.
+            // The closure, dropped unrun, leaked the slots (waiting here would wait for a
+            // ring that closes only after this returns).
             tracing::error!(error = %e, requests, "cannot start a thread for requests in flight; leaking their buffers");
-            std::mem::forget(held.lock().unwrap_or_else(PoisonError::into_inner).take());
         }
     }
 }
 
-/// The slots of a closed ring's requests, freed once the kernel has released the ring.
+/// The slots of a closed ring's requests: freed by [`InFlight::release`] once the kernel
+/// has released the ring, leaked if dropped without it.
 struct InFlight {
     marker: OwnedFd,
     slots: Vec<Slot>,
 }
 
-impl Drop for InFlight {
-    fn drop(&mut self) {
+impl InFlight {
+    /// Waits for the kernel to release the ring, then frees the slots and their range
+    /// locks.
+    fn release(mut self) {
         let started = Instant::now();
         if let Err(e) = wait_released(&self.marker) {
             tracing::error!(error = %e, requests = self.slots.len(), "cannot wait for io_uring requests; leaking their buffers");
-            std::mem::forget(std::mem::take(&mut self.slots));
             return;
         }
-        for s in &self.slots {
-            if let Some(io) = &s.io {
-                if let Some(range) = io.lock {
-                    io.vol.unlock_write(range);
-                }
+        let slots = std::mem::take(&mut self.slots);
+        for io in slots.iter().filter_map(|s| s.io.as_ref()) {
+            if let Some(range) = io.lock {
+                io.vol.unlock_write(range);
             }
         }
         tracing::warn!(
-            requests = self.slots.len(),
+            requests = slots.len(),
             waited_ms = started.elapsed().as_millis() as u64,
             "requests of a closed session ended"
         );
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // Not released: the kernel may still use the buffers.
+        std::mem::forget(std::mem::take(&mut self.slots));
     }
 }
 
