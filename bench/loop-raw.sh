@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench: needs root (loop devices)" >&2; exit 1; }
-command -v fio >/dev/null || apt-get install -y -qq fio >/dev/null
+command -v fio >/dev/null || { apt-get update -qq && apt-get install -y -qq fio >/dev/null; }
 
 SHM=$(mktemp -d /dev/shm/vmblk-lraw.XXXXXX)
 LOOP=""
