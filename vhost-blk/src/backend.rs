@@ -34,7 +34,7 @@ use crate::chain::RawChain;
 use crate::engine::{Engine, Started};
 use crate::inflight::Region;
 use crate::queue::{Expire, QueueState};
-use crate::request::{process_chain, Completion, Device, MAX_DWZ_SEGS};
+use crate::request::{process_chain, Completion, Device, Taken, MAX_DWZ_SEGS};
 use crate::volume::SECTOR_SIZE;
 
 /// Guest memory as the vhost-user handler maps it.
@@ -303,7 +303,7 @@ impl Session {
         pool: Option<&Pool>,
         mem: &Arc<GuestMemoryMmap<()>>,
         chain: RawChain,
-        seq: u64,
+        taken: Taken,
         done: &mut Vec<Completion>,
     ) {
         match pool {
@@ -311,39 +311,41 @@ impl Session {
                 let (dev, vring, mem, qs) =
                     (self.dev.clone(), vring.clone(), mem.clone(), qs.clone());
                 pool.submit(Box::new(move || {
-                    let mut d = vec![process_chain(&dev, &mem, chain, seq)];
+                    let mut d = vec![process_chain(&dev, &mem, chain, taken)];
                     if let Err(e) = qs.complete(&vring, &mut d) {
                         tracing::warn!(error = %e, "completing a request failed");
                     }
                 }));
             }
-            None => done.push(process_chain(&self.dev, mem, chain, seq)),
+            None => done.push(process_chain(&self.dev, mem, chain, taken)),
         }
     }
 
     /// The chains to serve next: first those recorded in flight before a reconnect, then
-    /// the avail ring's (one at a time: the vring lock is not held while taking tickets).
+    /// the avail ring's (one at a time: the vring lock is not held while taking tickets),
+    /// taken at `now` (the batch's time).
     fn next_chain(
         &self,
         vring: &VringRwLock<Mem>,
         qs: &QueueState,
         mem: &Arc<GuestMemoryMmap<()>>,
         resubmit: &mut Vec<u16>,
-    ) -> Option<(RawChain, u64)> {
+        now: Instant,
+    ) -> Option<(RawChain, Taken)> {
         if let Some(head) = resubmit.pop() {
             let (table, size) = {
                 let v = vring.get_ref();
                 (v.get_queue().desc_table(), v.get_queue().size())
             };
-            let seq = qs.take(head, mem);
-            return Some((RawChain::from_table(mem, table, size, head), seq));
+            let taken = qs.take(head, mem, now);
+            return Some((RawChain::from_table(mem, table, size, head), taken));
         }
         let chain = vring
             .get_mut()
             .get_queue_mut()
             .pop_descriptor_chain(mem.clone())?;
-        let seq = qs.take(chain.head_index(), mem);
-        Some((RawChain::from_chain(chain), seq))
+        let taken = qs.take(chain.head_index(), mem, now);
+        Some((RawChain::from_chain(chain), taken))
     }
 
     /// Serves every available chain of `vring` through the queue's io_uring engine:
@@ -379,11 +381,13 @@ impl Session {
             loop {
                 let mut bytes = 0u64;
                 let mut queued = 0;
+                let now = Instant::now();
                 while bytes < FLUSH_BYTES && !self.quiesced.load(Ordering::Relaxed) {
-                    let Some((chain, seq)) = self.next_chain(vring, qs, &mem, &mut resubmit) else {
+                    let Some((chain, taken)) = self.next_chain(vring, qs, &mem, &mut resubmit, now)
+                    else {
                         break;
                     };
-                    match inner.start(&mem, chain, seq, &mut done) {
+                    match inner.start(&mem, chain, taken, &mut done) {
                         Started::Taken(len) => {
                             bytes += len;
                             queued += 1;
@@ -392,24 +396,24 @@ impl Session {
                                 queued = 0;
                             }
                         }
-                        Started::Declined(chain) => declined.push((chain, seq)),
+                        Started::Declined(chain) => declined.push((chain, taken)),
                         Started::Inline(chain, len) => {
                             bytes += len;
-                            inline.push((chain, seq));
+                            inline.push((chain, taken));
                         }
                     }
                 }
                 submit(&mut inner);
-                for (chain, seq) in inline.drain(..) {
-                    done.push(process_chain(&self.dev, &mem, chain, seq));
+                for (chain, taken) in inline.drain(..) {
+                    done.push(process_chain(&self.dev, &mem, chain, taken));
                 }
-                for (chain, seq) in declined.drain(..) {
+                for (chain, taken) in declined.drain(..) {
                     if pool.is_none() {
                         // A synchronous write may wait for a range lock held by this
                         // engine's own writes: let them complete first.
                         inner.wait_all(&mut done)?;
                     }
-                    self.run_sync(vring, qs, pool, &mem, chain, seq, &mut done);
+                    self.run_sync(vring, qs, pool, &mem, chain, taken, &mut done);
                 }
                 inner.reap(&mut done);
                 qs.complete(vring, &mut done)?;
@@ -517,8 +521,9 @@ impl Session {
             }
             let mem = self.memory();
             let mut batch = Vec::new();
+            let now = Instant::now();
             while !self.quiesced.load(Ordering::Relaxed) {
-                match self.next_chain(vring, qs, &mem, &mut resubmit) {
+                match self.next_chain(vring, qs, &mem, &mut resubmit, now) {
                     Some(c) => batch.push(c),
                     None => break,
                 }
@@ -528,14 +533,14 @@ impl Session {
             // thread never waits on the volume (a stalled one would hold up ring stops).
             let last = if pool.is_none() { batch.pop() } else { None };
             let mut done = Vec::new();
-            for (chain, seq) in batch {
-                self.run_sync(vring, qs, pool, &mem, chain, seq, &mut done);
+            for (chain, taken) in batch {
+                self.run_sync(vring, qs, pool, &mem, chain, taken, &mut done);
                 if done.len() >= SIGNAL_BATCH as usize {
                     qs.complete(vring, &mut done)?;
                 }
             }
-            if let Some((chain, seq)) = last {
-                done.push(process_chain(&self.dev, &mem, chain, seq));
+            if let Some((chain, taken)) = last {
+                done.push(process_chain(&self.dev, &mem, chain, taken));
             }
             qs.complete(vring, &mut done)?;
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use vm_memory::GuestMemoryMmap;
 
 use crate::chain::RawChain;
-use crate::request::{begin, finish_io, Begun, Completion, Device, Pending};
+use crate::request::{begin, finish_io, Begun, Completion, Device, Pending, Taken};
 use crate::sys::{wait_released, Uring};
 use crate::volume::{Volume, VolumeError};
 
@@ -291,7 +291,7 @@ impl Inner {
         &mut self,
         mem: &Arc<GuestMemoryMmap<()>>,
         chain: RawChain,
-        seq: u64,
+        taken: Taken,
         done: &mut Vec<Completion>,
     ) -> Started {
         let dev = self.dev.clone();
@@ -321,7 +321,7 @@ impl Inner {
                 }
             }
         }
-        let begun = begin(&dev, mem, chain, seq, |write, offset, slices| {
+        let begun = begin(&dev, mem, chain, taken, |write, offset, slices| {
             if !has_slot || !vol.direct_ok(offset, slices) {
                 return None;
             }

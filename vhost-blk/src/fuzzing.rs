@@ -8,7 +8,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::chain::RawChain;
 use crate::device::Device;
-use crate::request::{process_chain, SERIAL_LEN};
+use crate::request::{process_chain, Taken, SERIAL_LEN};
 use crate::volume::{Volume, VolumeParams, SECTOR_SIZE};
 
 /// Guest memory of a fuzz input.
@@ -62,7 +62,7 @@ pub fn virtio_chain(data: &[u8]) {
         .filter(|s| s.writable)
         .map(|s| s.len)
         .sum();
-    let c = process_chain(&device(), &mem, chain, 1);
+    let c = process_chain(&device(), &mem, chain, Taken::now(1));
     assert_eq!(c.head, head);
     match c.status {
         Some((addr, _)) => {

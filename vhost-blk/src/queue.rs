@@ -27,7 +27,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::backend::Mem;
 use crate::chain::RawChain;
 use crate::inflight::Region;
-use crate::request::{status_address, Completion, Device, VIRTIO_BLK_S_IOERR};
+use crate::request::{status_address, Completion, Device, Taken, VIRTIO_BLK_S_IOERR};
 
 /// A request taken from the avail ring and not answered yet.
 #[derive(Debug)]
@@ -117,15 +117,15 @@ impl QueueState {
         self.lock().live
     }
 
-    /// Takes the request at `head`: returns its ticket's sequence number.
-    pub(crate) fn take(&self, head: u16, mem: &Arc<GuestMemoryMmap<()>>) -> u64 {
+    /// Takes the request at `head` at time `at`: returns its ticket.
+    pub(crate) fn take(&self, head: u16, mem: &Arc<GuestMemoryMmap<()>>, at: Instant) -> Taken {
         let mut t = self.lock();
         t.next_seq += 1;
         t.counter += 1;
         let (seq, counter) = (t.next_seq, t.counter);
         let ticket = Ticket {
             seq,
-            start: Instant::now(),
+            start: at,
             mem: mem.clone(),
         };
         match t.slots.get_mut(usize::from(head)) {
@@ -138,13 +138,13 @@ impl QueueState {
             }
             // Not reached: heads are below the queue size, and the table has the largest
             // size the export accepts (SET_VRING_NUM above it is refused).
-            None => return 0,
+            None => return Taken { seq: 0, at },
         }
         drop(t);
         if let Some(q) = self.region().as_ref().and_then(|r| r.queue(self.index)) {
             q.taken(head, counter);
         }
-        seq
+        Taken { seq, at }
     }
 
     /// Answers completed requests whose ticket is still theirs: status byte, used element,

@@ -408,6 +408,25 @@ pub(crate) struct Completion {
     pub status: Option<(GuestAddress, u8)>,
 }
 
+/// A request as taken from the avail ring: its ticket's sequence number, and when it was
+/// taken (its latency counts from there; one clock read serves a whole batch).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Taken {
+    pub seq: u64,
+    pub at: Instant,
+}
+
+#[cfg(any(test, feature = "fuzzing"))]
+impl Taken {
+    /// Ticket `seq`, taken now.
+    pub(crate) fn now(seq: u64) -> Taken {
+        Taken {
+            seq,
+            at: Instant::now(),
+        }
+    }
+}
+
 /// Where a validated chain is answered: its head, ticket, status byte and start time.
 #[derive(Debug)]
 pub(crate) struct Answer {
@@ -435,9 +454,9 @@ fn open<'m>(
     dev: &Device,
     mem: &'m GuestMemoryMmap<()>,
     chain: RawChain,
-    seq: u64,
+    taken: Taken,
 ) -> Result<(Answer, Result<Request<'m>, RequestError>), Completion> {
-    let start = Instant::now();
+    let Taken { seq, at: start } = taken;
     let head = chain.head;
     let unanswerable = || {
         dev.metrics
@@ -521,9 +540,9 @@ pub(crate) fn process_chain(
     dev: &Device,
     mem: &GuestMemoryMmap<()>,
     chain: RawChain,
-    seq: u64,
+    taken: Taken,
 ) -> Completion {
-    let (answer, parsed) = match open(dev, mem, chain, seq) {
+    let (answer, parsed) = match open(dev, mem, chain, taken) {
         Ok(x) => x,
         Err(done) => return done,
     };
@@ -569,10 +588,10 @@ pub(crate) fn begin<'m, T>(
     dev: &Device,
     mem: &'m GuestMemoryMmap<()>,
     chain: RawChain,
-    seq: u64,
+    taken: Taken,
     accept: impl FnOnce(bool, u64, &[VolatileSlice<'m, ()>]) -> Option<T>,
 ) -> Begun<'m, T> {
-    let (answer, parsed) = match open(dev, mem, chain, seq) {
+    let (answer, parsed) = match open(dev, mem, chain, taken) {
         Ok(x) => x,
         Err(done) => return Begun::Done(done),
     };

@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::ops::Deref;
 use std::sync::Arc;
+use std::time::Instant;
 
 use virtio_bindings::bindings::virtio_ring::{
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
@@ -98,7 +99,10 @@ fn run_chain<M>(dev: &Device, mem: &GuestMemoryMmap<()>, chain: DescriptorChain<
 where
     M: Deref<Target = GuestMemoryMmap<()>>,
 {
-    answer(mem, process_chain(dev, mem, RawChain::from_chain(chain), 1))
+    answer(
+        mem,
+        process_chain(dev, mem, RawChain::from_chain(chain), Taken::now(1)),
+    )
 }
 
 fn rd(addr: u64, len: u32) -> RawDescriptor {
@@ -184,6 +188,28 @@ fn write_then_read_round_trips() {
     let m = f.dev.metrics.snapshot();
     assert_eq!((m.requests.read, m.requests.write), (1, 1));
     assert_eq!((m.bytes_read, m.bytes_written), (4096, 4096));
+}
+
+/// A request's latency counts from when it was taken from the avail ring (the batch's
+/// clock read), not from when its turn in the batch came.
+#[test]
+fn latency_counts_from_when_the_request_was_taken() {
+    let f = fixture();
+    f.header(VIRTIO_BLK_T_IN, 0);
+    let vq = MockSplitQueue::new(&f.mem, 16);
+    let chain = vq
+        .build_desc_chain(&[rd(HDR, 16), wr(DATA, 4096), wr(STATUS, 1)])
+        .unwrap();
+    let taken = Taken {
+        seq: 1,
+        at: Instant::now() - std::time::Duration::from_millis(300),
+    };
+    let c = process_chain(&f.dev, &f.mem, RawChain::from_chain(chain), taken);
+    assert_eq!(c.status.map(|(_, s)| s), Some(VIRTIO_BLK_S_OK));
+    let hist = f.dev.metrics.snapshot().latency_us_log2;
+    // Bucket i holds latencies in [2^(i-1), 2^i) µs: 300 ms is bucket 19.
+    let bucket = hist.iter().position(|&n| n > 0);
+    assert_eq!(bucket, Some(19), "{hist:?}");
 }
 
 #[test]
@@ -759,7 +785,7 @@ fn a_4096_sector_loop_device_takes_512_byte_aligned_buffers_through_io_uring() {
         let chain = RawChain::from_chain(vq.build_desc_chain(descs).unwrap());
         let mut inner = engine.lock();
         let mut done = Vec::new();
-        let started = inner.start(&mem, chain, 1, &mut done);
+        let started = inner.start(&mem, chain, Taken::now(1), &mut done);
         assert!(
             matches!(started, Started::Taken(8192)),
             "512-byte aligned buffers bounced: {started:?}"
@@ -986,7 +1012,10 @@ fn engine_round_trip(defer: bool) {
         let mut inner = engine.lock();
         let mut done = Vec::new();
         let chain = RawChain::from_chain(chain);
-        if !matches!(inner.start(&mem, chain, 1, &mut done), Started::Taken(_)) {
+        if !matches!(
+            inner.start(&mem, chain, Taken::now(1), &mut done),
+            Started::Taken(_)
+        ) {
             return None;
         }
         inner.submit().unwrap();
@@ -1055,7 +1084,7 @@ fn the_engine_leaves_reads_and_writes_of_a_file_in_memory_to_the_queue_thread() 
         let descs = [rd(HDR, 16), data, wr(STATUS, 1)];
         let chain = RawChain::from_chain(vq.build_desc_chain(&descs).unwrap());
         let mut done = Vec::new();
-        let started = engine.lock().start(&mem, chain, 1, &mut done);
+        let started = engine.lock().start(&mem, chain, Taken::now(1), &mut done);
         assert!(
             matches!(started, Started::Inline(..)),
             "type {t}: {started:?}"
@@ -1082,7 +1111,7 @@ fn a_deferred_engine_declines_chains_on_any_thread_but_its_queue_thread() {
         let chain = RawChain::from_chain(vq.build_desc_chain(&descs).unwrap());
         let mut done = Vec::new();
         let mut inner = engine.lock();
-        let started = inner.start(&mem, chain, 1, &mut done);
+        let started = inner.start(&mem, chain, Taken::now(1), &mut done);
         inner.submit().unwrap();
         inner.wait_all(&mut done).unwrap();
         (started, done.len())
@@ -1188,7 +1217,7 @@ fn pop_all(
     vring: &vhost_user_backend::VringRwLock<crate::backend::Mem>,
     qs: &crate::queue::QueueState,
     mem: &Arc<GuestMemoryMmap<()>>,
-) -> Vec<(RawChain, u64)> {
+) -> Vec<(RawChain, Taken)> {
     use vhost_user_backend::VringT;
     use virtio_queue::QueueT;
     let mut out = Vec::new();
@@ -1198,8 +1227,8 @@ fn pop_all(
             .get_queue_mut()
             .pop_descriptor_chain(mem.clone());
         let Some(chain) = chain else { break };
-        let seq = qs.take(chain.head_index(), mem);
-        out.push((RawChain::from_chain(chain), seq));
+        let taken = qs.take(chain.head_index(), mem, Instant::now());
+        out.push((RawChain::from_chain(chain), taken));
     }
     out
 }
@@ -1359,9 +1388,9 @@ fn requests_in_flight_at_a_crash_are_resubmitted_once_from_the_inflight_buffer()
     };
     let mut done = Vec::new();
     for h in heads {
-        let seq = qs.take(h, &m);
+        let taken = qs.take(h, &m, Instant::now());
         let chain = RawChain::from_table(&mem, table, qsize, h);
-        done.push(process_chain(&dev, &mem, chain, seq));
+        done.push(process_chain(&dev, &mem, chain, taken));
     }
     qs.complete(&vring, &mut done).unwrap();
     assert_eq!(used_elems(&mem, &vq), vec![(3, 513), (0, 513), (6, 513)]);
@@ -1415,7 +1444,7 @@ fn stopping_a_ring_answers_stuck_requests_or_leaves_them_in_the_inflight_buffer(
         // The stuck requests finish later: nothing reaches the guest.
         let mut done: Vec<_> = chains
             .into_iter()
-            .map(|(c, seq)| process_chain(&dev, &mem, c, seq))
+            .map(|(c, taken)| process_chain(&dev, &mem, c, taken))
             .collect();
         qs.complete(&vring, &mut done).unwrap();
         assert_eq!(used_elems(&mem, &vq), used);
