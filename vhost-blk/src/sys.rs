@@ -575,9 +575,7 @@ mod tests {
         // clear (no wake-up for completions already taken).
         const N: usize = 64;
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-        let mut ring = Uring::new(128, &File::from(r), true).unwrap();
-        assert!(ring.is_deferred(), "the suite runs on Linux 6.1 or later");
-        ring.claim().unwrap();
+        // Declared before the ring, so dropped after it even when an assertion fails.
         let mut bufs = vec![[0u8; 8]; N];
         let iov: Vec<libc::iovec> = bufs
             .iter_mut()
@@ -586,9 +584,12 @@ mod tests {
                 iov_len: b.len(),
             })
             .collect();
+        let mut ring = Uring::new(128, &File::from(r), true).unwrap();
+        assert!(ring.is_deferred(), "the suite runs on Linux 6.1 or later");
+        ring.claim().unwrap();
         for (i, v) in iov.iter().enumerate() {
-            // SAFETY: `v` points into `bufs`, alive until the completions are reaped below
-            // (or the ring is dropped first, at the end of the test).
+            // SAFETY: `v` points into `bufs`, alive until the completions are reaped below,
+            // or until the ring (declared after it) is dropped on a failed assertion.
             unsafe { ring.push_rw(false, v, 1, 0, i as u64, false) }.unwrap();
         }
         ring.submit().unwrap();

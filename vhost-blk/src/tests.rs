@@ -1096,15 +1096,11 @@ fn the_engine_leaves_reads_and_writes_of_a_file_in_memory_to_the_queue_thread() 
 #[test]
 fn a_deferred_engine_declines_chains_on_any_thread_but_its_queue_thread() {
     use crate::engine::{Engine, Started};
-    let Fixture { mem, dev, _file } = fixture();
+    let f = fixture();
+    f.header(VIRTIO_BLK_T_IN, 16);
+    let Fixture { mem, dev, _file } = f;
     let (mem, dev) = (Arc::new(mem), Arc::new(dev));
     let engine = Engine::new(dev, 16, std::time::Duration::ZERO, true).unwrap();
-    let f = Fixture {
-        mem: (*mem).clone(),
-        dev: device(Volume::open(_file.as_ref().unwrap().path(), &params()).unwrap()),
-        _file: None,
-    };
-    f.header(VIRTIO_BLK_T_IN, 16);
     let start = || {
         let vq = MockSplitQueue::new(&*mem, 16);
         let descs = [rd(HDR, 16), wr(DATA, 4096), wr(STATUS, 1)];
