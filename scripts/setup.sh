@@ -158,6 +158,22 @@ if ! check_tools; then
   exit 1
 fi
 
+# Foreign gRPC clients for the tests (driver/tests/foreign_clients.rs): grpcio from
+# PyPI in a virtual environment under target/, reinstalled when the pins change.
+VENV=target/pyvenv
+REQS=driver/tests/python/requirements.txt
+if ! cmp -s "$REQS" "$VENV/requirements.txt" 2>/dev/null; then
+  echo "setup: Python clients into $VENV"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r "$REQS"
+  cp "$REQS" "$VENV/requirements.txt"
+fi
+"$VENV/bin/python3" -c 'import grpc, grpc_reflection, grpc_health' || {
+  echo "setup: grpcio is missing from $VENV (from PyPI: $REQS)" >&2
+  exit 1
+}
+
 # Loop devices are needed by the bridge and the tests.
 modprobe loop 2>/dev/null || true
 [ -e /dev/loop-control ] || { echo "setup: /dev/loop-control is missing" >&2; exit 1; }
