@@ -23,8 +23,8 @@ pub struct ExportArgs {
     /// Number of virtqueues, each served by its own thread.
     #[arg(long, default_value_t = 1)]
     pub num_queues: u16,
-    /// Largest virtqueue size offered.
-    #[arg(long, default_value_t = 256)]
+    /// Largest virtqueue size a frontend may pick (it picks any size up to this).
+    #[arg(long, default_value_t = vhost_blk::DEFAULT_QUEUE_SIZE)]
     pub queue_size: u16,
     /// Serial number the guest reads (at most 20 bytes).
     #[arg(long, default_value = "")]

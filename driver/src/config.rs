@@ -6,7 +6,7 @@
 //! socket_mode: "0660"                 # octal, as a string
 //! state_dir: /var/lib/vmblk           # records, default pool, scratch space
 //! export_dir: /run/vmblk/exports      # vhost-user sockets of attached volumes
-//! exports: { num_queues: 1, queue_size: 256, direct_io: true, io_timeout_ms: 30000 }
+//! exports: { num_queues: 1, queue_size: 1024, direct_io: true, io_timeout_ms: 30000 }
 //! hotplug: { enabled: true }          # kernel uevents for block pools' devices
 //! shutdown_grace_secs: 30             # after SIGTERM, then running operations are abandoned
 //! pools:
@@ -111,7 +111,8 @@ pub struct AttachmentConfig {
 pub struct ExportDefaults {
     /// Virtqueues per export.
     pub num_queues: u16,
-    /// Virtqueue size.
+    /// Virtqueue size: what QEMU is told (`queue-size=`), and the largest the export
+    /// accepts (a frontend may pick any smaller size).
     pub queue_size: u16,
     /// Open volumes with O_DIRECT where the filesystem allows it.
     pub direct_io: bool,
@@ -127,7 +128,7 @@ impl Default for ExportDefaults {
     fn default() -> Self {
         ExportDefaults {
             num_queues: 1,
-            queue_size: 256,
+            queue_size: vhost_blk::DEFAULT_QUEUE_SIZE,
             direct_io: true,
             io_timeout_ms: DEFAULT_IO_TIMEOUT_MS,
         }
@@ -441,7 +442,7 @@ mod tests {
         .unwrap();
         assert!(c.hotplug.enabled);
         assert_eq!(c.exports.io_timeout_ms, 5000);
-        assert_eq!(c.exports.queue_size, 256);
+        assert_eq!(c.exports.queue_size, 1024);
         assert_eq!(c.attachments.len(), 2);
         assert_eq!(
             c.attachments[1],

@@ -3,26 +3,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{images, Daemon, DaemonOpts};
-
-fn vmblk_bin() -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(d) if Path::new(&d).is_absolute() => PathBuf::from(d),
-        Some(d) => workspace.join(d),
-        None => workspace.join("target"),
-    };
-    let p = target.join("debug/vmblk");
-    assert!(
-        p.exists(),
-        "{} is missing: build it first (scripts/test.sh does)",
-        p.display()
-    );
-    p
-}
+use common::{images, vmblk_bin, Daemon, DaemonOpts};
 
 /// Runs `vmblk ARGS --socket SOCK --json`; returns (exit code, JSON, all output).
 fn vmblk(d: &Daemon, args: &[&str]) -> (i32, serde_json::Value, String) {

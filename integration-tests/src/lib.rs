@@ -14,6 +14,7 @@
 //! Tests that create loop devices or guests hold [`loop_tests_lock`] for their whole
 //! run. Everything the harness starts is killed by PID and removed on drop.
 
+mod blkio;
 mod export;
 mod fusefile;
 mod guest;
@@ -29,6 +30,7 @@ mod vmblkd;
 mod volume;
 mod workload;
 
+pub use blkio::{BlkioClient, BLKIO_TIMEOUT};
 pub use export::{
     CommandExport, CommandExportParams, Export, QsdDriver, QsdExport, QsdParams,
     EXPORT_READY_TIMEOUT,

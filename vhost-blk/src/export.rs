@@ -61,6 +61,10 @@ pub enum ExportError {
     /// The volume could not be resumed.
     #[error(transparent)]
     Resume(#[from] ResumeError),
+    /// The socket's path was removed or now names another file: no frontend can
+    /// connect (or reconnect) any more.
+    #[error("vhost-user socket {0} was removed or replaced")]
+    SocketGone(PathBuf),
 }
 
 /// What to export and how.
@@ -77,7 +81,10 @@ pub struct ExportConfig {
     pub read_only: bool,
     /// Number of virtqueues (1..=64), each served by its own thread.
     pub num_queues: u16,
-    /// Maximum virtqueue size (power of two, 1..=32768).
+    /// Largest virtqueue size a frontend may pick (power of two, 1..=32768); it picks
+    /// any size up to this one. Also what seg_max is derived from (this minus 2, the
+    /// header and status), so the guest is told the same whatever size is picked: a
+    /// chain longer than the queue reaches the device through an indirect table.
     pub queue_size: u16,
     /// Serial returned by GET_ID (at most 20 bytes).
     pub serial: String,
@@ -104,6 +111,10 @@ pub struct ExportConfig {
     pub poll_us: u32,
 }
 
+/// Default largest virtqueue size: what qemu-storage-daemon accepts, and what Windows
+/// guests need for requests of 515 segments without indirect descriptors.
+pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
+
 /// Default I/O timeout: the Linux block layer's default request timeout.
 pub const DEFAULT_IO_TIMEOUT_MS: u64 = 30_000;
 
@@ -118,7 +129,7 @@ impl Default for ExportConfig {
             logical_block_size: 512,
             read_only: false,
             num_queues: 1,
-            queue_size: 256,
+            queue_size: DEFAULT_QUEUE_SIZE,
             serial: String::new(),
             direct_io: true,
             max_iovecs_per_io: crate::sys::IOV_MAX,
@@ -257,7 +268,35 @@ pub struct Export {
     dev: Arc<Device>,
     geometry: Geometry,
     listener: Mutex<Listener>,
+    /// Device and inode of the socket file as bound: the path still names it while
+    /// frontends can connect.
+    socket_id: Option<(u64, u64)>,
     stop: StopHandle,
+}
+
+/// How often an idle export checks that its socket is still there.
+const SOCKET_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Makes `listener` forget its path, so dropping it does not remove a file another
+/// process may have put there since.
+fn forget_path(listener: &mut Listener) {
+    use std::os::fd::FromRawFd;
+    let fd = listener.as_raw_fd();
+    // SAFETY: `fd` is the open listening socket `listener` owns; ownership moves to the
+    // new `Listener` (built without a path), and the old one is forgotten below, so the
+    // fd is closed exactly once, by the new one.
+    let bare = unsafe { Listener::from_raw_fd(fd) };
+    let old = std::mem::replace(listener, bare);
+    // Leaks the old path's allocation only.
+    std::mem::forget(old);
+}
+
+/// Device and inode of the file at `path`.
+fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 impl std::fmt::Debug for Export {
@@ -313,7 +352,9 @@ impl Export {
             path: cfg.socket.clone(),
             source,
         })?;
+        let socket_id = file_id(&cfg.socket);
         Ok(Export {
+            socket_id,
             geometry: Geometry {
                 capacity,
                 logical_block_size: cfg.logical_block_size,
@@ -366,7 +407,8 @@ impl Export {
                     PollFd::new(lb, PollFlags::POLLIN),
                     PollFd::new(eb, PollFlags::POLLIN),
                 ];
-                match poll(&mut fds, PollTimeout::NONE) {
+                let tick = PollTimeout::try_from(SOCKET_CHECK).unwrap_or(PollTimeout::MAX);
+                match poll(&mut fds, tick) {
                     Ok(_) => fds[0]
                         .revents()
                         .is_some_and(|r| r.contains(PollFlags::POLLIN)),
@@ -379,6 +421,12 @@ impl Export {
             }
             if readable {
                 self.serve_one(&mut listener)?;
+            }
+            if self.socket_id.is_some() && file_id(&self.cfg.socket) != self.socket_id {
+                tracing::error!(socket = %self.cfg.socket.display(),
+                    "the export's socket was removed or replaced: stopping");
+                forget_path(&mut listener);
+                return Err(ExportError::SocketGone(self.cfg.socket.clone()));
             }
         }
         tracing::info!(socket = %self.cfg.socket.display(), "export stopped");

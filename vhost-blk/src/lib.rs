@@ -37,6 +37,7 @@ pub use device::{EventSink, ExportControl, ExportEvent, ResumeError, VolumeState
 pub use engine::DEFAULT_POLL_US;
 pub use export::{
     run, Export, ExportConfig, ExportError, StopHandle, DEFAULT_IO_THREADS, DEFAULT_IO_TIMEOUT_MS,
+    DEFAULT_QUEUE_SIZE,
 };
 pub use metrics::{ErrorCounts, Metrics, MetricsSnapshot, RequestCounts, LATENCY_BUCKETS};
 pub use request::{RequestError, RequestType};

@@ -63,6 +63,8 @@ pub(crate) enum Expire {
 pub(crate) struct QueueState {
     index: u16,
     dev: Arc<Device>,
+    /// The largest queue size the export accepts: heads are below it.
+    max_size: u16,
     t: Mutex<Tickets>,
     drained: Condvar,
     /// The vring, once started (the watchdog answers requests through it).
@@ -94,10 +96,10 @@ impl QueueState {
         QueueState {
             index,
             dev,
-            t: Mutex::new(Tickets {
-                slots: (0..queue_size).map(|_| None).collect(),
-                ..Tickets::default()
-            }),
+            max_size: queue_size,
+            // Grown on demand to the heads the frontend uses (below the queue size it
+            // picked), so a session's memory follows the size picked, not the largest.
+            t: Mutex::new(Tickets::default()),
             drained: Condvar::new(),
             vring: Mutex::new(None),
             inflight,
@@ -128,6 +130,10 @@ impl QueueState {
             start: at,
             mem: mem.clone(),
         };
+        let want = usize::from(head) + 1;
+        if t.slots.len() < want && head < self.max_size {
+            t.slots.resize_with(want.next_power_of_two(), || None);
+        }
         match t.slots.get_mut(usize::from(head)) {
             Some(slot) => {
                 // A head the guest made available again while still in flight (a broken
@@ -136,7 +142,7 @@ impl QueueState {
                     t.live += 1;
                 }
             }
-            // Not reached: heads are below the queue size, and the table has the largest
+            // Not reached: heads are below the queue size, which is at most the largest
             // size the export accepts (SET_VRING_NUM above it is refused).
             None => return Taken { seq: 0, at },
         }

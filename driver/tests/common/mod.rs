@@ -434,3 +434,20 @@ pub fn read_all(mut r: impl Read) -> String {
     let _ = r.read_to_string(&mut s);
     s
 }
+
+/// The `vmblk` binary of this build (built by scripts/test.sh before the tests).
+pub fn vmblk_bin() -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if Path::new(&d).is_absolute() => PathBuf::from(d),
+        Some(d) => workspace.join(d),
+        None => workspace.join("target"),
+    };
+    let p = target.join("debug/vmblk");
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
