@@ -211,6 +211,7 @@ fn backend_state_name(s: i32) -> &'static str {
         Ok(pb::BackendState::Active) => "active",
         Ok(pb::BackendState::Removed) => "removed",
         Ok(pb::BackendState::Missing) => "missing",
+        Ok(pb::BackendState::Failed) => "failed",
         _ => "unknown",
     }
 }
@@ -289,6 +290,10 @@ fn show_volume(v: &pb::Volume) {
             Ok(pb::BackendState::Missing) => {
                 format!("{} (waiting for its backing device)", a.socket_path)
             }
+            Ok(pb::BackendState::Failed) => format!(
+                "{} (export failed: {}; attach again or detach)",
+                a.socket_path, a.backend_removed_reason
+            ),
             _ => a.socket_path.clone(),
         })
         .unwrap_or_else(|| "-".into());

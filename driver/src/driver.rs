@@ -72,6 +72,13 @@ struct Inner {
     images: BTreeMap<(String, String), ImageRecord>,
     busy: HashSet<String>,
     exports: HashMap<(String, String), Arc<dyn ExportHandle>>,
+    /// Space held for images being imported, by (pool, fingerprint): counted as
+    /// provisioned from the quota check until the image is recorded.
+    reserved: HashMap<(String, String), u64>,
+    /// The id of each running export (a failure report names the export it is about).
+    export_ids: HashMap<(String, String), u64>,
+    /// The next export id.
+    next_export_id: u64,
     /// Attached volumes whose backing device is removed: why, and the device it was
     /// (what Watch was told).
     removed: HashMap<(String, String), (String, PathBuf)>,
@@ -98,6 +105,18 @@ pub struct Driver {
     taints: Taints,
     /// The attachments the configuration lists.
     config_attachments: Vec<AttachmentConfig>,
+}
+
+/// Space held in a pool's quota for an import under way; released on drop.
+struct Reservation<'a> {
+    driver: &'a Driver,
+    key: (String, String),
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.driver.lock().reserved.remove(&self.key);
+    }
 }
 
 /// Removes its key from the busy set on drop.
@@ -279,7 +298,14 @@ impl Driver {
             .values()
             .filter(|i| i.pool == name)
             .map(|i| i.size_bytes);
-        let provisioned = vols.iter().map(|v| v.size_bytes).sum::<u64>() + imgs.sum::<u64>();
+        let reserved = inner
+            .reserved
+            .iter()
+            .filter(|((p, _), _)| p == name)
+            .map(|(_, size)| size);
+        let provisioned = vols.iter().map(|v| v.size_bytes).sum::<u64>()
+            + imgs.sum::<u64>()
+            + reserved.sum::<u64>();
         let mut p = pb::Pool {
             name: name.to_owned(),
             origin: if e.from_config {
@@ -1076,6 +1102,16 @@ impl Driver {
                 "volume {pool}/{name} is not ready"
             )));
         }
+        if let Some(a) = rec.attachment.as_ref().filter(|a| a.failed.is_some()) {
+            // The export stopped on its own: this attach replaces it.
+            tracing::info!(
+                pool,
+                volume = name,
+                reason = a.failed.as_deref().unwrap_or(""),
+                "re-attaching a volume whose export had failed"
+            );
+            rec.attachment = None;
+        }
         if let Some(a) = &rec.attachment {
             if a.logical_block_size == lbs
                 && a.read_only == r.read_only
@@ -1116,6 +1152,7 @@ impl Driver {
             num_queues,
             queue_size,
             attached_unix_ms: now_ms(),
+            failed: None,
         };
         if missing {
             tracing::warn!(
@@ -1155,15 +1192,16 @@ impl Driver {
             direct_io: self.export_defaults.direct_io,
             io_timeout_ms: self.export_defaults.io_timeout_ms,
         };
+        let id = {
+            let mut inner = self.lock();
+            inner.next_export_id += 1;
+            inner.next_export_id
+        };
         let weak = Arc::downgrade(self);
         let (pool, name) = (rec.pool.clone(), rec.name.clone());
         let on_exit = Box::new(move |err: Option<String>| {
             if let (Some(d), Some(message)) = (weak.upgrade(), err) {
-                d.emit(
-                    &pool,
-                    &name,
-                    pb::event::Kind::ExportError(pb::ExportError { message }),
-                );
+                d.export_failed(&pool, &name, id, &message);
             }
         });
         let weak = Arc::downgrade(self);
@@ -1182,16 +1220,75 @@ impl Driver {
             })?;
         let mut inner = self.lock();
         inner.removed.remove(&key(&rec.pool, &rec.name));
+        inner.export_ids.insert(key(&rec.pool, &rec.name), id);
         inner
             .exports
             .insert(key(&rec.pool, &rec.name), Arc::from(h));
         Ok(())
     }
 
+    /// An export stopped on its own with an error (on its own thread, as it ends): the
+    /// attachment is recorded failed with the reason, Watch is told, and the export is
+    /// forgotten, so a new Attach starts another without a Detach.
+    fn export_failed(&self, pool: &str, name: &str, id: u64, message: &str) {
+        let k = key(pool, name);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // An operation on the volume (detach, attach) may hold it: it forgets this
+        // export first (then this report is stale) or finishes soon.
+        let _g = loop {
+            if self.lock().export_ids.get(&k) != Some(&id) {
+                return;
+            }
+            match self.begin(vkey(pool, name), &format!("volume {pool}/{name}")) {
+                Ok(g) => break g,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => {
+                    tracing::error!(pool, volume = name, error = %e.chain(),
+                        "cannot record a failed export");
+                    return;
+                }
+            }
+        };
+        {
+            let mut inner = self.lock();
+            if inner.export_ids.get(&k) != Some(&id) {
+                return;
+            }
+            inner.export_ids.remove(&k);
+            inner.exports.remove(&k);
+            inner.removed.remove(&k);
+        }
+        tracing::error!(
+            pool,
+            volume = name,
+            reason = message,
+            "export stopped on its own"
+        );
+        if let Some(mut rec) = self.record(pool, name) {
+            if let Some(a) = rec.attachment.as_mut() {
+                a.failed = Some(message.to_owned());
+                if let Err(e) = self.put_record(&rec) {
+                    tracing::error!(pool, volume = name, error = %e.chain(),
+                        "cannot record the failed export");
+                }
+            }
+        }
+        self.emit(
+            pool,
+            name,
+            pb::event::Kind::ExportError(pb::ExportError {
+                message: message.to_owned(),
+            }),
+        );
+    }
+
     fn stop_export(&self, pool: &str, name: &str) {
         let h = {
             let mut inner = self.lock();
             inner.removed.remove(&key(pool, name));
+            inner.export_ids.remove(&key(pool, name));
             inner.exports.remove(&key(pool, name))
         };
         if let Some(h) = h {
@@ -1228,7 +1325,11 @@ impl Driver {
     /// Stops every export (daemon shutdown); the records keep them attached so they are
     /// exported again at the next start.
     pub fn shutdown(&self) {
-        let all: Vec<Arc<dyn ExportHandle>> = self.lock().exports.drain().map(|(_, h)| h).collect();
+        let all: Vec<Arc<dyn ExportHandle>> = {
+            let mut inner = self.lock();
+            inner.export_ids.clear();
+            inner.exports.drain().map(|(_, h)| h).collect()
+        };
         for h in all {
             h.stop();
         }
@@ -1507,6 +1608,13 @@ impl Driver {
 
     /// An attachment's backend state for the API, with the removal reason.
     fn backend_state(&self, pool: &str, name: &str) -> (pb::BackendState, String) {
+        if let Some(why) = self
+            .record(pool, name)
+            .and_then(|r| r.attachment)
+            .and_then(|a| a.failed)
+        {
+            return (pb::BackendState::Failed, why);
+        }
         let inner = self.lock();
         let k = key(pool, name);
         if !inner.exports.contains_key(&k) {
@@ -1591,7 +1699,18 @@ impl Driver {
             source: Box::new(source),
         })?;
         let size = round_up(rep.size);
-        self.quota_check(&pool, &pe, size)?;
+        // The quota check and the reservation are one step: two imports must not both
+        // fit in the space of one.
+        let _reservation = {
+            let _alloc = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
+            self.quota_check(&pool, &pe, size)?;
+            let k = key(&pool, fp);
+            self.lock().reserved.insert(k.clone(), size);
+            Reservation {
+                driver: self,
+                key: k,
+            }
+        };
         let idir = dir.join("images");
         let final_path = idir.join(format!("{fp}.img"));
         let tmp = idir.join(format!("{TMP_PREFIX}{fp}-{}.img", uuid::Uuid::new_v4()));
@@ -1704,6 +1823,11 @@ impl Driver {
                 .volumes
                 .insert(key(&rec.pool, &rec.name), rec.clone());
             if let Some(a) = rec.attachment.clone() {
+                if let Some(why) = &a.failed {
+                    tracing::warn!(pool = %rec.pool, volume = %rec.name, reason = %why,
+                        "not re-exporting: the export had stopped on its own; attach again or detach");
+                    continue;
+                }
                 if self.is_block_pool(&rec.pool) {
                     match self.locate_backing(&mut rec) {
                         Ok(Located::Here) | Ok(Located::Unidentified) => {}

@@ -77,6 +77,11 @@ pub struct AttachRecord {
     pub queue_size: u16,
     /// When, ms since the epoch.
     pub attached_unix_ms: u64,
+    /// Set when the export stopped on its own (its serving thread failed, its socket
+    /// was removed): why. Such an attachment is not exported again at startup; a new
+    /// Attach replaces it, Detach removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 /// A volume.

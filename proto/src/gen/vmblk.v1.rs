@@ -333,7 +333,7 @@ pub struct Attachment {
     /// hot-remove and re-add (matched by stable identity, not by name).
     #[prost(enumeration = "BackendState", tag = "11")]
     pub backend_state: i32,
-    /// While BACKEND_STATE_REMOVED: why.
+    /// While BACKEND_STATE_REMOVED or BACKEND_STATE_FAILED: why.
     #[prost(string, tag = "12")]
     pub backend_removed_reason: ::prost::alloc::string::String,
 }
@@ -677,6 +677,11 @@ pub enum BackendState {
     /// The backing device was absent when vmblkd started: the attachment is kept and the
     /// export starts (its socket appears) when the device does.
     Missing = 3,
+    /// The export stopped on its own (its serving thread failed, its socket was removed or
+    /// replaced); backend_removed_reason says why. Nothing serves the socket; the
+    /// attachment stays recorded (and is not exported again at startup) until a new
+    /// AttachVolume replaces it or DetachVolume removes it.
+    Failed = 4,
 }
 impl BackendState {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -689,6 +694,7 @@ impl BackendState {
             Self::Active => "BACKEND_STATE_ACTIVE",
             Self::Removed => "BACKEND_STATE_REMOVED",
             Self::Missing => "BACKEND_STATE_MISSING",
+            Self::Failed => "BACKEND_STATE_FAILED",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -698,6 +704,7 @@ impl BackendState {
             "BACKEND_STATE_ACTIVE" => Some(Self::Active),
             "BACKEND_STATE_REMOVED" => Some(Self::Removed),
             "BACKEND_STATE_MISSING" => Some(Self::Missing),
+            "BACKEND_STATE_FAILED" => Some(Self::Failed),
             _ => None,
         }
     }
