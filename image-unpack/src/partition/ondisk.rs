@@ -118,16 +118,36 @@ pub(crate) fn header_crc(raw: &[u8], header_size: usize) -> Option<u32> {
     Some(h.finalize())
 }
 
+/// The highest LBA whose sector ends at a byte offset a `u64` holds, at `sector_size`.
+pub(crate) fn max_lba(sector_size: u32) -> u64 {
+    u64::MAX / u64::from(sector_size.max(1)) - 1
+}
+
 /// Why a GPT header was rejected.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum HeaderDefect {
     NoSignature,
     BadHeaderSize(u32),
-    BadCrc { stored: u32, computed: u32 },
-    WrongMyLba { stored: u64, read_at: u64 },
+    BadCrc {
+        stored: u32,
+        computed: u32,
+    },
+    WrongMyLba {
+        stored: u64,
+        read_at: u64,
+    },
     BadEntrySize(u32),
     BadEntryCount(u32),
-    BadUsableRange { first: u64, last: u64 },
+    BadUsableRange {
+        first: u64,
+        last: u64,
+    },
+    BadAlternate {
+        alternate: u64,
+        read_at: u64,
+        first: u64,
+        last: u64,
+    },
     EntriesOutOfRange,
     EntriesOverlapHeader,
 }
@@ -151,6 +171,16 @@ impl std::fmt::Display for HeaderDefect {
             Self::BadUsableRange { first, last } => {
                 write!(f, "usable range {first}..={last} invalid")
             }
+            Self::BadAlternate {
+                alternate,
+                read_at,
+                first,
+                last,
+            } => write!(
+                f,
+                "alternate header LBA {alternate} is impossible for a header at LBA {read_at} \
+                 with usable range {first}..={last}"
+            ),
             Self::EntriesOutOfRange => write!(f, "partition entry array outside the device"),
             Self::EntriesOverlapHeader => {
                 write!(
@@ -178,8 +208,11 @@ impl GptHeader {
 
     /// Validates a header read at `read_at` from `raw` (the whole sector)
     /// on a device of `dev_sectors` sectors of `sector_size` bytes.
-    /// Checks signature, size, CRC, self-location and that every LBA it
-    /// names is consistent and inside the device.
+    /// Checks signature, size, CRC, self-location, and every LBA field: the header
+    /// and its entry array inside the device; the usable range and the alternate
+    /// header consistent with it (a primary's backup past the usable range, a
+    /// backup's primary before it) and addressable in bytes, though they may
+    /// describe a disk bigger than this device.
     pub fn validate(
         &self,
         raw: &[u8],
@@ -219,11 +252,30 @@ impl GptHeader {
             return Err(HeaderDefect::BadEntryCount(n));
         }
         let (first, last) = (self.first_usable_lba.get(), self.last_usable_lba.get());
-        // The usable range is not checked against the device: a table for a
-        // bigger disk is still a valid table, and repair refuses it by its
-        // partitions instead.
-        if first > last {
+        // What the header says of the disk it was made for (the usable range, the
+        // other header) may reach past this device: a table for a bigger disk is
+        // still a table, and repair refuses it by its partitions. It must still be
+        // consistent, and every LBA a byte offset (so no sum over them overflows).
+        // What it says is here (itself, its entry array) must be inside the device.
+        let top = max_lba(sector_size);
+        // LBA 0 is the MBR, LBA 1 the primary header: nothing usable before 2.
+        if first < 2 || first > last || last > top {
             return Err(HeaderDefect::BadUsableRange { first, last });
+        }
+        let alternate = self.alternate_lba.get();
+        // A primary's backup lies past the usable range; a backup's primary before it.
+        let alternate_ok = if read_at < first {
+            alternate > last && alternate <= top
+        } else {
+            alternate >= 1 && alternate < first
+        };
+        if !alternate_ok {
+            return Err(HeaderDefect::BadAlternate {
+                alternate,
+                read_at,
+                first,
+                last,
+            });
         }
         let sectors = self
             .entry_array_sectors(sector_size)

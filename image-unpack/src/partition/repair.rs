@@ -375,7 +375,10 @@ pub fn repair<D: Read + Write + Seek>(
             .map(|p| {
                 Ok((
                     p.index,
-                    (lba_off(p.first_lba, ss)?, lba_off(p.last_lba + 1, ss)?),
+                    (
+                        lba_off(p.first_lba, ss)?,
+                        lba_off(p.last_lba.checked_add(1).ok_or(Error::Overflow)?, ss)?,
+                    ),
                 ))
             })
             .collect::<Result<_, Error>>()?
@@ -494,8 +497,10 @@ pub fn repair<D: Read + Write + Seek>(
             let size = e.size_in_lba.get();
             let old_last = src.hdr.alternate_lba.get().max(src.lba);
             let end = start + u64::from(size);
-            let want = u32::try_from((last + 1).saturating_sub(start)).unwrap_or(u32::MAX);
-            if (size == u32::MAX || end == old_last + 1 || end > last + 1) && size != want {
+            let dev_end = last.checked_add(1).ok_or(Error::Overflow)?;
+            let want = u32::try_from(dev_end.saturating_sub(start)).unwrap_or(u32::MAX);
+            let ran_to_old_end = old_last.checked_add(1) == Some(end);
+            if (size == u32::MAX || ran_to_old_end || end > dev_end) && size != want {
                 report.actions.push(RepairAction::FixProtectiveMbrSize {
                     from: size,
                     to: want,
@@ -596,7 +601,10 @@ pub fn repair<D: Read + Write + Seek>(
         }
     }
     if let Some(old) = old_backup.filter(|&b| b != last) {
-        let r = (lba_off(old, ss)?, lba_off(old + 1, ss)?);
+        let r = (
+            lba_off(old, ss)?,
+            lba_off(old.checked_add(1).ok_or(Error::Overflow)?, ss)?,
+        );
         if !in_partition(r) && !covered(r) {
             report
                 .actions

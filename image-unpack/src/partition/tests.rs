@@ -615,3 +615,169 @@ proptest! {
         prop_assert_eq!(got.len(), parts.len());
     }
 }
+
+// ---------------------------------------------------------------- LBA fields
+
+/// Rewrites the GPT header at `lba` with `f` applied, its CRC fixed.
+fn patch_header(buf: &mut [u8], ss: u32, lba: u64, f: impl FnOnce(&mut ondisk::GptHeader)) {
+    use zerocopy::{FromBytes, IntoBytes};
+    let at = (lba * u64::from(ss)) as usize;
+    let mut h = ondisk::GptHeader::read_from_bytes(&buf[at..at + ondisk::GPT_HEADER_SIZE])
+        .expect("a header");
+    f(&mut h);
+    h.header_crc32 = 0.into();
+    buf[at..at + ondisk::GPT_HEADER_SIZE].copy_from_slice(h.as_bytes());
+    let size = h.header_size.get() as usize;
+    let crc = ondisk::header_crc(&buf[at..at + ss as usize], size).expect("header size");
+    buf[at + 16..at + 20].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Validates the header at `lba` of `buf` as inspect and repair do.
+fn validate_at(buf: &[u8], ss: u32, lba: u64) -> Result<(), ondisk::HeaderDefect> {
+    use zerocopy::FromBytes;
+    let at = (lba * u64::from(ss)) as usize;
+    let raw = &buf[at..at + ss as usize];
+    let h = ondisk::GptHeader::read_from_bytes(&raw[..ondisk::GPT_HEADER_SIZE]).expect("a header");
+    h.validate(raw, ss, lba, buf.len() as u64 / u64::from(ss))
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    Alternate,
+    FirstUsable,
+    LastUsable,
+    EntriesLba,
+    EntryCount,
+    EntrySize,
+}
+
+fn set(h: &mut ondisk::GptHeader, field: Field, v: u64) {
+    match field {
+        Field::Alternate => h.alternate_lba = v.into(),
+        Field::FirstUsable => h.first_usable_lba = v.into(),
+        Field::LastUsable => h.last_usable_lba = v.into(),
+        Field::EntriesLba => h.partition_entry_lba = v.into(),
+        Field::EntryCount => h.num_partition_entries = (v.min(u64::from(u32::MAX)) as u32).into(),
+        Field::EntrySize => h.partition_entry_size = (v.min(u64::from(u32::MAX)) as u32).into(),
+    }
+}
+
+/// Every LBA field of the primary header at 0, at the device's last LBA, one past it
+/// and at u64::MAX: validation gives the named defect (or accepts a table for a bigger
+/// disk), and inspect and repair run to an answer without overflowing (this runs in
+/// the debug profile, overflow checks on), a refused primary restored from the backup.
+fn primary_fields_at_the_edges(ss: u32) {
+    use ondisk::HeaderDefect as D;
+    let size = 64 * MIB;
+    let dev = size / u64::from(ss);
+    let end = dev - 1;
+    let good = image_on_device(ss, size, size);
+    type Expect = fn(&Result<(), D>) -> bool;
+    let ok: Expect = |r| r.is_ok();
+    let alt: Expect = |r| matches!(r, Err(D::BadAlternate { .. }));
+    let usable: Expect = |r| matches!(r, Err(D::BadUsableRange { .. }));
+    let entries: Expect = |r| matches!(r, Err(D::EntriesOutOfRange));
+    let count: Expect = |r| matches!(r, Err(D::BadEntryCount(_)));
+    let esize: Expect = |r| matches!(r, Err(D::BadEntrySize(_)));
+    let cases: Vec<(Field, u64, Expect)> = vec![
+        (Field::Alternate, 0, alt),
+        (Field::Alternate, end, ok),
+        // A backup past the device: a table for a bigger disk.
+        (Field::Alternate, dev, ok),
+        (Field::Alternate, u64::MAX, alt),
+        (Field::FirstUsable, 0, usable),
+        (Field::FirstUsable, end, usable),
+        (Field::FirstUsable, dev, usable),
+        (Field::FirstUsable, u64::MAX, usable),
+        (Field::LastUsable, 0, usable),
+        // Reaching the backup header's own LBA.
+        (Field::LastUsable, end, alt),
+        (Field::LastUsable, dev, alt),
+        (Field::LastUsable, u64::MAX, usable),
+        (Field::EntriesLba, 0, entries),
+        (Field::EntriesLba, end, entries),
+        (Field::EntriesLba, dev, entries),
+        (Field::EntriesLba, u64::MAX, entries),
+        (Field::EntryCount, 0, count),
+        (Field::EntryCount, size / 128, count),
+        (Field::EntryCount, u64::MAX, count),
+        (Field::EntrySize, 0, esize),
+        (Field::EntrySize, size, esize),
+        (Field::EntrySize, u64::MAX, esize),
+    ];
+    for (field, v, expect) in cases {
+        let mut buf = good.clone();
+        patch_header(&mut buf, ss, 1, |h| set(h, field, v));
+        let r = validate_at(&buf, ss, 1);
+        assert!(expect(&r), "{ss}: {field:?} = {v}: {r:?}");
+        // Both run to an answer: no arithmetic on the field overflows.
+        inspect(&mut cur(buf.clone()), ss, size).expect("inspect answers");
+        let _ = run(buf, ss, &RepairOptions::default());
+    }
+    // A refused primary is restored from the intact backup.
+    let mut buf = good.clone();
+    patch_header(&mut buf, ss, 1, |h| set(h, Field::Alternate, u64::MAX));
+    let (r, out) = run(buf, ss, &RepairOptions::default());
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(validate_at(&out, ss, 1), Ok(()));
+    assert_eq!(out, good);
+}
+
+#[test]
+fn primary_header_fields_at_the_edges_at_512() {
+    primary_fields_at_the_edges(512);
+}
+
+#[test]
+fn primary_header_fields_at_the_edges_at_4096() {
+    primary_fields_at_the_edges(4096);
+}
+
+#[test]
+fn backup_header_alternate_at_the_edges() {
+    use ondisk::HeaderDefect as D;
+    for ss in [512u32, 4096] {
+        let size = 64 * MIB;
+        let dev = size / u64::from(ss);
+        let good = image_on_device(ss, size, size);
+        for v in [0, dev - 1, dev, u64::MAX] {
+            let mut buf = good.clone();
+            patch_header(&mut buf, ss, dev - 1, |h| set(h, Field::Alternate, v));
+            let r = validate_at(&buf, ss, dev - 1);
+            assert!(matches!(r, Err(D::BadAlternate { .. })), "{ss}: {v}: {r:?}");
+            // The primary is intact: the backup is rebuilt from it.
+            let (r, out) = run(buf, ss, &RepairOptions::default());
+            assert!(r.is_ok(), "{ss}: {v}: {r:?}");
+            assert_eq!(out, good, "{ss}: {v}");
+        }
+    }
+}
+
+#[test]
+fn hybrid_mbr_with_an_alternate_lba_at_u64_max_is_not_an_overflow() {
+    // The 0xEE entry does not cover the disk, so repair compares its end with the
+    // image's old end, computed from the alternate LBA: u64::MAX + 1 before.
+    let mut buf = image_on_device(512, 64 * MIB, 96 * MIB);
+    let mut e = [0u8; 16];
+    e[4] = 0xEF;
+    e[8..12].copy_from_slice(&2048u32.to_le_bytes());
+    e[12..16].copy_from_slice(&(8 * 2048u32).to_le_bytes());
+    let mut ee = [0u8; 16];
+    ee[4] = 0xEE;
+    ee[8..12].copy_from_slice(&1u32.to_le_bytes());
+    ee[12..16].copy_from_slice(&1000u32.to_le_bytes());
+    buf[446..462].copy_from_slice(&e);
+    buf[462..478].copy_from_slice(&ee);
+    patch_header(&mut buf, 512, 1, |h| set(h, Field::Alternate, u64::MAX));
+    // Repair runs to an answer (it panicked in the debug profile, wrapped in release).
+    let (r, _) = run(buf.clone(), 512, &RepairOptions::default());
+    assert!(r.is_ok(), "{r:?}");
+    // The primary is refused by name; the backup, at the image's old end, is found.
+    let rep = inspect(&mut cur(buf), 512, 96 * MIB).unwrap();
+    assert!(
+        rep.problems.iter().any(|p| matches!(p,
+            Problem::HeaderInvalid { lba: 1, reason, .. } if reason.contains("alternate header LBA"))),
+        "{:?}",
+        rep.problems
+    );
+}
