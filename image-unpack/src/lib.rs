@@ -14,6 +14,8 @@
 //! ```
 
 pub mod copy;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 mod guest;
 pub mod partition;
 pub mod source;

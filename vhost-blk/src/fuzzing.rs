@@ -78,10 +78,32 @@ pub fn virtio_chain(data: &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     #[test]
     fn short_and_empty_inputs_are_fine() {
         super::virtio_chain(&[]);
         super::virtio_chain(&[0, 0, 4]);
         super::virtio_chain(&[0; 64]);
+    }
+
+    /// Every committed input of the fuzz target (`fuzz/corpus/virtio_chain/` and
+    /// `fuzz/regressions/virtio_chain/`) runs again here, on the stable toolchain.
+    #[test]
+    fn virtio_chain_corpus_replays() {
+        let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+        let mut files = Vec::new();
+        for dir in ["corpus", "regressions"] {
+            if let Ok(rd) = std::fs::read_dir(fuzz.join(dir).join("virtio_chain")) {
+                files.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_file()));
+            }
+        }
+        files.sort();
+        assert!(!files.is_empty(), "no committed virtio_chain inputs");
+        for f in &files {
+            let data = std::fs::read(f).expect("read corpus input");
+            let r = std::panic::catch_unwind(|| super::virtio_chain(&data));
+            assert!(r.is_ok(), "virtio_chain panicked on {}", f.display());
+        }
     }
 }
