@@ -38,6 +38,14 @@ pub struct ExportArgs {
     /// 0: never poll (less CPU, more latency).
     #[arg(long, default_value_t = vhost_blk::DEFAULT_POLL_US)]
     pub poll_us: u32,
+    /// Owner of the socket file, so an unprivileged QEMU can connect and reconnect:
+    /// a user, "user:group", or "auto" (the user Incus or LXD runs QEMU as: `incus` if
+    /// that user exists, else `nobody`). Default: this process's user.
+    #[arg(long, default_value = "")]
+    pub socket_owner: String,
+    /// Mode of the socket file, octal (e.g. 0600). Default: the umask's.
+    #[arg(long, default_value = "")]
+    pub socket_mode: String,
     /// Print events as JSON lines on standard error and the final counters as JSON.
     #[arg(long)]
     pub json: bool,
@@ -90,7 +98,26 @@ pub fn run(a: ExportArgs) -> i32 {
         }
         s.stop();
     });
+    let access = vmblkd::ExportDefaults {
+        socket_owner: a.socket_owner.clone(),
+        socket_mode: a.socket_mode.clone(),
+        ..vmblkd::ExportDefaults::default()
+    }
+    .socket_access();
+    let access = match access {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!(
+                "vmblk export: {}",
+                e.replace("exports.socket_", "--socket-")
+            );
+            return 2;
+        }
+    };
     let cfg = ExportConfig {
+        socket_owner: access.uid,
+        socket_group: access.gid,
+        socket_mode: access.mode,
         volume: a.volume,
         socket: a.socket,
         logical_block_size: a.logical_block_size,

@@ -6,7 +6,8 @@
 //! socket_mode: "0660"                 # octal, as a string
 //! state_dir: /var/lib/vmblk           # records, default pool, scratch space
 //! export_dir: /run/vmblk/exports      # vhost-user sockets of attached volumes
-//! exports: { num_queues: 1, queue_size: 1024, direct_io: true, io_timeout_ms: 30000 }
+//! exports: { num_queues: 1, queue_size: 1024, direct_io: true, io_timeout_ms: 30000,
+//!            socket_owner: auto, socket_mode: "0600" }   # QEMU's user (incus / nobody)
 //! hotplug: { enabled: true }          # kernel uevents for block pools' devices
 //! shutdown_grace_secs: 30             # after SIGTERM, then running operations are abandoned
 //! pools:
@@ -19,6 +20,8 @@
 //!     devices: [/dev/disk/by-id/nvme-Samsung_SSD_980_1TB_S64ANS0T123456]
 //! attachments:                        # exported at every start, before hotplug runs
 //!   - { pool: nvme, volume: vm1, logical_block_size: 512, read_only: false }
+//! incus:                              # opt-in: cache VM images Incus/LXD imports
+//!   follow_images: true               # socket, images_dir: found; pool: "" (default)
 //! ```
 //!
 //! The order of the keys does not matter: whatever the file says first, vmblkd restores
@@ -67,6 +70,27 @@ pub struct Config {
     /// Volumes exported at every start (they must exist; created over the API).
     #[serde(default)]
     pub attachments: Vec<AttachmentConfig>,
+    /// Following an Incus or LXD daemon on this host.
+    #[serde(default)]
+    pub incus: IncusConfig,
+}
+
+/// Following an Incus or LXD daemon (opt-in): Incus runs no host program when it
+/// imports an image, but says so on its event stream.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IncusConfig {
+    /// Cache virtual-machine images when the daemon reports them (`image-created`, and
+    /// those already there at each connection) and drop them when it deletes them
+    /// (`image-deleted`).
+    pub follow_images: bool,
+    /// The daemon's socket (default: /var/lib/incus/unix.socket, /var/lib/lxd/unix.socket
+    /// or the LXD snap's, whichever exists).
+    pub socket: Option<PathBuf>,
+    /// Its image directory (default: `images/` beside the socket).
+    pub images_dir: Option<PathBuf>,
+    /// The pool images are cached in ("": the default dir pool).
+    pub pool: String,
 }
 
 /// The hotplug monitor's settings.
@@ -119,6 +143,67 @@ pub struct ExportDefaults {
     /// Guest requests older than this fail with an I/O error, so a backing device that
     /// stalls never stalls the guest (milliseconds; 0: no timeout).
     pub io_timeout_ms: u64,
+    /// Who owns export sockets, so QEMU can connect and reconnect as its own user:
+    /// "auto" (the user Incus or LXD runs QEMU as: `incus` if that user exists, else
+    /// `nobody`), a user name, "user:group", or "" (vmblkd's own user).
+    pub socket_owner: String,
+    /// Mode of export sockets, octal (default "0600": their owner only).
+    pub socket_mode: String,
+}
+
+/// Owner, group and mode of export sockets, resolved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Owner (None: vmblkd's).
+    pub uid: Option<u32>,
+    /// Group (None: vmblkd's).
+    pub gid: Option<u32>,
+    /// Mode.
+    pub mode: Option<u32>,
+}
+
+impl ExportDefaults {
+    /// `socket_owner` and `socket_mode` resolved to ids; errors name what is unknown.
+    pub fn socket_access(&self) -> Result<SocketAccess, String> {
+        use nix::unistd::{Group, User};
+        let mode = match self.socket_mode.as_str() {
+            "" => None,
+            m => Some(parse_mode(m).filter(|m| *m <= 0o777).ok_or_else(|| {
+                format!("exports.socket_mode {m:?} is not an octal mode like \"0600\"")
+            })?),
+        };
+        let user = |name: &str| {
+            User::from_name(name)
+                .ok()
+                .flatten()
+                .ok_or_else(|| format!("exports.socket_owner: no user {name:?}"))
+        };
+        let (uid, gid) = match self.socket_owner.as_str() {
+            "" => (None, None),
+            "auto" => match ["incus", "nobody"].iter().find_map(|n| user(n).ok()) {
+                Some(u) => (Some(u.uid.as_raw()), Some(u.gid.as_raw())),
+                None => (None, None),
+            },
+            spec => {
+                let (name, group) = match spec.split_once(':') {
+                    Some((u, g)) => (u, Some(g)),
+                    None => (spec, None),
+                };
+                let u = user(name)?;
+                let gid = match group {
+                    Some(g) => Group::from_name(g)
+                        .ok()
+                        .flatten()
+                        .ok_or_else(|| format!("exports.socket_owner: no group {g:?}"))?
+                        .gid
+                        .as_raw(),
+                    None => u.gid.as_raw(),
+                };
+                (Some(u.uid.as_raw()), Some(gid))
+            }
+        };
+        Ok(SocketAccess { uid, gid, mode })
+    }
 }
 
 /// Default of `exports.io_timeout_ms`.
@@ -131,6 +216,8 @@ impl Default for ExportDefaults {
             queue_size: vhost_blk::DEFAULT_QUEUE_SIZE,
             direct_io: true,
             io_timeout_ms: DEFAULT_IO_TIMEOUT_MS,
+            socket_owner: "auto".into(),
+            socket_mode: "0600".into(),
         }
     }
 }
@@ -276,6 +363,9 @@ impl Config {
                     "socket_mode {m:?} is not an octal mode like \"0660\""
                 ));
             }
+        }
+        if let Err(e) = self.exports.socket_access() {
+            return bad(e);
         }
         let mut seen = std::collections::HashSet::new();
         for p in &self.pools {

@@ -1191,6 +1191,8 @@ impl Driver {
             serial: serial(&rec.uuid),
             direct_io: self.export_defaults.direct_io,
             io_timeout_ms: self.export_defaults.io_timeout_ms,
+            // Validated with the configuration.
+            socket_access: self.export_defaults.socket_access().unwrap_or_default(),
         };
         let id = {
             let mut inner = self.lock();
@@ -1908,9 +1910,12 @@ fn serial(uuid: &str) -> String {
 fn attachment_pb(rec: &VolumeRecord, a: &AttachRecord) -> pb::Attachment {
     let id = format!("vmblk-{}", rec.uuid.get(..8).unwrap_or(&rec.uuid));
     let socket = a.socket.display().to_string();
-    let qemu_chardev = format!("socket,id={id},path={socket}");
+    // reconnect=1: QEMU reconnects within a second when vmblkd restarts (and may start
+    // before the socket exists). disable-legacy=on: OVMF would otherwise drive the
+    // device as legacy virtio. A boot index is the caller's to add (",bootindex=N").
+    let qemu_chardev = format!("socket,id={id},path={socket},reconnect=1");
     let qemu_device = format!(
-        "vhost-user-blk-pci,chardev={id},id={id}-disk,num-queues={},queue-size={}",
+        "vhost-user-blk-pci,chardev={id},id={id}-disk,num-queues={},queue-size={},disable-legacy=on",
         a.num_queues, a.queue_size
     );
     pb::Attachment {

@@ -37,6 +37,8 @@ pub struct ExportParams {
     pub direct_io: bool,
     /// Requests older than this fail with an I/O error (ms; 0: no timeout).
     pub io_timeout_ms: u64,
+    /// Owner, group and mode of the socket.
+    pub socket_access: crate::config::SocketAccess,
 }
 
 /// Called once when an export stops on its own: `Some(error)` if it failed.
@@ -135,6 +137,9 @@ impl Exporter for VhostExporter {
             serial: p.serial.clone(),
             direct_io: p.direct_io,
             io_timeout_ms: p.io_timeout_ms,
+            socket_owner: p.socket_access.uid,
+            socket_group: p.socket_access.gid,
+            socket_mode: p.socket_access.mode,
             ..vhost_blk::ExportConfig::default()
         };
         let stop = vhost_blk::StopHandle::new()?;

@@ -6,22 +6,20 @@
 mod common;
 
 use common::*;
-use integration_tests::{loop_tests_lock, Guest, GuestDisk, GuestParams, TestImage};
+use integration_tests::{loop_tests_lock, Guest, GuestParams, TestImage};
 use vmblk_proto::v1 as pb;
 
 fn boot(a: &pb::Attachment, name: &str) -> integration_tests::GuestOutcome {
-    // The harness builds its own -chardev/-device pair; it takes the socket and queue
-    // count from the attachment, which is what vmblkd's qemu_args carry too.
-    assert!(a.qemu_chardev.contains(&format!("path={}", a.socket_path)));
-    assert!(a
-        .qemu_device
-        .contains(&format!("num-queues={}", a.num_queues)));
+    // QEMU gets the attachment's arguments as they are, with the boot index a caller
+    // adds; the harness adds no disk of its own.
+    assert_eq!(
+        a.qemu_args,
+        ["-chardev", &a.qemu_chardev, "-device", &a.qemu_device]
+    );
+    let mut args = a.qemu_args.clone();
+    args[3].push_str(",bootindex=1");
     let params = GuestParams {
-        disks: vec![GuestDisk {
-            socket: a.socket_path.clone().into(),
-            num_queues: a.num_queues as u16,
-            bootindex: Some(1),
-        }],
+        extra_args: args,
         ..GuestParams::default()
     }
     .log_name(name);

@@ -61,6 +61,15 @@ pub enum ExportError {
     /// The volume could not be resumed.
     #[error(transparent)]
     Resume(#[from] ResumeError),
+    /// The socket's owner or mode could not be set.
+    #[error("cannot set the owner or mode of vhost-user socket {path}")]
+    SocketAccess {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: nix::Error,
+    },
     /// The socket's path was removed or now names another file: no frontend can
     /// connect (or reconnect) any more.
     #[error("vhost-user socket {0} was removed or replaced")]
@@ -109,6 +118,14 @@ pub struct ExportConfig {
     /// longer than half of it are slept through); 0: never poll (less CPU, more latency at
     /// queue depth 1).
     pub poll_us: u32,
+    /// Owner (uid) of the socket file; None: the process's. QEMU connects (and, after a
+    /// restart of this process, reconnects) as its own user: Incus and LXD run it
+    /// unprivileged.
+    pub socket_owner: Option<u32>,
+    /// Group (gid) of the socket file; None: the process's.
+    pub socket_group: Option<u32>,
+    /// Permission bits of the socket file; None: as created (the umask's).
+    pub socket_mode: Option<u32>,
 }
 
 /// Default largest virtqueue size: what qemu-storage-daemon accepts, and what Windows
@@ -138,6 +155,9 @@ impl Default for ExportConfig {
             io_uring: true,
             io_timeout_ms: DEFAULT_IO_TIMEOUT_MS,
             poll_us: crate::engine::DEFAULT_POLL_US,
+            socket_owner: None,
+            socket_group: None,
+            socket_mode: None,
         }
     }
 }
@@ -182,6 +202,12 @@ impl ExportConfig {
             return bad(format!(
                 "busy-poll of {} µs is more than 1000",
                 self.poll_us
+            ));
+        }
+        if self.socket_mode.is_some_and(|m| m > 0o777) {
+            return bad(format!(
+                "socket mode {:o} is not within 0..=0777",
+                self.socket_mode.unwrap_or_default()
             ));
         }
         if self.io_threads_per_queue > 256 {
@@ -291,6 +317,27 @@ fn forget_path(listener: &mut Listener) {
     std::mem::forget(old);
 }
 
+/// Gives the freshly bound socket the configured owner, group and mode.
+fn set_socket_access(cfg: &ExportConfig) -> Result<(), nix::Error> {
+    use nix::unistd::{chown, Gid, Uid};
+    if cfg.socket_owner.is_some() || cfg.socket_group.is_some() {
+        chown(
+            &cfg.socket,
+            cfg.socket_owner.map(Uid::from_raw),
+            cfg.socket_group.map(Gid::from_raw),
+        )?;
+    }
+    if let Some(mode) = cfg.socket_mode {
+        nix::sys::stat::fchmodat(
+            None,
+            &cfg.socket,
+            nix::sys::stat::Mode::from_bits_truncate(mode),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )?;
+    }
+    Ok(())
+}
+
 /// Device and inode of the file at `path`.
 fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
@@ -349,6 +396,10 @@ impl Export {
             serial,
         ));
         let listener = Listener::new(&cfg.socket, true).map_err(|source| ExportError::Listen {
+            path: cfg.socket.clone(),
+            source,
+        })?;
+        set_socket_access(&cfg).map_err(|source| ExportError::SocketAccess {
             path: cfg.socket.clone(),
             source,
         })?;
