@@ -27,6 +27,8 @@ PKGS=(
   qemu-system-x86 ovmf busybox-static systemd-boot-efi
   # FUSE-backed volumes for hot-remove tests
   fuse3 libfuse3-dev
+  # a real LXD daemon (Incus's REST API and VM options) for the Incus tests
+  lxd lxd-client lxd-agent dnsmasq-base
 )
 
 # What the demo and the tests run or read, with the package that brings it.
@@ -70,6 +72,10 @@ CHECKS=(
   "apt-get apt"
   "dpkg-deb dpkg"
   "python3 python3"
+  "lxd lxd"
+  "lxc lxd-client"
+  "/usr/bin/lxd-agent lxd-agent"
+  "dnsmasq dnsmasq-base"
 )
 
 # Prints "missing: TOOL (package PKG)" for each check that fails; returns 1 if any did.

@@ -25,6 +25,7 @@ use image_unpack::{CopyOptions, Progress, RepairCommandOptions, UnpackError, Unp
 mod export;
 mod hook;
 mod human;
+mod incus;
 mod volume;
 
 /// Unpack, repair and export VM block volumes on hosts of any sector size.
@@ -69,6 +70,8 @@ pub enum Command {
     Pool(volume::PoolArgs),
     /// Hooks called by Incus (image-import).
     Hook(hook::HookArgs),
+    /// vmblkd's volumes in Incus and LXD virtual machines (attach, detach, launch).
+    Incus(incus::IncusArgs),
 }
 
 /// `vmblk unpack`.
@@ -158,6 +161,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Volume(a) => volume::run_volume(a),
         Command::Pool(a) => volume::run_pool(a),
         Command::Hook(a) => hook::run(a),
+        Command::Incus(a) => incus::run(a),
     }
 }
 

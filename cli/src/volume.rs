@@ -206,7 +206,7 @@ fn state_name(s: i32) -> &'static str {
     }
 }
 
-fn backend_state_name(s: i32) -> &'static str {
+pub(crate) fn backend_state_name(s: i32) -> &'static str {
     match pb::BackendState::try_from(s) {
         Ok(pb::BackendState::Active) => "active",
         Ok(pb::BackendState::Removed) => "removed",

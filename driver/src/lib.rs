@@ -23,6 +23,7 @@ mod error;
 mod export;
 mod hotplug;
 mod identity;
+mod incus_images;
 mod names;
 mod server;
 mod service;
@@ -33,8 +34,9 @@ pub mod client;
 pub mod hook;
 
 pub use config::{
-    AttachmentConfig, Config, ConfigError, ExportDefaults, HotplugConfig, PoolConfig, PoolKind,
-    DEFAULT_CONFIG_PATH, DEFAULT_IO_TIMEOUT_MS, DEFAULT_POOL, DEFAULT_SOCKET, DEFAULT_STATE_DIR,
+    AttachmentConfig, Config, ConfigError, ExportDefaults, HotplugConfig, IncusConfig, PoolConfig,
+    PoolKind, SocketAccess, DEFAULT_CONFIG_PATH, DEFAULT_IO_TIMEOUT_MS, DEFAULT_POOL,
+    DEFAULT_SOCKET, DEFAULT_STATE_DIR,
 };
 pub use driver::{Driver, DriverParams};
 pub use error::Error;

@@ -243,6 +243,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let images =
+        settings.config.incus.follow_images.then(|| {
+            crate::incus_images::start(Arc::clone(&driver), settings.config.incus.clone())
+        });
     let listener = bind(&settings.socket, settings.config.socket_mode())?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -290,6 +294,9 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             grace_secs = grace_period.as_secs(),
             "operations still running after the grace period; stopping without them"
         ),
+    }
+    if let Some(t) = images {
+        t.abort();
     }
     tokio::task::spawn_blocking(move || {
         if let Some(h) = hotplug.as_mut() {

@@ -27,6 +27,9 @@ pub const BUSYBOX: &str = "/bin/busybox";
 pub const GUEST_MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_blk",
+    // Incus and LXD attach their own disks as virtio-scsi (the stock path's disk).
+    "virtio_scsi",
+    "sd_mod",
     "crc32c_generic",
     "ext4",
     "nls_cp437",

@@ -23,6 +23,7 @@ mod initramfs;
 mod kernel;
 mod lock;
 mod loopdev;
+mod lxd;
 mod process;
 mod report;
 mod util;
@@ -48,6 +49,7 @@ pub use initramfs::{build_initramfs, resolve_modules, Initramfs, GUEST_MODULES, 
 pub use kernel::{guest_kernel, GuestKernel, KERNEL_METAPACKAGE};
 pub use lock::{loop_tests_lock, FileLock, LOOP_TESTS_LOCK};
 pub use loopdev::LoopDevice;
+pub use lxd::Lxd;
 pub use process::ManagedProcess;
 pub use report::{BootReport, Check, GuestReport};
 pub use util::{cache_dir, run, sha256_file, sha256_hex, tail, target_dir, vmblk_bin, wait_until};
