@@ -1079,7 +1079,7 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
     }
 
     /// vmblk: the first message of a connection. A frontend begins with the handshake
-    /// (features, owner, protocol features). QEMU before 9.1 may instead resume a device
+    /// (features, owner, protocol features). QEMU 7.2 may instead resume a device
     /// with a backend it never handshook with: when the backend went away while the
     /// device was stopped, QEMU missed the disconnect ("lost reconnect"), reconnected the
     /// socket, and sends the device-start messages (SET_FEATURES, GET/SET_INFLIGHT_FD,
