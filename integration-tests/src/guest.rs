@@ -179,7 +179,9 @@ pub struct CommandResult {
 impl Guest {
     /// Starts QEMU; the watchdog kills it after `params.timeout`.
     pub fn start(params: &GuestParams) -> Result<Self> {
-        if params.disks.is_empty() {
+        // A disk comes from `disks`, or from `extra_args` given as they are (a daemon's
+        // -chardev/-device pair).
+        if params.disks.is_empty() && !params.extra_args.iter().any(|a| a == "-device") {
             bail!("a guest needs at least one disk");
         }
         let dir = tempfile::Builder::new()
