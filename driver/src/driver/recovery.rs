@@ -1,0 +1,90 @@
+//! Startup after a crash: half-made volumes removed, interrupted grows finished,
+//! attached volumes exported again.
+
+use super::*;
+
+impl Driver {
+    pub(super) fn recover_volumes(self: &Arc<Self>) -> Result<()> {
+        for mut rec in self.store.volumes()? {
+            match rec.state {
+                VolState::Creating | VolState::Deleting => {
+                    tracing::warn!(pool = %rec.pool, volume = %rec.name, state = ?rec.state,
+                        "removing a volume interrupted while {}",
+                        if rec.state == VolState::Creating { "being created" } else { "being deleted" });
+                    if rec.state == VolState::Creating && rec.temp_path.is_some() {
+                        // The final name may exist if the crash came after the rename.
+                        let _ = fs::remove_file(&rec.path);
+                    }
+                    self.discard_data(&rec);
+                    self.store.remove_volume(&rec.pool, &rec.name)?;
+                    continue;
+                }
+                VolState::Growing => {
+                    rec.size_bytes = fs::metadata(&rec.path)
+                        .map(|m| m.len())
+                        .unwrap_or(rec.size_bytes);
+                    rec.state = VolState::Ready;
+                    tracing::warn!(pool = %rec.pool, volume = %rec.name, size = rec.size_bytes,
+                        "grow was interrupted; run GrowVolume again to repair the partition table");
+                    self.store.put_volume(&rec)?;
+                }
+                VolState::Ready => {}
+            }
+            self.lock()
+                .volumes
+                .insert(key(&rec.pool, &rec.name), rec.clone());
+            if let Some(a) = rec.attachment.clone() {
+                if let Some(why) = &a.failed {
+                    tracing::warn!(pool = %rec.pool, volume = %rec.name, reason = %why,
+                        "not re-exporting: the export had stopped on its own; attach again or detach");
+                    continue;
+                }
+                if self.is_block_pool(&rec.pool) {
+                    match self.locate_backing(&mut rec) {
+                        Ok(Located::Here) | Ok(Located::Unidentified) => {}
+                        Ok(Located::Moved(from)) => {
+                            tracing::warn!(pool = %rec.pool, volume = %rec.name, from = %from.display(),
+                                to = %rec.path.display(), "backing device found under a new name");
+                            self.put_record(&rec)?;
+                        }
+                        Ok(Located::Absent) => {
+                            // Keep the attachment: the export starts when the device
+                            // appears (hotplug), on the same socket.
+                            tracing::warn!(pool = %rec.pool, volume = %rec.name,
+                                identity = %rec.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+                                "backing device absent: the export waits for it");
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(pool = %rec.pool, volume = %rec.name, error = %e.chain(),
+                            "recording the backing device's identity")
+                        }
+                    }
+                }
+                if let Err(e) = self.start_export(&rec, &a) {
+                    tracing::error!(pool = %rec.pool, volume = %rec.name, error = %e.chain(),
+                        "re-exporting an attached volume failed; marking it detached");
+                    rec.attachment = None;
+                    self.put_record(&rec)?;
+                } else {
+                    tracing::info!(pool = %rec.pool, volume = %rec.name, "re-exported attached volume");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn recover_images(&self) -> Result<()> {
+        for rec in self.store.images()? {
+            if !rec.path.is_file() {
+                tracing::warn!(fingerprint = %rec.fingerprint, "cached image file missing; forgetting it");
+                self.store.remove_image(&rec.pool, &rec.fingerprint)?;
+                continue;
+            }
+            self.lock()
+                .images
+                .insert(key(&rec.pool, &rec.fingerprint), rec);
+        }
+        Ok(())
+    }
+}
