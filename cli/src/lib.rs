@@ -225,7 +225,12 @@ fn fail(json: bool, e: &UnpackError) -> i32 {
         }
         println!("{v}");
     } else {
-        eprintln!("vmblk: {}", human::error_chain(e));
+        let hint = if e.kind() == image_unpack::UnpackErrorKind::TableNotUnderstood {
+            " (--force overrides)"
+        } else {
+            ""
+        };
+        eprintln!("vmblk: {}{hint}", human::error_chain(e));
     }
     code
 }

@@ -30,6 +30,7 @@
 //! Every key is optional. With no file at all the embedded default applies: one `dir`
 //! pool named `default` under the state directory, the socket under /run/vmblk.
 
+pub use crate::model::PoolKind;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -269,25 +270,6 @@ impl From<RawPool> for PoolConfig {
             },
         }
     }
-}
-
-/// A pool's kind.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq, serde::Serialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum PoolKind {
-    /// Sparse files in a directory.
-    Dir {
-        /// The directory (created if missing).
-        path: PathBuf,
-        /// Quota on the sum of volume and image sizes, bytes (0: none).
-        #[serde(default)]
-        capacity_bytes: u64,
-    },
-    /// Whole block devices, one per volume.
-    Block {
-        /// The devices, by stable path (/dev/disk/by-id/...).
-        devices: Vec<PathBuf>,
-    },
 }
 
 /// Errors reading the configuration.

@@ -1,32 +1,75 @@
-//! Errors of the driver, and their one mapping to gRPC status codes.
+//! Why a driver operation failed, in the driver's own terms. The gRPC code each maps to
+//! is chosen in one place, `service::status_code`.
 
 use std::io;
 use std::path::PathBuf;
 
 use image_unpack::UnpackError;
 
-/// Why a driver operation failed. [`Error::code`] is the gRPC code it maps to;
-/// `From<Error> for tonic::Status` is the only place errors become statuses.
+use crate::model::{ImageId, VolumeId};
+
+/// Why a driver operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A name, size, path or option is not acceptable.
+    /// A pool, volume or image name breaks the naming rules.
+    #[error("{what} name {name:?} {why}")]
+    InvalidName {
+        /// "pool", "volume", "fingerprint".
+        what: &'static str,
+        /// The name given.
+        name: String,
+        /// The rule it breaks.
+        why: String,
+    },
+    /// A size, path or option of the request cannot be taken.
     #[error("{0}")]
-    InvalidArgument(String),
-    /// No such pool, volume or image.
+    BadRequest(String),
+    /// No pool of that name.
+    #[error("pool {0:?} does not exist")]
+    PoolNotFound(String),
+    /// No volume of that name in the pool.
+    #[error("volume {0} does not exist")]
+    VolumeNotFound(VolumeId),
+    /// No cached image with that fingerprint.
+    #[error("no cached image with fingerprint {0}")]
+    ImageNotFound(String),
+    /// The object exists, made with other arguments.
+    #[error("{what} exists {how}")]
+    AlreadyExists {
+        /// The object: "volume p/n", "pool \"p\"".
+        what: String,
+        /// How it differs: "with another size or origin".
+        how: String,
+    },
+    /// Another operation on the same object is running.
+    #[error("another operation on {0} is running")]
+    Busy(String),
+    /// The volume is attached, and the operation needs it detached.
+    #[error("volume {id} is attached: {what}")]
+    Attached {
+        /// The volume.
+        id: VolumeId,
+        /// What cannot be done.
+        what: &'static str,
+    },
+    /// The volume is being created, grown or deleted.
+    #[error("volume {0} is not ready")]
+    NotReady(VolumeId),
+    /// A block volume's device is not there.
+    #[error("volume {id}: its backing device ({identity}) is not present")]
+    DeviceAbsent {
+        /// The volume.
+        id: VolumeId,
+        /// The identity looked for.
+        identity: String,
+    },
+    /// The pool cannot be deleted or used so: defined in the configuration, not empty,
+    /// a block pool where a dir pool is needed.
     #[error("{0}")]
-    NotFound(String),
-    /// A create was repeated with incompatible arguments.
-    #[error("{0}")]
-    AlreadyExists(String),
-    /// The object is not in a state that allows the operation (e.g. attached).
-    #[error("{0}")]
-    FailedPrecondition(String),
+    PoolUnsuitable(String),
     /// No space, quota or free device left.
     #[error("{0}")]
-    ResourceExhausted(String),
-    /// Another operation on the same object is running.
-    #[error("{0}")]
-    Aborted(String),
+    NoSpace(String),
     /// Unpacking, repairing or inspecting an image or volume failed.
     #[error("{step} {path}")]
     Unpack {
@@ -73,25 +116,14 @@ impl Error {
         move |source| Error::Io { step, path, source }
     }
 
-    /// The gRPC code of this error.
-    pub fn code(&self) -> tonic::Code {
-        use tonic::Code;
-        match self {
-            Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::NotFound(_) => Code::NotFound,
-            Error::AlreadyExists(_) => Code::AlreadyExists,
-            Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::ResourceExhausted(_) => Code::ResourceExhausted,
-            Error::Aborted(_) => Code::Aborted,
-            _ if self.is_no_space() => Code::ResourceExhausted,
-            // The image is corrupt, unsupported, or its table is not understood.
-            Error::Unpack { source, .. } if matches!(source.exit_code(), 3 | 5) => {
-                Code::InvalidArgument
-            }
-            Error::Unpack { .. } | Error::Io { .. } | Error::Export { .. } | Error::Task(_) => {
-                Code::Internal
-            }
-        }
+    /// Another operation holds volume `id`.
+    pub(crate) fn volume_busy(id: &VolumeId) -> Error {
+        Error::Busy(format!("volume {id}"))
+    }
+
+    /// Another operation holds image `id`.
+    pub(crate) fn image_busy(id: &ImageId) -> Error {
+        Error::Busy(format!("image {}", id.fingerprint))
     }
 
     /// Whether some cause in the chain is `ENOSPC` or `EDQUOT`.
@@ -118,41 +150,5 @@ impl Error {
             cur = e.source();
         }
         s
-    }
-}
-
-impl From<Error> for tonic::Status {
-    fn from(e: Error) -> tonic::Status {
-        let code = e.code();
-        if matches!(code, tonic::Code::Internal) {
-            tracing::error!(error = %e.chain(), "operation failed");
-        }
-        tonic::Status::new(code, e.chain())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn enospc_anywhere_in_the_chain_is_resource_exhausted() {
-        let e = Error::Io {
-            step: "writing",
-            path: "/x".into(),
-            source: io::Error::from_raw_os_error(libc::ENOSPC),
-        };
-        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
-    }
-
-    #[test]
-    fn other_io_errors_are_internal() {
-        let e = Error::Io {
-            step: "writing",
-            path: "/x".into(),
-            source: io::Error::from_raw_os_error(libc::EIO),
-        };
-        assert_eq!(e.code(), tonic::Code::Internal);
-        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Internal);
     }
 }

@@ -16,30 +16,9 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
-/// What to export.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExportParams {
-    /// The volume (file or device).
-    pub volume: PathBuf,
-    /// The vhost-user socket to listen on.
-    pub socket: PathBuf,
-    /// Guest sector size.
-    pub logical_block_size: u32,
-    /// Read-only.
-    pub read_only: bool,
-    /// Virtqueues.
-    pub num_queues: u16,
-    /// Virtqueue size.
-    pub queue_size: u16,
-    /// Serial number (at most 20 bytes).
-    pub serial: String,
-    /// O_DIRECT where possible.
-    pub direct_io: bool,
-    /// Requests older than this fail with an I/O error (ms; 0: no timeout).
-    pub io_timeout_ms: u64,
-    /// Owner, group and mode of the socket.
-    pub socket_access: crate::config::SocketAccess,
-}
+/// What to export: the vhost-blk export's own configuration, one set of parameters,
+/// validated once (`ExportConfig::validate`) when the driver builds it.
+pub type ExportParams = vhost_blk::ExportConfig;
 
 /// Called once when an export stops on its own: `Some(error)` if it failed.
 pub type OnExit = Box<dyn FnOnce(Option<String>) + Send>;
@@ -127,21 +106,7 @@ impl Exporter for VhostExporter {
         on_exit: OnExit,
         events: EventSink,
     ) -> anyhow::Result<Box<dyn ExportHandle>> {
-        let cfg = vhost_blk::ExportConfig {
-            volume: p.volume.clone(),
-            socket: p.socket.clone(),
-            logical_block_size: p.logical_block_size,
-            read_only: p.read_only,
-            num_queues: p.num_queues,
-            queue_size: p.queue_size,
-            serial: p.serial.clone(),
-            direct_io: p.direct_io,
-            io_timeout_ms: p.io_timeout_ms,
-            socket_owner: p.socket_access.uid,
-            socket_group: p.socket_access.gid,
-            socket_mode: p.socket_access.mode,
-            ..vhost_blk::ExportConfig::default()
-        };
+        let cfg = p.clone();
         let stop = vhost_blk::StopHandle::new()?;
         let export = vhost_blk::Export::with_stop_handle(cfg, stop.clone())?;
         let control = export.control();

@@ -9,7 +9,7 @@
 //!
 //!  loop:     uevents (add/change/remove, block) ─► taints ─► snapshot of sysfs
 //!                 ─► reconcile(tracked volumes, present devices) ─► decisions
-//!                 ─► Driver::hotplug_apply: export.remove(reason) / export.resume(dev)
+//!                 ─► HotplugHost::apply (the driver): export.remove(reason) / resume(dev)
 //! ```
 //!
 //! Every event triggers a reconcile of every tracked volume against what sysfs shows,
@@ -27,9 +27,19 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::driver::Driver;
 use crate::identity::{BlockDev, DeviceIdentity, Sysfs};
 use crate::sys::UeventSocket;
+
+/// What the monitor acts on: the daemon's attachments whose devices it follows. The
+/// driver implements it; the monitor knows nothing else of the driver.
+pub trait HotplugHost: Send + Sync {
+    /// Devices that count as gone until they get a new medium.
+    fn taints(&self) -> &Taints;
+    /// The attached volumes whose devices are followed, with where they stand.
+    fn tracked(&self, sysfs: &Sysfs) -> Vec<Tracked>;
+    /// Carries out one decision; false if the volume was busy (try again later).
+    fn apply(&self, d: &Decision, sysfs: &Sysfs) -> bool;
+}
 
 /// A uevent's ACTION.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -381,7 +391,7 @@ impl Monitor {
 
     /// Starts processing: the events queued since [`Monitor::open`] first, then a full
     /// reconcile, then every event as it comes. Call after the state is restored.
-    pub fn start(self, driver: Arc<Driver>) -> std::io::Result<MonitorHandle> {
+    pub fn start(self, driver: Arc<dyn HotplugHost>) -> std::io::Result<MonitorHandle> {
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -393,7 +403,7 @@ impl Monitor {
         })
     }
 
-    fn run(self, driver: &Arc<Driver>, stop: &AtomicBool) {
+    fn run(self, driver: &Arc<dyn HotplugHost>, stop: &AtomicBool) {
         tracing::info!("hotplug monitor running");
         let mut retry_at: Option<Instant> = None;
         let mut last_pass = Instant::now();
@@ -427,7 +437,7 @@ impl Monitor {
                         continue;
                     }
                     tracing::debug!(action = ?ev.action, device = ev.name(), diskseq = ?ev.diskseq, "uevent");
-                    driver.hotplug_taints().apply(&ev);
+                    driver.taints().apply(&ev);
                     if matches!(ev.action, UeventAction::Add | UeventAction::Change) {
                         prefer.push(ev.name().to_owned());
                     }
@@ -444,18 +454,18 @@ impl Monitor {
     }
 
     /// One reconcile pass; returns whether a decision was deferred (volume busy).
-    fn reconcile_once(&self, driver: &Arc<Driver>, prefer: &[String]) -> bool {
+    fn reconcile_once(&self, driver: &Arc<dyn HotplugHost>, prefer: &[String]) -> bool {
         let present = match self.sysfs.block_devs() {
-            Ok(p) => driver.hotplug_taints().filter(p),
+            Ok(p) => driver.taints().filter(p),
             Err(e) => {
                 tracing::error!(error = %e, "listing block devices");
                 return true;
             }
         };
-        let tracked = driver.hotplug_tracked(&self.sysfs);
+        let tracked = driver.tracked(&self.sysfs);
         let mut deferred = false;
         for d in reconcile(&tracked, &present, prefer) {
-            deferred |= !driver.hotplug_apply(&d, &self.sysfs);
+            deferred |= !driver.apply(&d, &self.sysfs);
         }
         deferred
     }

@@ -10,15 +10,14 @@
 //!     └── stream ends or the daemon is down: retry, 1 s doubling to 30 s
 //! ```
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use incus_api::{IncusClient, LifecycleEvent};
-use vmblk_proto::v1 as pb;
 
 use crate::config::IncusConfig;
 use crate::driver::Driver;
+use crate::model::ImageImport;
 
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -116,14 +115,11 @@ async fn import(
             "an image Incus/LXD reported has no files there: not cached");
         return;
     };
-    let path = |p: &PathBuf| p.display().to_string();
-    let req = pb::ImportImageRequest {
+    let req = ImageImport {
         pool: cfg.pool.clone(),
         fingerprint: img.fingerprint.clone(),
-        image: Some(pb::ImageFile {
-            path: path(&files.image),
-            metadata_path: files.metadata.as_ref().map(path).unwrap_or_default(),
-        }),
+        image: files.image,
+        metadata: files.metadata,
     };
     let d = driver.clone();
     match tokio::task::spawn_blocking(move || d.import_image(req)).await {

@@ -24,11 +24,15 @@ mod export;
 mod hotplug;
 mod identity;
 mod incus_images;
+pub mod model;
 mod names;
+pub mod pool;
 mod server;
 mod service;
 mod state;
 mod sys;
+#[cfg(feature = "test-hooks")]
+mod test_hooks;
 
 pub mod client;
 pub mod hook;
@@ -46,7 +50,9 @@ pub use export::{
 };
 #[cfg(any(test, feature = "test-utils"))]
 pub use export::{FakeExport, FakeExporter};
-pub use hotplug::{reconcile, Decision, Monitor, MonitorHandle, Tracked, TrackedState, Uevent};
+pub use hotplug::{
+    reconcile, Decision, HotplugHost, Monitor, MonitorHandle, Tracked, TrackedState, Uevent,
+};
 pub use identity::{BlockDev, DeviceIdentity, Sysfs};
 pub use server::{init_tracing, run, serve, Args, LogFormat, Settings};
 pub use service::Service;

@@ -13,29 +13,31 @@ pub const MAX_SIZE: u64 = 1 << 50;
 
 /// Checks a pool or volume name: 1..=63 characters of `[A-Za-z0-9_.-]`, not starting
 /// with `.` or `-`, never containing `..` (so never `/`, NUL or a path component trick).
-pub fn check_name(kind: &str, name: &str) -> Result<()> {
-    let bad = |why: &str| {
-        Err(Error::InvalidArgument(format!(
-            "{kind} name {name:?} {why}"
-        )))
+pub fn check_name(what: &'static str, name: &str) -> Result<()> {
+    let bad = |why: String| {
+        Err(Error::InvalidName {
+            what,
+            name: name.to_owned(),
+            why,
+        })
     };
     if name.is_empty() {
-        return Err(Error::InvalidArgument(format!("{kind} name is empty")));
+        return bad("is empty".into());
     }
     if name.len() > MAX_NAME_LEN {
-        return bad("is longer than 63 characters");
+        return bad("is longer than 63 characters".into());
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
     {
-        return bad(&format!("contains {c:?}; allowed are A-Z a-z 0-9 _ . -"));
+        return bad(format!("contains {c:?}; allowed are A-Z a-z 0-9 _ . -"));
     }
     if name.starts_with('.') || name.starts_with('-') {
-        return bad("starts with '.' or '-'");
+        return bad("starts with '.' or '-'".into());
     }
     if name.contains("..") {
-        return bad("contains \"..\"");
+        return bad("contains \"..\"".into());
     }
     Ok(())
 }
@@ -45,16 +47,18 @@ pub fn check_fingerprint(fp: &str) -> Result<()> {
     if (12..=64).contains(&fp.len()) && fp.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         Ok(())
     } else {
-        Err(Error::InvalidArgument(format!(
-            "fingerprint {fp:?} is not 12 to 64 lower-case hex digits"
-        )))
+        Err(Error::InvalidName {
+            what: "fingerprint",
+            name: fp.to_owned(),
+            why: "is not 12 to 64 lower-case hex digits".into(),
+        })
     }
 }
 
 /// Checks a requested size: positive, a multiple of 4096, at most 1 PiB.
 pub fn check_size(size: u64) -> Result<()> {
     if size == 0 || size % SIZE_ALIGN != 0 || size > MAX_SIZE {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::BadRequest(format!(
             "size {size} is not a positive multiple of 4096 up to 1 PiB"
         )));
     }
@@ -62,19 +66,19 @@ pub fn check_size(size: u64) -> Result<()> {
 }
 
 /// Checks that `path` is absolute and names an existing regular file.
-pub fn check_image_path(what: &str, path: &str) -> Result<()> {
-    let p = Path::new(path);
-    if path.is_empty() || !p.is_absolute() || path.contains('\0') {
-        return Err(Error::InvalidArgument(format!(
-            "{what} {path:?} is not an absolute path"
+pub fn check_image_path(what: &str, path: &Path) -> Result<()> {
+    let s = path.to_string_lossy();
+    if s.is_empty() || !path.is_absolute() || s.contains('\0') {
+        return Err(Error::BadRequest(format!(
+            "{what} {s:?} is not an absolute path"
         )));
     }
-    match std::fs::metadata(p) {
+    match std::fs::metadata(path) {
         Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(Error::InvalidArgument(format!(
-            "{what} {path} is not a regular file"
+        Ok(_) => Err(Error::BadRequest(format!(
+            "{what} {s} is not a regular file"
         ))),
-        Err(e) => Err(Error::InvalidArgument(format!("{what} {path}: {e}"))),
+        Err(e) => Err(Error::BadRequest(format!("{what} {s}: {e}"))),
     }
 }
 
@@ -132,9 +136,9 @@ mod tests {
     #[test]
     fn image_paths_must_be_absolute_regular_files() {
         let f = tempfile::NamedTempFile::new().unwrap();
-        check_image_path("image", f.path().to_str().unwrap()).unwrap();
-        assert!(check_image_path("image", "relative.img").is_err());
-        assert!(check_image_path("image", "/").is_err());
-        assert!(check_image_path("image", "/nonexistent/x.img").is_err());
+        check_image_path("image", f.path()).unwrap();
+        assert!(check_image_path("image", Path::new("relative.img")).is_err());
+        assert!(check_image_path("image", Path::new("/")).is_err());
+        assert!(check_image_path("image", Path::new("/nonexistent/x.img")).is_err());
     }
 }

@@ -209,10 +209,8 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         export_dir: settings.export_dir.clone(),
         config: settings.config.clone(),
         exporter: Box::new(VhostExporter),
-        pause_at: std::env::var("VMBLKD_TEST_PAUSE_AT")
-            .ok()
-            .filter(|s| !s.is_empty()),
-        pause_marker: std::env::var_os("VMBLKD_TEST_PAUSE_MARKER").map(PathBuf::from),
+        #[cfg(feature = "test-hooks")]
+        pause: crate::test_hooks::Pause::from_env(),
     };
     // The uevent socket is bound before anything is restored, so no hot-remove or re-add
     // that happens meanwhile is lost; its events are read only once everything
@@ -238,7 +236,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("{}", e.chain()))?;
     let mut hotplug = match monitor {
         Some(m) => Some(
-            m.start(Arc::clone(&driver))
+            m.start(Arc::clone(&driver) as Arc<dyn crate::hotplug::HotplugHost>)
                 .context("starting the hotplug monitor")?,
         ),
         None => None,

@@ -1,16 +1,258 @@
-//! The gRPC service: each call runs the blocking [`Driver`] method on tokio's blocking
-//! pool; errors become statuses through `From<Error> for Status` (error.rs) only.
+//! The gRPC service: each call converts its request into the driver's terms
+//! ([`crate::model`]), runs the blocking [`Driver`] method on tokio's blocking pool, and
+//! converts the answer back. Protobuf types appear here and nowhere else in the driver,
+//! and [`status_code`] is the one place a driver error gets its gRPC code.
 
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use image_unpack::UnpackErrorKind;
 use tokio_stream::{wrappers::BroadcastStream, Stream, StreamExt};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use vmblk_proto::v1 as pb;
 use vmblk_proto::v1::storage_driver_server::StorageDriver;
 
+use crate::config::PoolKind;
 use crate::driver::Driver;
 use crate::error::{Error, Result};
+use crate::model::{
+    AttachOptions, Attachment, Backend, CachedImage, Event, EventKind, GrowVolume, ImageImport,
+    NewVolume, Pool, PoolOrigin, Volume, VolumeId,
+};
+use crate::state::{Origin, VolState};
+
+/// The gRPC code of a driver error: the one mapping.
+pub fn status_code(e: &Error) -> Code {
+    match e {
+        Error::InvalidName { .. } | Error::BadRequest(_) => Code::InvalidArgument,
+        Error::PoolNotFound(_) | Error::VolumeNotFound(_) | Error::ImageNotFound(_) => {
+            Code::NotFound
+        }
+        Error::AlreadyExists { .. } => Code::AlreadyExists,
+        Error::Busy(_) => Code::Aborted,
+        Error::Attached { .. }
+        | Error::NotReady(_)
+        | Error::DeviceAbsent { .. }
+        | Error::PoolUnsuitable(_) => Code::FailedPrecondition,
+        Error::NoSpace(_) => Code::ResourceExhausted,
+        _ if e.is_no_space() => Code::ResourceExhausted,
+        // The image is corrupt or unsupported, or its table is not understood: the
+        // request named something that cannot be used.
+        Error::Unpack { source, .. }
+            if matches!(
+                source.kind(),
+                UnpackErrorKind::BadImage | UnpackErrorKind::TableNotUnderstood
+            ) =>
+        {
+            Code::InvalidArgument
+        }
+        Error::Unpack { .. } | Error::Io { .. } | Error::Export { .. } | Error::Task(_) => {
+            Code::Internal
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let code = status_code(&e);
+        if code == Code::Internal {
+            tracing::error!(error = %e.chain(), "operation failed");
+        }
+        Status::new(code, e.chain())
+    }
+}
+
+// ---------------------------------------------------------------- requests in
+
+fn volume_id(pool: String, name: String) -> VolumeId {
+    VolumeId { pool, name }
+}
+
+fn pool_kind(r: &pb::CreatePoolRequest) -> Result<PoolKind> {
+    match pb::PoolType::try_from(r.r#type) {
+        Ok(pb::PoolType::Dir) => {
+            if !r.devices.is_empty() {
+                return Err(Error::BadRequest("dir pools take no devices".into()));
+            }
+            Ok(PoolKind::Dir {
+                path: PathBuf::from(&r.path),
+                capacity_bytes: r.capacity_bytes,
+            })
+        }
+        Ok(pb::PoolType::Block) => {
+            if r.devices.is_empty() || !r.path.is_empty() || r.capacity_bytes != 0 {
+                return Err(Error::BadRequest(
+                    "block pools take devices, and no path or capacity".into(),
+                ));
+            }
+            Ok(PoolKind::Block {
+                devices: r.devices.iter().map(PathBuf::from).collect(),
+            })
+        }
+        _ => Err(Error::BadRequest(
+            "pool type is required: dir or block".into(),
+        )),
+    }
+}
+
+fn origin(o: Option<pb::VolumeOrigin>) -> Origin {
+    match o.and_then(|o| o.source) {
+        None | Some(pb::volume_origin::Source::Empty(_)) => Origin::Empty,
+        Some(pb::volume_origin::Source::Image(f)) => Origin::Image {
+            path: PathBuf::from(f.path),
+            metadata: (!f.metadata_path.is_empty()).then(|| PathBuf::from(f.metadata_path)),
+        },
+        Some(pb::volume_origin::Source::ImageFingerprint(fp)) => Origin::Fingerprint(fp),
+    }
+}
+
+// ---------------------------------------------------------------- answers out
+
+fn state_pb(s: Option<VolState>) -> pb::VolumeState {
+    match s {
+        None => pb::VolumeState::Unspecified,
+        Some(VolState::Creating) => pb::VolumeState::Creating,
+        Some(VolState::Ready) => pb::VolumeState::Ready,
+        Some(VolState::Growing) => pb::VolumeState::Growing,
+        Some(VolState::Deleting) => pb::VolumeState::Deleting,
+    }
+}
+
+fn pool_pb(p: Pool) -> pb::Pool {
+    let mut out = pb::Pool {
+        name: p.name,
+        origin: match p.origin {
+            PoolOrigin::Config => pb::PoolOrigin::Config,
+            PoolOrigin::Api => pb::PoolOrigin::Api,
+        } as i32,
+        provisioned_bytes: p.provisioned_bytes,
+        reflink: p.reflink,
+        volume_count: p.volume_count,
+        capacity_bytes: p.capacity_bytes,
+        available_bytes: p.available_bytes,
+        ..Default::default()
+    };
+    match p.kind {
+        PoolKind::Dir { path, .. } => {
+            out.r#type = pb::PoolType::Dir as i32;
+            out.path = path.display().to_string();
+        }
+        PoolKind::Block { devices } => {
+            out.r#type = pb::PoolType::Block as i32;
+            out.devices = devices.iter().map(|d| d.display().to_string()).collect();
+        }
+    }
+    out
+}
+
+fn attachment_pb(a: Attachment) -> pb::Attachment {
+    let (state, reason) = match &a.backend {
+        Backend::Serving => (pb::BackendState::Active, String::new()),
+        Backend::Removed { reason } => (pb::BackendState::Removed, reason.clone()),
+        Backend::WaitingForDevice => (pb::BackendState::Missing, String::new()),
+        Backend::Failed { reason } => (pb::BackendState::Failed, reason.clone()),
+    };
+    pb::Attachment {
+        socket_path: a.socket.display().to_string(),
+        logical_block_size: a.logical_block_size,
+        read_only: a.read_only,
+        num_queues: u32::from(a.num_queues),
+        queue_size: u32::from(a.queue_size),
+        serial: a.serial.clone(),
+        qemu_args: a.qemu_args(),
+        qemu_chardev: a.qemu_chardev,
+        qemu_device: a.qemu_device,
+        attached_unix_ms: a.attached_unix_ms,
+        backend_state: state as i32,
+        backend_removed_reason: reason,
+    }
+}
+
+fn volume_pb(v: Volume) -> pb::Volume {
+    let source = match v.origin {
+        Origin::Empty => pb::volume_origin::Source::Empty(pb::Empty {}),
+        Origin::Image { path, metadata } => pb::volume_origin::Source::Image(pb::ImageFile {
+            path: path.display().to_string(),
+            metadata_path: metadata
+                .map(|m| m.display().to_string())
+                .unwrap_or_default(),
+        }),
+        Origin::Fingerprint(f) => pb::volume_origin::Source::ImageFingerprint(f),
+    };
+    pb::Volume {
+        pool: v.id.pool,
+        name: v.id.name,
+        uuid: v.uuid,
+        size_bytes: v.size_bytes,
+        state: state_pb(Some(v.state)) as i32,
+        origin: Some(pb::VolumeOrigin {
+            source: Some(source),
+        }),
+        path: v.path.display().to_string(),
+        backing_logical_block_size: v.backing_logical_block_size,
+        attachment: v.attachment.map(attachment_pb),
+        created_unix_ms: v.created_unix_ms,
+        reflinked: v.reflinked,
+    }
+}
+
+fn image_pb(i: CachedImage) -> pb::CachedImage {
+    pb::CachedImage {
+        pool: i.id.pool,
+        fingerprint: i.id.fingerprint,
+        size_bytes: i.size_bytes,
+        path: i.path.display().to_string(),
+        created_unix_ms: i.created_unix_ms,
+    }
+}
+
+/// An event as Watch sends it.
+pub fn event_pb(e: Event) -> pb::Event {
+    use pb::event::Kind;
+    let kind = match e.what {
+        EventKind::StateChanged { old, new } => Kind::StateChanged(pb::VolumeStateChanged {
+            old_state: state_pb(old) as i32,
+            new_state: state_pb(new) as i32,
+        }),
+        EventKind::Hotplug { attached, socket } => Kind::Hotplug(pb::Hotplug {
+            attached,
+            socket_path: socket.display().to_string(),
+        }),
+        EventKind::Progress {
+            operation,
+            phase,
+            done,
+            total,
+        } => Kind::Progress(pb::Progress {
+            operation: operation.into(),
+            phase,
+            done_bytes: done,
+            total_bytes: total,
+        }),
+        EventKind::ExportError { message } => Kind::ExportError(pb::ExportError { message }),
+        EventKind::BackendRemoved { reason, device } => Kind::BackendRemoved(pb::BackendRemoved {
+            reason,
+            device: device.display().to_string(),
+        }),
+        EventKind::BackendResumed {
+            device,
+            previous_device,
+        } => Kind::BackendResumed(pb::BackendResumed {
+            device: device.display().to_string(),
+            previous_device: previous_device.display().to_string(),
+        }),
+        EventKind::IoTimeout { requests } => Kind::IoTimeout(pb::IoTimeout { requests }),
+    };
+    pb::Event {
+        unix_ms: e.unix_ms,
+        pool: e.pool,
+        name: e.name,
+        kind: Some(kind),
+    }
+}
+
+// ---------------------------------------------------------------- the service
 
 /// The `vmblk.v1.StorageDriver` service over a [`Driver`].
 #[derive(Debug, Clone)]
@@ -46,12 +288,16 @@ impl StorageDriver for Service {
         r: Request<pb::CreatePoolRequest>,
     ) -> Result<Response<pb::Pool>, Status> {
         let r = r.into_inner();
-        self.run(move |d| d.create_pool(r)).await
+        self.run(move |d| {
+            let kind = pool_kind(&r)?;
+            d.create_pool(&r.name, kind).map(pool_pb)
+        })
+        .await
     }
 
     async fn get_pool(&self, r: Request<pb::GetPoolRequest>) -> Result<Response<pb::Pool>, Status> {
         let r = r.into_inner();
-        self.run(move |d| d.get_pool(&r.name)).await
+        self.run(move |d| d.get_pool(&r.name).map(pool_pb)).await
     }
 
     async fn list_pools(
@@ -60,7 +306,7 @@ impl StorageDriver for Service {
     ) -> Result<Response<pb::ListPoolsResponse>, Status> {
         self.run(|d| {
             Ok(pb::ListPoolsResponse {
-                pools: d.list_pools(),
+                pools: d.list_pools().into_iter().map(pool_pb).collect(),
             })
         })
         .await
@@ -83,7 +329,13 @@ impl StorageDriver for Service {
         r: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let r = r.into_inner();
-        self.run(move |d| d.create_volume(r)).await
+        let req = NewVolume {
+            id: volume_id(r.pool, r.name),
+            size_bytes: r.size_bytes,
+            origin: origin(r.origin),
+            grow_last_partition: r.grow_last_partition,
+        };
+        self.run(move |d| d.create_volume(req).map(volume_pb)).await
     }
 
     async fn get_volume(
@@ -91,7 +343,8 @@ impl StorageDriver for Service {
         r: Request<pb::GetVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let r = r.into_inner();
-        self.run(move |d| d.get_volume(&r.pool, &r.name)).await
+        let id = volume_id(r.pool, r.name);
+        self.run(move |d| d.get_volume(&id).map(volume_pb)).await
     }
 
     async fn list_volumes(
@@ -100,8 +353,9 @@ impl StorageDriver for Service {
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let r = r.into_inner();
         self.run(move |d| {
-            d.list_volumes(&r.pool)
-                .map(|volumes| pb::ListVolumesResponse { volumes })
+            d.list_volumes(&r.pool).map(|v| pb::ListVolumesResponse {
+                volumes: v.into_iter().map(volume_pb).collect(),
+            })
         })
         .await
     }
@@ -111,7 +365,19 @@ impl StorageDriver for Service {
         r: Request<pb::GrowVolumeRequest>,
     ) -> Result<Response<pb::GrowVolumeResponse>, Status> {
         let r = r.into_inner();
-        self.run(move |d| d.grow_volume(r)).await
+        let req = GrowVolume {
+            id: volume_id(r.pool, r.name),
+            size_bytes: r.size_bytes,
+            grow_last_partition: r.grow_last_partition,
+        };
+        self.run(move |d| {
+            d.grow_volume(req).map(|g| pb::GrowVolumeResponse {
+                volume: Some(volume_pb(g.volume)),
+                table_repaired: g.table_repaired,
+                note: g.note,
+            })
+        })
+        .await
     }
 
     async fn delete_volume(
@@ -119,8 +385,9 @@ impl StorageDriver for Service {
         r: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let r = r.into_inner();
+        let id = volume_id(r.pool, r.name);
         self.run(move |d| {
-            d.delete_volume(&r.pool, &r.name)
+            d.delete_volume(&id)
                 .map(|existed| pb::DeleteVolumeResponse { existed })
         })
         .await
@@ -131,7 +398,14 @@ impl StorageDriver for Service {
         r: Request<pb::GetVolumeUsageRequest>,
     ) -> Result<Response<pb::VolumeUsage>, Status> {
         let r = r.into_inner();
-        self.run(move |d| d.volume_usage(&r.pool, &r.name)).await
+        let id = volume_id(r.pool, r.name);
+        self.run(move |d| {
+            d.volume_usage(&id).map(|u| pb::VolumeUsage {
+                size_bytes: u.size_bytes,
+                allocated_bytes: u.allocated_bytes,
+            })
+        })
+        .await
     }
 
     async fn attach_volume(
@@ -139,7 +413,15 @@ impl StorageDriver for Service {
         r: Request<pb::AttachVolumeRequest>,
     ) -> Result<Response<pb::Attachment>, Status> {
         let r = r.into_inner();
-        self.run(move |d| d.attach_volume(r)).await
+        let o = AttachOptions {
+            logical_block_size: r.logical_block_size,
+            read_only: r.read_only,
+            num_queues: r.num_queues,
+            queue_size: r.queue_size,
+        };
+        let id = volume_id(r.pool, r.name);
+        self.run(move |d| d.attach_volume(&id, o).map(attachment_pb))
+            .await
     }
 
     async fn detach_volume(
@@ -147,8 +429,9 @@ impl StorageDriver for Service {
         r: Request<pb::DetachVolumeRequest>,
     ) -> Result<Response<pb::DetachVolumeResponse>, Status> {
         let r = r.into_inner();
+        let id = volume_id(r.pool, r.name);
         self.run(move |d| {
-            d.detach_volume(&r.pool, &r.name)
+            d.detach_volume(&id)
                 .map(|was_attached| pb::DetachVolumeResponse { was_attached })
         })
         .await
@@ -159,7 +442,22 @@ impl StorageDriver for Service {
         r: Request<pb::ImportImageRequest>,
     ) -> Result<Response<pb::ImportImageResponse>, Status> {
         let r = r.into_inner();
-        self.run(move |d| d.import_image(r)).await
+        self.run(move |d| {
+            let f = r
+                .image
+                .ok_or_else(|| Error::BadRequest("image is required".into()))?;
+            let req = ImageImport {
+                pool: r.pool,
+                fingerprint: r.fingerprint,
+                image: PathBuf::from(f.path),
+                metadata: (!f.metadata_path.is_empty()).then(|| PathBuf::from(f.metadata_path)),
+            };
+            d.import_image(req).map(|i| pb::ImportImageResponse {
+                image: Some(image_pb(i.image)),
+                unpacked: i.unpacked,
+            })
+        })
+        .await
     }
 
     async fn list_images(
@@ -168,8 +466,9 @@ impl StorageDriver for Service {
     ) -> Result<Response<pb::ListImagesResponse>, Status> {
         let r = r.into_inner();
         self.run(move |d| {
-            d.list_images(&r.pool)
-                .map(|images| pb::ListImagesResponse { images })
+            d.list_images(&r.pool).map(|i| pb::ListImagesResponse {
+                images: i.into_iter().map(image_pb).collect(),
+            })
         })
         .await
     }
@@ -196,7 +495,7 @@ impl StorageDriver for Service {
                 if (r.pool.is_empty() || e.pool == r.pool)
                     && (r.name.is_empty() || e.name == r.name) =>
             {
-                Some(Ok(e))
+                Some(Ok(event_pb(e)))
             }
             Ok(_) => None,
             Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
@@ -205,5 +504,62 @@ impl StorageDriver for Service {
             }
         });
         Ok(Response::new(Box::pin(s)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    #[test]
+    fn enospc_anywhere_in_the_chain_is_resource_exhausted() {
+        let e = Error::Io {
+            step: "writing",
+            path: "/x".into(),
+            source: io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert_eq!(status_code(&e), Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn other_io_errors_are_internal() {
+        let e = Error::Io {
+            step: "writing",
+            path: "/x".into(),
+            source: io::Error::from_raw_os_error(libc::EIO),
+        };
+        assert_eq!(status_code(&e), Code::Internal);
+        assert_eq!(Status::from(e).code(), Code::Internal);
+    }
+
+    #[test]
+    fn domain_errors_map_to_their_codes() {
+        let id = VolumeId::new("p", "v");
+        let cases = [
+            (Error::volume_busy(&id), Code::Aborted),
+            (Error::VolumeNotFound(id.clone()), Code::NotFound),
+            (Error::PoolNotFound("p".into()), Code::NotFound),
+            (
+                Error::Attached {
+                    id: id.clone(),
+                    what: "x",
+                },
+                Code::FailedPrecondition,
+            ),
+            (Error::NotReady(id), Code::FailedPrecondition),
+            (Error::NoSpace("x".into()), Code::ResourceExhausted),
+            (Error::BadRequest("x".into()), Code::InvalidArgument),
+            (
+                Error::AlreadyExists {
+                    what: "x".into(),
+                    how: "y".into(),
+                },
+                Code::AlreadyExists,
+            ),
+        ];
+        for (e, code) in cases {
+            assert_eq!(status_code(&e), code, "{e}");
+        }
     }
 }

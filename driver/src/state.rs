@@ -9,6 +9,7 @@
 //!  <state_dir>/db/**/.tmp-*                      half-written records (removed at startup)
 //! ```
 
+pub use crate::model::{Origin, VolState};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -29,37 +30,6 @@ pub struct PoolRecord {
     pub name: String,
     /// Kind and storage.
     pub kind: PoolKind,
-}
-
-/// A volume's state on disk.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum VolState {
-    /// Being created: never valid after a restart.
-    Creating,
-    /// Complete.
-    Ready,
-    /// Being grown.
-    Growing,
-    /// Being deleted.
-    Deleting,
-}
-
-/// What a volume was created from.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Origin {
-    /// Empty.
-    Empty,
-    /// Unpacked from an image file.
-    Image {
-        /// The image (or split image's rootfs).
-        path: PathBuf,
-        /// A split image's metadata tarball.
-        metadata: Option<PathBuf>,
-    },
-    /// Cloned from a cached image.
-    Fingerprint(String),
 }
 
 /// How an attached volume is exported.
@@ -134,6 +104,30 @@ pub struct ImageRecord {
     pub path: PathBuf,
     /// Imported, ms since the epoch.
     pub created_unix_ms: u64,
+}
+
+impl VolumeRecord {
+    /// The volume's identity.
+    pub fn id(&self) -> crate::model::VolumeId {
+        crate::model::VolumeId::new(&self.pool, &self.name)
+    }
+}
+
+impl ImageRecord {
+    /// The image's identity.
+    pub fn id(&self) -> crate::model::ImageId {
+        crate::model::ImageId::new(&self.pool, &self.fingerprint)
+    }
+
+    /// As the API shows it.
+    pub fn view(&self) -> crate::model::CachedImage {
+        crate::model::CachedImage {
+            id: self.id(),
+            size_bytes: self.size_bytes,
+            path: self.path.clone(),
+            created_unix_ms: self.created_unix_ms,
+        }
+    }
 }
 
 /// The record store under `<state_dir>/db`.

@@ -99,21 +99,46 @@ pub fn next_hole(f: &File, off: u64) -> io::Result<u64> {
         .map_err(errno)
 }
 
-/// Copies `len` bytes at `off` from `src` to the same offset of `dst`, in the kernel.
+/// Copies `len` bytes at `off` from `src` to the same offset of `dst`: in the kernel
+/// (copy_file_range) where it can, through a buffer where the two files are on file
+/// systems it will not copy between (EXDEV, EOPNOTSUPP, EINVAL).
 pub fn copy_range(src: &File, dst: &File, off: u64, len: u64) -> io::Result<()> {
     let mut done = 0u64;
     while done < len {
         let mut a = i64::try_from(off + done).map_err(io::Error::other)?;
         let mut b = a;
         let chunk = usize::try_from((len - done).min(1 << 30)).map_err(io::Error::other)?;
-        let n = nix::fcntl::copy_file_range(src, Some(&mut a), dst, Some(&mut b), chunk)
-            .map_err(errno)?;
+        let n = match nix::fcntl::copy_file_range(src, Some(&mut a), dst, Some(&mut b), chunk) {
+            Ok(n) => n,
+            Err(
+                nix::errno::Errno::EXDEV
+                | nix::errno::Errno::EOPNOTSUPP
+                | nix::errno::Errno::EINVAL,
+            ) => {
+                return copy_buffered(src, dst, off + done, len - done);
+            }
+            Err(e) => return Err(errno(e)),
+        };
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "source ended early",
             ));
         }
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Copies `len` bytes at `off` from `src` to `dst` through a buffer.
+fn copy_buffered(src: &File, dst: &File, off: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; (len.min(1 << 20)) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = buf.len().min((len - done) as usize);
+        src.read_exact_at(&mut buf[..n], off + done)?;
+        dst.write_all_at(&buf[..n], off + done)?;
         done += n as u64;
     }
     Ok(())

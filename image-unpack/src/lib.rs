@@ -29,6 +29,6 @@ pub use guest::GuestReader;
 pub use target::{Target, TargetError, TargetInfo, TargetKind, ZeroMethod};
 pub use unpack::{
     inspect, repair, unpack, BridgeUsed, InspectReport, NoProgress, Progress, RepairCommandOptions,
-    RepairCommandReport, TableWork, UnpackError, UnpackOptions, UnpackReport,
+    RepairCommandReport, TableWork, UnpackError, UnpackErrorKind, UnpackOptions, UnpackReport,
 };
 pub use verify::{verify, verify_file, PartitionProbe, VerifyError, VerifyReport};

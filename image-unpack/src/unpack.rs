@@ -148,7 +148,25 @@ pub struct InspectReport {
     pub table: Option<TableReport>,
 }
 
-/// Why a pipeline failed. [`UnpackError::exit_code`] maps it to `vmblk`'s exit codes.
+/// What kind of failure an [`UnpackError`] is: what a caller decides by (an exit code, a
+/// gRPC code, whether forcing would help), so nobody matches on variants or messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnpackErrorKind {
+    /// The image is corrupt, unsupported or unrecognised.
+    BadImage,
+    /// The target is missing, busy, not a volume or too small; nothing was written.
+    BadTarget,
+    /// The partition table is not understood; nothing was written to it (forcing
+    /// the repair would proceed).
+    TableNotUnderstood,
+    /// Verification after the repair found problems.
+    VerifyFailed,
+    /// Anything else: I/O, the copy, the bridge.
+    Failed,
+}
+
+/// Why a pipeline failed. [`UnpackError::kind`] says what kind of failure it is.
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
     /// The image could not be opened or read.
@@ -183,7 +201,7 @@ pub enum UnpackError {
         source: CopyError,
     },
     /// The partition table is not understood; nothing was written to it.
-    #[error("partition table on {path} not repaired: {reason} (use --force to override)")]
+    #[error("partition table on {path} not repaired: {reason}")]
     TableRefused {
         /// The path.
         path: PathBuf,
@@ -239,16 +257,27 @@ pub enum UnpackError {
 }
 
 impl UnpackError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> UnpackErrorKind {
+        match self {
+            UnpackError::Image { .. } => UnpackErrorKind::BadImage,
+            UnpackError::Target(_) | UnpackError::TooSmall { .. } => UnpackErrorKind::BadTarget,
+            UnpackError::TableRefused { .. } => UnpackErrorKind::TableNotUnderstood,
+            UnpackError::VerifyFailed { .. } => UnpackErrorKind::VerifyFailed,
+            _ => UnpackErrorKind::Failed,
+        }
+    }
+
     /// `vmblk`'s exit code for this error: 3 bad image, 4 target unusable,
     /// 5 partition table refused (nothing written to it), 6 verification
     /// failed, 1 anything else.
     pub fn exit_code(&self) -> i32 {
-        match self {
-            UnpackError::Image { .. } => 3,
-            UnpackError::Target(_) | UnpackError::TooSmall { .. } => 4,
-            UnpackError::TableRefused { .. } => 5,
-            UnpackError::VerifyFailed { .. } => 6,
-            _ => 1,
+        match self.kind() {
+            UnpackErrorKind::BadImage => 3,
+            UnpackErrorKind::BadTarget => 4,
+            UnpackErrorKind::TableNotUnderstood => 5,
+            UnpackErrorKind::VerifyFailed => 6,
+            UnpackErrorKind::Failed => 1,
         }
     }
 }

@@ -163,7 +163,8 @@ impl Default for ExportConfig {
 }
 
 impl ExportConfig {
-    fn validate(&self) -> Result<(), ExportError> {
+    /// Checks every value is in range (what [`Export::new`] checks first).
+    pub fn validate(&self) -> Result<(), ExportError> {
         let bad = |m: String| Err(ExportError::Config(m));
         if !matches!(self.logical_block_size, 512 | 4096) {
             return bad(format!(

@@ -1,174 +1,181 @@
 //! Attachments: exporting a volume over vhost-user-blk, detaching it, the configured
-//! attachments at startup, and an export that stops on its own.
+//! attachments at startup, and an export that stops on its own. What runs for each
+//! attached volume is one [`Live`] state; a failed export is recorded in its
+//! attachment record, so a restart does not report it serving.
 
+use std::time::{Duration, Instant};
+
+use super::hotplug::Located;
+use super::volumes::check_volume_id;
 use super::*;
+use crate::config::AttachmentConfig;
+use crate::export::{BackendEvent, EventSink, ExportParams};
+use crate::model::AttachOptions;
 
 impl Driver {
-    /// AttachVolume.
-    pub fn attach_volume(self: &Arc<Self>, r: pb::AttachVolumeRequest) -> Result<pb::Attachment> {
-        self.attach(r, false)
+    /// AttachVolume: idempotent for the same parameters; a failed attachment is
+    /// replaced.
+    pub fn attach_volume(&self, id: &VolumeId, o: AttachOptions) -> Result<Attachment> {
+        self.attach(id, o, false)
     }
 
-    /// Attaches; with `allow_missing`, a block volume whose device is absent is recorded
-    /// attached anyway (its export starts when the device appears) instead of refused.
-    pub(super) fn attach(
-        self: &Arc<Self>,
-        r: pb::AttachVolumeRequest,
-        allow_missing: bool,
-    ) -> Result<pb::Attachment> {
-        check_name("pool", &r.pool)?;
-        check_name("volume", &r.name)?;
-        let lbs = match r.logical_block_size {
-            0 => 512,
-            v @ (512 | 4096) => v,
-            v => {
-                return Err(Error::InvalidArgument(format!(
-                    "logical block size {v} is not 512 or 4096"
-                )))
-            }
-        };
-        let num_queues = match r.num_queues {
-            0 => self.export_defaults.num_queues,
-            n @ 1..=64 => n as u16,
-            n => {
-                return Err(Error::InvalidArgument(format!(
-                    "{n} queues is not within 1..=64"
-                )))
-            }
-        };
-        let queue_size = match r.queue_size {
-            0 => self.export_defaults.queue_size,
-            n if n.is_power_of_two() && n <= 32768 => n as u16,
-            n => {
-                return Err(Error::InvalidArgument(format!(
-                    "queue size {n} is not a power of two up to 32768"
-                )))
-            }
-        };
-        let (pool, name) = (r.pool.as_str(), r.name.as_str());
-        let _g = self.begin(vkey(pool, name), &format!("volume {pool}/{name}"))?;
-        self.pool(pool)?;
-        let mut rec = self
-            .record(pool, name)
-            .ok_or_else(|| Error::NotFound(format!("volume {pool}/{name} does not exist")))?;
-        if rec.state != VolState::Ready {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {pool}/{name} is not ready"
-            )));
-        }
-        if let Some(a) = rec.attachment.as_ref().filter(|a| a.failed.is_some()) {
-            // The export stopped on its own: this attach replaces it.
-            tracing::info!(
-                pool,
-                volume = name,
-                reason = a.failed.as_deref().unwrap_or(""),
-                "re-attaching a volume whose export had failed"
-            );
-            rec.attachment = None;
-        }
-        if let Some(a) = &rec.attachment {
-            if a.logical_block_size == lbs
-                && a.read_only == r.read_only
-                && a.num_queues == num_queues
-                && a.queue_size == queue_size
-            {
-                return Ok(self.attachment_pb(&rec, a));
-            }
-            return Err(Error::AlreadyExists(format!(
-                "volume {pool}/{name} is attached with other parameters"
-            )));
-        }
-        let mut missing = false;
-        if self.is_block_pool(pool) {
-            match self.locate_backing(&mut rec)? {
-                Located::Here | Located::Unidentified => {}
-                Located::Absent if allow_missing => missing = true,
-                Located::Moved(from) => {
-                    tracing::warn!(pool, volume = name, from = %from.display(), to = %rec.path.display(),
-                        "backing device found under a new name");
-                    self.put_record(&rec)?;
-                }
-                Located::Absent => {
-                    return Err(Error::FailedPrecondition(format!(
-                        "volume {pool}/{name}: its backing device ({}) is not present",
-                        rec.identity
-                            .as_ref()
-                            .map(|i| i.to_string())
-                            .unwrap_or_default()
-                    )))
-                }
-            }
-        }
-        let a = AttachRecord {
-            socket: self.export_dir.join(format!("{}.sock", rec.uuid)),
-            logical_block_size: lbs,
-            read_only: r.read_only,
-            num_queues,
-            queue_size,
-            attached_unix_ms: now_ms(),
-            failed: None,
-        };
-        if missing {
-            tracing::warn!(
-                pool,
-                volume = name,
-                "backing device absent: attached, the export waits for it"
-            );
-        } else {
-            self.start_export(&rec, &a)?;
-        }
-        rec.attachment = Some(a.clone());
-        if let Err(e) = self.put_record(&rec) {
-            self.stop_export(pool, name);
-            return Err(e);
-        }
-        self.emit(
-            pool,
-            name,
-            pb::event::Kind::Hotplug(pb::Hotplug {
-                attached: true,
-                socket_path: a.socket.display().to_string(),
-            }),
-        );
-        tracing::info!(pool, volume = name, socket = %a.socket.display(), "volume attached");
-        Ok(self.attachment_pb(&rec, &a))
-    }
-
-    pub(super) fn start_export(
-        self: &Arc<Self>,
-        rec: &VolumeRecord,
-        a: &AttachRecord,
-    ) -> Result<()> {
-        let params = ExportParams {
-            volume: rec.path.clone(),
+    /// The export of the volume at `volume` (UUID `uuid`) attached as `a`: every
+    /// parameter, validated once.
+    fn export_params(&self, volume: &Path, uuid: &str, a: &AttachRecord) -> Result<ExportParams> {
+        // Validated with the configuration.
+        let access = self.export_defaults.socket_access().unwrap_or_default();
+        let p = ExportParams {
+            volume: volume.to_owned(),
             socket: a.socket.clone(),
             logical_block_size: a.logical_block_size,
             read_only: a.read_only,
             num_queues: a.num_queues,
             queue_size: a.queue_size,
-            serial: serial(&rec.uuid),
+            serial: serial(uuid),
             direct_io: self.export_defaults.direct_io,
             io_timeout_ms: self.export_defaults.io_timeout_ms,
-            // Validated with the configuration.
-            socket_access: self.export_defaults.socket_access().unwrap_or_default(),
+            socket_owner: access.uid,
+            socket_group: access.gid,
+            socket_mode: access.mode,
+            ..ExportParams::default()
         };
-        let id = {
+        p.validate().map_err(|e| match e {
+            vhost_blk::ExportError::Config(m) => Error::BadRequest(m),
+            other => Error::BadRequest(other.to_string()),
+        })?;
+        Ok(p)
+    }
+
+    /// Attaches; with `allow_missing`, a block volume whose device is absent is recorded
+    /// attached anyway (its export starts when the device appears) instead of refused.
+    pub(super) fn attach(
+        &self,
+        id: &VolumeId,
+        o: AttachOptions,
+        allow_missing: bool,
+    ) -> Result<Attachment> {
+        check_volume_id(id)?;
+        let or_default = |v: u32, d: u16, what: &str| -> Result<u16> {
+            match v {
+                0 => Ok(d),
+                v => u16::try_from(v)
+                    .map_err(|_| Error::BadRequest(format!("{what} {v} is out of range"))),
+            }
+        };
+        let a = AttachRecord {
+            socket: PathBuf::new(),
+            logical_block_size: if o.logical_block_size == 0 {
+                512
+            } else {
+                o.logical_block_size
+            },
+            read_only: o.read_only,
+            num_queues: or_default(o.num_queues, self.export_defaults.num_queues, "queue count")?,
+            queue_size: or_default(o.queue_size, self.export_defaults.queue_size, "queue size")?,
+            attached_unix_ms: now_ms(),
+            failed: None,
+        };
+        // Every parameter checked before anything is looked at or changed.
+        self.export_params(Path::new("/"), "", &a)?;
+        let _g = self.begin_volume(id)?;
+        self.pool(&id.pool)?;
+        let mut rec = self
+            .record(id)
+            .ok_or_else(|| Error::VolumeNotFound(id.clone()))?;
+        let a = AttachRecord {
+            socket: self.export_dir.join(format!("{}.sock", rec.uuid)),
+            ..a
+        };
+        if rec.state != VolState::Ready {
+            return Err(Error::NotReady(id.clone()));
+        }
+        if let Some(old) = rec.attachment.as_ref().filter(|a| a.failed.is_some()) {
+            // The export stopped on its own: this attach replaces it.
+            tracing::info!(pool = %id.pool, volume = %id.name,
+                reason = old.failed.as_deref().unwrap_or(""),
+                "re-attaching a volume whose export had failed");
+            rec.attachment = None;
+        }
+        if let Some(have) = &rec.attachment {
+            if have.logical_block_size == a.logical_block_size
+                && have.read_only == a.read_only
+                && have.num_queues == a.num_queues
+                && have.queue_size == a.queue_size
+            {
+                return Ok(self.attachment_view(&rec, have));
+            }
+            return Err(Error::AlreadyExists {
+                what: format!("volume {id}"),
+                how: "attached with other parameters".into(),
+            });
+        }
+        let mut missing = false;
+        if self.is_block_pool(&id.pool) {
+            match self.locate_backing(&mut rec)? {
+                Located::Here | Located::Unidentified => {}
+                Located::Absent if allow_missing => missing = true,
+                Located::Moved(from) => {
+                    tracing::warn!(pool = %id.pool, volume = %id.name, from = %from.display(),
+                        to = %rec.path.display(), "backing device found under a new name");
+                    self.put_record(&rec)?;
+                }
+                Located::Absent => {
+                    return Err(Error::DeviceAbsent {
+                        id: id.clone(),
+                        identity: rec
+                            .identity
+                            .as_ref()
+                            .map(|i| i.to_string())
+                            .unwrap_or_default(),
+                    })
+                }
+            }
+        }
+        if missing {
+            tracing::warn!(pool = %id.pool, volume = %id.name,
+                "backing device absent: attached, the export waits for it");
+            self.lock().live.insert(id.clone(), Live::WaitingForDevice);
+        } else {
+            self.start_export(&rec, &a)?;
+        }
+        rec.attachment = Some(a.clone());
+        if let Err(e) = self.put_record(&rec) {
+            self.stop_export(id);
+            return Err(e);
+        }
+        self.emit(
+            &id.pool,
+            &id.name,
+            EventKind::Hotplug {
+                attached: true,
+                socket: a.socket.clone(),
+            },
+        );
+        tracing::info!(pool = %id.pool, volume = %id.name, socket = %a.socket.display(),
+            "volume attached");
+        Ok(self.attachment_view(&rec, &a))
+    }
+
+    /// Starts `rec`'s export as attached by `a`; it is Serving once this returns.
+    pub(super) fn start_export(&self, rec: &VolumeRecord, a: &AttachRecord) -> Result<()> {
+        let params = self.export_params(&rec.path, &rec.uuid, a)?;
+        let export_id = {
             let mut inner = self.lock();
             inner.next_export_id += 1;
             inner.next_export_id
         };
-        let weak = Arc::downgrade(self);
-        let (pool, name) = (rec.pool.clone(), rec.name.clone());
+        let weak = self.me.clone();
+        let vid = rec.id();
         let on_exit = Box::new(move |err: Option<String>| {
             if let (Some(d), Some(message)) = (weak.upgrade(), err) {
-                d.export_failed(&pool, &name, id, &message);
+                d.export_failed(&vid, export_id, &message);
             }
         });
-        let weak = Arc::downgrade(self);
-        let (pool, name) = (rec.pool.clone(), rec.name.clone());
+        let weak = self.me.clone();
+        let vid = rec.id();
         let events: EventSink = Arc::new(move |e: &BackendEvent| {
             if let Some(d) = weak.upgrade() {
-                d.backend_event(&pool, &name, e);
+                d.backend_event(&vid, e);
             }
         });
         let h = self
@@ -178,34 +185,41 @@ impl Driver {
                 path: rec.path.clone(),
                 source,
             })?;
-        let mut inner = self.lock();
-        inner.removed.remove(&key(&rec.pool, &rec.name));
-        inner.export_ids.insert(key(&rec.pool, &rec.name), id);
-        inner
-            .exports
-            .insert(key(&rec.pool, &rec.name), Arc::from(h));
+        self.lock().live.insert(
+            rec.id(),
+            Live::Serving {
+                export: Arc::from(h),
+                id: export_id,
+            },
+        );
         Ok(())
     }
 
     /// An export stopped on its own with an error (on its own thread, as it ends): the
     /// attachment is recorded failed with the reason, Watch is told, and the export is
     /// forgotten, so a new Attach starts another without a Detach.
-    pub(super) fn export_failed(&self, pool: &str, name: &str, id: u64, message: &str) {
-        let k = key(pool, name);
+    fn export_failed(&self, id: &VolumeId, export_id: u64, message: &str) {
+        let is_current = |inner: &Inner| {
+            inner
+                .live
+                .get(id)
+                .and_then(Live::export)
+                .is_some_and(|(_, n)| n == export_id)
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         // An operation on the volume (detach, attach) may hold it: it forgets this
         // export first (then this report is stale) or finishes soon.
         let _g = loop {
-            if self.lock().export_ids.get(&k) != Some(&id) {
+            if !is_current(&self.lock()) {
                 return;
             }
-            match self.begin(vkey(pool, name), &format!("volume {pool}/{name}")) {
+            match self.begin_volume(id) {
                 Ok(g) => break g,
                 Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(50))
                 }
                 Err(e) => {
-                    tracing::error!(pool, volume = name, error = %e.chain(),
+                    tracing::error!(pool = %id.pool, volume = %id.name, error = %e.chain(),
                         "cannot record a failed export");
                     return;
                 }
@@ -213,85 +227,72 @@ impl Driver {
         };
         {
             let mut inner = self.lock();
-            if inner.export_ids.get(&k) != Some(&id) {
+            if !is_current(&inner) {
                 return;
             }
-            inner.export_ids.remove(&k);
-            inner.exports.remove(&k);
-            inner.removed.remove(&k);
+            inner.live.remove(id);
         }
-        tracing::error!(
-            pool,
-            volume = name,
-            reason = message,
-            "export stopped on its own"
-        );
-        if let Some(mut rec) = self.record(pool, name) {
+        tracing::error!(pool = %id.pool, volume = %id.name, reason = message,
+            "export stopped on its own");
+        if let Some(mut rec) = self.record(id) {
             if let Some(a) = rec.attachment.as_mut() {
                 a.failed = Some(message.to_owned());
                 if let Err(e) = self.put_record(&rec) {
-                    tracing::error!(pool, volume = name, error = %e.chain(),
+                    tracing::error!(pool = %id.pool, volume = %id.name, error = %e.chain(),
                         "cannot record the failed export");
                 }
             }
         }
         self.emit(
-            pool,
-            name,
-            pb::event::Kind::ExportError(pb::ExportError {
+            &id.pool,
+            &id.name,
+            EventKind::ExportError {
                 message: message.to_owned(),
-            }),
+            },
         );
     }
 
-    pub(super) fn stop_export(&self, pool: &str, name: &str) {
-        let h = {
-            let mut inner = self.lock();
-            inner.removed.remove(&key(pool, name));
-            inner.export_ids.remove(&key(pool, name));
-            inner.exports.remove(&key(pool, name))
-        };
-        if let Some(h) = h {
+    /// Stops whatever runs for `id` (its export, if any) and forgets it.
+    pub(super) fn stop_export(&self, id: &VolumeId) {
+        let live = self.lock().live.remove(id);
+        if let Some((h, _)) = live.as_ref().and_then(Live::export) {
             h.stop();
         }
     }
 
     /// DetachVolume: returns whether it was attached.
-    pub fn detach_volume(&self, pool: &str, name: &str) -> Result<bool> {
-        check_name("pool", pool)?;
-        check_name("volume", name)?;
-        let _g = self.begin(vkey(pool, name), &format!("volume {pool}/{name}"))?;
-        let Some(mut rec) = self.record(pool, name) else {
+    pub fn detach_volume(&self, id: &VolumeId) -> Result<bool> {
+        check_volume_id(id)?;
+        let _g = self.begin_volume(id)?;
+        let Some(mut rec) = self.record(id) else {
             return Ok(false);
         };
         let Some(a) = rec.attachment.take() else {
             return Ok(false);
         };
-        self.stop_export(pool, name);
+        self.stop_export(id);
         let _ = fs::remove_file(&a.socket);
         self.put_record(&rec)?;
         self.emit(
-            pool,
-            name,
-            pb::event::Kind::Hotplug(pb::Hotplug {
+            &id.pool,
+            &id.name,
+            EventKind::Hotplug {
                 attached: false,
-                socket_path: a.socket.display().to_string(),
-            }),
+                socket: a.socket.clone(),
+            },
         );
-        tracing::info!(pool, volume = name, "volume detached");
+        tracing::info!(pool = %id.pool, volume = %id.name, "volume detached");
         Ok(true)
     }
 
     /// Stops every export (daemon shutdown); the records keep them attached so they are
     /// exported again at the next start.
     pub fn shutdown(&self) {
-        let all: Vec<Arc<dyn ExportHandle>> = {
-            let mut inner = self.lock();
-            inner.export_ids.clear();
-            inner.exports.drain().map(|(_, h)| h).collect()
-        };
-        for h in all {
-            h.stop();
+        let all: Vec<Live> = self.lock().live.drain().map(|(_, l)| l).collect();
+        for l in all {
+            if let Some((h, _)) = l.export() {
+                h.stop();
+            }
         }
     }
 
@@ -300,25 +301,28 @@ impl Driver {
     /// starts. A block volume whose device is absent is attached "missing": its export
     /// starts when the device appears. A listed volume that cannot be attached is logged;
     /// the others still are.
-    pub fn apply_configured_attachments(self: &Arc<Self>) {
+    pub fn apply_configured_attachments(&self) {
         for c in self.config_attachments.clone() {
-            let r = pb::AttachVolumeRequest {
-                pool: c.pool.clone(),
-                name: c.volume.clone(),
-                logical_block_size: c.logical_block_size,
-                read_only: c.read_only,
-                num_queues: c.num_queues,
-                queue_size: c.queue_size,
+            let AttachmentConfig {
+                pool,
+                volume,
+                logical_block_size,
+                read_only,
+                num_queues,
+                queue_size,
+            } = c;
+            let id = VolumeId::new(pool, volume);
+            let o = AttachOptions {
+                logical_block_size,
+                read_only,
+                num_queues,
+                queue_size,
             };
-            match self.attach(r, true) {
-                Ok(a) => {
-                    tracing::info!(pool = %c.pool, volume = %c.volume, socket = %a.socket_path,
-                        "configured attachment exported")
-                }
-                Err(e) => {
-                    tracing::error!(pool = %c.pool, volume = %c.volume, error = %e.chain(),
-                        "configured attachment failed")
-                }
+            match self.attach(&id, o, true) {
+                Ok(a) => tracing::info!(pool = %id.pool, volume = %id.name,
+                    socket = %a.socket.display(), "configured attachment exported"),
+                Err(e) => tracing::error!(pool = %id.pool, volume = %id.name,
+                    error = %e.chain(), "configured attachment failed"),
             }
         }
     }

@@ -1,14 +1,29 @@
-//! The driver side of hotplug: block-pool volumes followed by their device's identity;
-//! removals and returns reported by the monitor or by an export.
+//! The driver's side of hotplug ([`HotplugHost`]): block-pool volumes followed by their
+//! device's identity; removals and returns reported by the monitor or by an export.
 
 use super::*;
+use crate::export::{BackendEvent, BackendState};
+use crate::hotplug::{Decision, HotplugHost, Tracked, TrackedState};
+
+/// Where [`Driver::locate_backing`] found a block volume's device.
+#[derive(Debug)]
+pub(super) enum Located {
+    /// At its recorded path.
+    Here,
+    /// Elsewhere: the record's path was changed from this one.
+    Moved(PathBuf),
+    /// Nowhere.
+    Absent,
+    /// The device has no stable identity: taken as it is.
+    Unidentified,
+}
 
 impl Driver {
     pub(super) fn is_block_pool(&self, pool: &str) -> bool {
         self.lock()
             .pools
             .get(pool)
-            .is_some_and(|p| matches!(p.kind, PoolKind::Block { .. }))
+            .is_some_and(|p| p.backend.follows_devices())
     }
 
     /// Finds a block volume's device by its identity: records the identity if the record
@@ -44,36 +59,151 @@ impl Driver {
         }
     }
 
-    pub(crate) fn hotplug_taints(&self) -> &Taints {
+    /// Records (once) that a volume's backing is removed, and tells Watch. Returns
+    /// whether this was news.
+    fn note_removed(&self, id: &VolumeId, reason: &str, device: &Path) -> bool {
+        let news = {
+            let mut inner = self.lock();
+            match inner.live.get(id).cloned() {
+                Some(Live::Serving { export, id: n }) => {
+                    inner.live.insert(
+                        id.clone(),
+                        Live::Removed {
+                            export,
+                            id: n,
+                            reason: reason.to_owned(),
+                            device: device.to_owned(),
+                        },
+                    );
+                    true
+                }
+                _ => false,
+            }
+        };
+        if news {
+            self.emit(
+                &id.pool,
+                &id.name,
+                EventKind::BackendRemoved {
+                    reason: reason.to_owned(),
+                    device: device.to_owned(),
+                },
+            );
+        }
+        news
+    }
+
+    /// Records (once) that a volume's backing is served again, and tells Watch.
+    fn note_resumed(&self, id: &VolumeId, device: &Path) {
+        let previous = {
+            let mut inner = self.lock();
+            match inner.live.get(id).cloned() {
+                Some(Live::Removed {
+                    export,
+                    id: n,
+                    device: previous,
+                    ..
+                }) => {
+                    inner
+                        .live
+                        .insert(id.clone(), Live::Serving { export, id: n });
+                    Some(previous)
+                }
+                _ => None,
+            }
+        };
+        if let Some(previous) = previous {
+            self.emit(
+                &id.pool,
+                &id.name,
+                EventKind::BackendResumed {
+                    device: device.to_owned(),
+                    previous_device: previous,
+                },
+            );
+        }
+    }
+
+    /// An export's own report (on the export's threads).
+    pub(super) fn backend_event(&self, id: &VolumeId, e: &BackendEvent) {
+        let (pool, name) = (id.pool.as_str(), id.name.as_str());
+        match e {
+            BackendEvent::Removed { reason } => {
+                let Some(rec) = self.record(id) else {
+                    return;
+                };
+                if self.note_removed(id, reason, &rec.path) {
+                    // The export found out by itself (its I/O failed with ENODEV/ENXIO):
+                    // the device at its path counts as gone until it gets a new medium.
+                    tracing::warn!(pool, volume = name, device = %rec.path.display(), reason,
+                        "export reports its volume removed");
+                    if let Some(n) = self.sysfs.name_of_path(&rec.path) {
+                        let seq = self.sysfs.block_dev(&n).and_then(|b| b.diskseq);
+                        self.taints.taint(&n, seq);
+                    }
+                }
+            }
+            BackendEvent::Resumed { volume } => self.note_resumed(id, volume),
+            BackendEvent::TimedOut { requests } => {
+                tracing::warn!(
+                    pool,
+                    volume = name,
+                    requests,
+                    "requests failed by the I/O timeout"
+                );
+                self.emit(
+                    pool,
+                    name,
+                    EventKind::IoTimeout {
+                        requests: *requests,
+                    },
+                );
+            }
+            BackendEvent::Connected => tracing::info!(pool, volume = name, "frontend connected"),
+            BackendEvent::Disconnected => {
+                tracing::info!(pool, volume = name, "frontend disconnected")
+            }
+        }
+    }
+}
+
+impl HotplugHost for Driver {
+    fn taints(&self) -> &crate::hotplug::Taints {
         &self.taints
     }
 
-    /// The attached volumes of block pools whose device has an identity, for
-    /// [`crate::hotplug::reconcile`].
-    pub(crate) fn hotplug_tracked(&self, sysfs: &Sysfs) -> Vec<Tracked> {
-        let (recs, exports): (Vec<VolumeRecord>, HashMap<_, _>) = {
+    /// The attached volumes of block pools whose device has an identity.
+    fn tracked(&self, sysfs: &Sysfs) -> Vec<Tracked> {
+        let rows: Vec<(VolumeRecord, TrackedState)> = {
             let inner = self.lock();
-            let recs = inner
+            inner
                 .volumes
                 .values()
-                .filter(|v| v.attachment.is_some() && v.identity.is_some())
+                .filter(|v| v.attachment.as_ref().is_some_and(|a| a.failed.is_none()))
+                .filter(|v| v.identity.is_some())
                 .filter(|v| {
                     inner
                         .pools
                         .get(&v.pool)
-                        .is_some_and(|p| matches!(p.kind, PoolKind::Block { .. }))
+                        .is_some_and(|p| p.backend.follows_devices())
                 })
-                .cloned()
-                .collect();
-            (recs, inner.exports.clone())
+                .map(|v| {
+                    let state = match inner.live.get(&v.id()) {
+                        None | Some(Live::WaitingForDevice) => TrackedState::Missing,
+                        Some(Live::Removed { .. }) => TrackedState::Removed,
+                        Some(Live::Serving { export, .. })
+                            if export.state() == BackendState::Removed =>
+                        {
+                            TrackedState::Removed
+                        }
+                        Some(Live::Serving { .. }) => TrackedState::Active,
+                    };
+                    (v.clone(), state)
+                })
+                .collect()
         };
-        recs.into_iter()
-            .filter_map(|r| {
-                let state = match exports.get(&key(&r.pool, &r.name)) {
-                    None => TrackedState::Missing,
-                    Some(h) if h.state() == BackendState::Removed => TrackedState::Removed,
-                    Some(_) => TrackedState::Active,
-                };
+        rows.into_iter()
+            .filter_map(|(r, state)| {
                 Some(Tracked {
                     current: sysfs.name_of_path(&r.path),
                     identity: r.identity?,
@@ -87,13 +217,14 @@ impl Driver {
     }
 
     /// Carries out one hotplug decision; false if the volume was busy (try again later).
-    pub(crate) fn hotplug_apply(self: &Arc<Self>, d: &Decision, sysfs: &Sysfs) -> bool {
+    fn apply(&self, d: &Decision, sysfs: &Sysfs) -> bool {
         let (pool, name) = match d {
             Decision::Remove { pool, volume, .. }
             | Decision::Resume { pool, volume, .. }
             | Decision::Start { pool, volume, .. } => (pool.as_str(), volume.as_str()),
         };
-        let Ok(_g) = self.begin(vkey(pool, name), &format!("volume {pool}/{name}")) else {
+        let id = VolumeId::new(pool, name);
+        let Ok(_g) = self.begin_volume(&id) else {
             tracing::info!(
                 pool,
                 volume = name,
@@ -101,17 +232,22 @@ impl Driver {
             );
             return false;
         };
-        let Some(mut rec) = self.record(pool, name) else {
+        let Some(mut rec) = self.record(&id) else {
             return true;
         };
-        if rec.attachment.is_none() {
+        let Some(a) = rec.attachment.clone().filter(|a| a.failed.is_none()) else {
             return true;
-        }
-        let h = self.lock().exports.get(&key(pool, name)).cloned();
-        match (d, h) {
+        };
+        let export = self
+            .lock()
+            .live
+            .get(&id)
+            .and_then(|l| l.export().map(|(h, _)| h.clone()));
+        match (d, export) {
             (Decision::Remove { reason, .. }, Some(h)) => {
-                tracing::warn!(pool, volume = name, device = %rec.path.display(), reason, "backing device removed");
-                self.note_removed(pool, name, reason, &rec.path);
+                tracing::warn!(pool, volume = name, device = %rec.path.display(), reason,
+                    "backing device removed");
+                self.note_removed(&id, reason, &rec.path);
                 h.remove(reason);
             }
             (Decision::Resume { device, .. }, Some(h)) => {
@@ -119,15 +255,17 @@ impl Driver {
                 // whoever hears of the resume finds the record already up to date.
                 let previous = std::mem::replace(&mut rec.path, device.clone());
                 if let Err(e) = self.put_record(&rec) {
-                    tracing::error!(pool, volume = name, error = %e.chain(), "recording the new device path");
+                    tracing::error!(pool, volume = name, error = %e.chain(),
+                        "recording the new device path");
                     return true;
                 }
                 if let Err(e) = h.resume(device) {
-                    tracing::error!(pool, volume = name, device = %device.display(), error = format!("{e:#}"),
-                        "resuming on the returned device failed");
+                    tracing::error!(pool, volume = name, device = %device.display(),
+                        error = format!("{e:#}"), "resuming on the returned device failed");
                     rec.path = previous;
                     if let Err(e) = self.put_record(&rec) {
-                        tracing::error!(pool, volume = name, error = %e.chain(), "restoring the device path");
+                        tracing::error!(pool, volume = name, error = %e.chain(),
+                            "restoring the device path");
                     }
                     // Not this device, for now: wait for it to change.
                     if let Some(n) = sysfs.name_of_path(device) {
@@ -138,25 +276,25 @@ impl Driver {
                 }
                 tracing::info!(pool, volume = name, device = %device.display(),
                     previous = %previous.display(), "backing device back: export resumed");
-                self.note_resumed(pool, name, device);
+                self.note_resumed(&id, device);
             }
             (Decision::Start { device, .. }, None) => {
                 let previous = std::mem::replace(&mut rec.path, device.clone());
-                let a = rec.attachment.clone().unwrap_or_else(|| unreachable!());
                 match self.start_export(&rec, &a) {
                     Ok(()) => {
                         if let Err(e) = self.put_record(&rec) {
-                            tracing::error!(pool, volume = name, error = %e.chain(), "recording the new device path");
+                            tracing::error!(pool, volume = name, error = %e.chain(),
+                                "recording the new device path");
                         }
                         tracing::info!(pool, volume = name, device = %device.display(),
                             "backing device appeared: export started");
                         self.emit(
                             pool,
                             name,
-                            pb::event::Kind::BackendResumed(pb::BackendResumed {
-                                device: device.display().to_string(),
-                                previous_device: previous.display().to_string(),
-                            }),
+                            EventKind::BackendResumed {
+                                device: device.clone(),
+                                previous_device: previous,
+                            },
                         );
                     }
                     Err(e) => tracing::error!(pool, volume = name, error = %e.chain(),
@@ -167,105 +305,5 @@ impl Driver {
             _ => {}
         }
         true
-    }
-
-    /// Records (once) that a volume's backing is removed, and tells Watch.
-    pub(super) fn note_removed(&self, pool: &str, name: &str, reason: &str, device: &Path) -> bool {
-        let first = self
-            .lock()
-            .removed
-            .insert(key(pool, name), (reason.to_owned(), device.to_owned()))
-            .is_none();
-        if first {
-            self.emit(
-                pool,
-                name,
-                pb::event::Kind::BackendRemoved(pb::BackendRemoved {
-                    reason: reason.to_owned(),
-                    device: device.display().to_string(),
-                }),
-            );
-        }
-        first
-    }
-
-    /// Records (once) that a volume's backing is served again, and tells Watch.
-    pub(super) fn note_resumed(&self, pool: &str, name: &str, device: &Path) {
-        let was = self.lock().removed.remove(&key(pool, name));
-        if let Some((_, previous)) = was {
-            self.emit(
-                pool,
-                name,
-                pb::event::Kind::BackendResumed(pb::BackendResumed {
-                    device: device.display().to_string(),
-                    previous_device: previous.display().to_string(),
-                }),
-            );
-        }
-    }
-
-    /// An export's own report (on the export's threads).
-    pub(super) fn backend_event(&self, pool: &str, name: &str, e: &BackendEvent) {
-        match e {
-            BackendEvent::Removed { reason } => {
-                let Some(rec) = self.record(pool, name) else {
-                    return;
-                };
-                if self.note_removed(pool, name, reason, &rec.path) {
-                    // The export found out by itself (its I/O failed with ENODEV/ENXIO):
-                    // the device at its path counts as gone until it gets a new medium.
-                    tracing::warn!(pool, volume = name, device = %rec.path.display(), reason,
-                        "export reports its volume removed");
-                    if let Some(n) = self.sysfs.name_of_path(&rec.path) {
-                        let seq = self.sysfs.block_dev(&n).and_then(|b| b.diskseq);
-                        self.taints.taint(&n, seq);
-                    }
-                }
-            }
-            BackendEvent::Resumed { volume } => self.note_resumed(pool, name, volume),
-            BackendEvent::TimedOut { requests } => {
-                tracing::warn!(
-                    pool,
-                    volume = name,
-                    requests,
-                    "requests failed by the I/O timeout"
-                );
-                self.emit(
-                    pool,
-                    name,
-                    pb::event::Kind::IoTimeout(pb::IoTimeout {
-                        requests: *requests,
-                    }),
-                );
-            }
-            BackendEvent::Connected => tracing::info!(pool, volume = name, "frontend connected"),
-            BackendEvent::Disconnected => {
-                tracing::info!(pool, volume = name, "frontend disconnected")
-            }
-        }
-    }
-
-    /// An attachment's backend state for the API, with the removal reason.
-    pub(super) fn backend_state(&self, pool: &str, name: &str) -> (pb::BackendState, String) {
-        if let Some(why) = self
-            .record(pool, name)
-            .and_then(|r| r.attachment)
-            .and_then(|a| a.failed)
-        {
-            return (pb::BackendState::Failed, why);
-        }
-        let inner = self.lock();
-        let k = key(pool, name);
-        if !inner.exports.contains_key(&k) {
-            return (pb::BackendState::Missing, String::new());
-        }
-        match (
-            inner.removed.get(&k),
-            inner.exports.get(&k).map(|h| h.state()),
-        ) {
-            (Some((r, _)), _) => (pb::BackendState::Removed, r.clone()),
-            (None, Some(BackendState::Removed)) => (pb::BackendState::Removed, String::new()),
-            (None, _) => (pb::BackendState::Active, String::new()),
-        }
     }
 }

@@ -1,72 +1,68 @@
 //! The image cache: images unpacked once into a dir pool, cloned into volumes.
 
+use std::fs::{File, OpenOptions};
+
+use image_unpack::UnpackOptions;
+
 use super::*;
+use crate::model::{CachedImage, ImageImport, Imported};
+use crate::names::{check_fingerprint, check_image_path, check_name, round_up};
+use crate::state::TMP_PREFIX;
 
 impl Driver {
+    /// The pool images are cached in: `pool`, or ("") the default dir pool; and its
+    /// directory.
     pub(super) fn image_pool(&self, pool: &str) -> Result<(String, PathBuf)> {
         let inner = self.lock();
+        let holds_images = |e: &PoolEntry| e.backend.holds_images();
         let name = if pool.is_empty() {
             match inner.pools.get(DEFAULT_POOL) {
-                Some(e) if matches!(e.kind, PoolKind::Dir { .. }) => DEFAULT_POOL.to_owned(),
+                Some(e) if holds_images(e) => DEFAULT_POOL.to_owned(),
                 _ => inner
                     .pools
                     .iter()
-                    .find(|(_, e)| matches!(e.kind, PoolKind::Dir { .. }))
+                    .find(|(_, e)| holds_images(e))
                     .map(|(n, _)| n.clone())
                     .ok_or_else(|| {
-                        Error::FailedPrecondition("no dir pool to cache images in".into())
+                        Error::PoolUnsuitable("no dir pool to cache images in".into())
                     })?,
             }
         } else {
             check_name("pool", pool)?;
             pool.to_owned()
         };
-        match inner.pools.get(&name).map(|e| &e.kind) {
-            Some(PoolKind::Dir { path, .. }) => Ok((name, path.clone())),
-            Some(_) => Err(Error::InvalidArgument(format!(
-                "pool {name:?} is a block pool: images are cached in dir pools"
-            ))),
-            None => Err(Error::NotFound(format!("pool {name:?} does not exist"))),
+        match inner.pools.get(&name) {
+            Some(e) => match e.backend.kind() {
+                PoolKind::Dir { path, .. } => Ok((name, path.clone())),
+                PoolKind::Block { .. } => Err(Error::PoolUnsuitable(format!(
+                    "pool {name:?} is a block pool: images are cached in dir pools"
+                ))),
+            },
+            None => Err(Error::PoolNotFound(name)),
         }
     }
 
-    pub(super) fn image_pb(r: &ImageRecord) -> pb::CachedImage {
-        pb::CachedImage {
-            pool: r.pool.clone(),
-            fingerprint: r.fingerprint.clone(),
-            size_bytes: r.size_bytes,
-            path: r.path.display().to_string(),
-            created_unix_ms: r.created_unix_ms,
+    /// ImportImage: unpacks the image into the cache once; again, it is found there.
+    pub fn import_image(&self, req: ImageImport) -> Result<Imported> {
+        check_fingerprint(&req.fingerprint)?;
+        check_image_path("image", &req.image)?;
+        if let Some(m) = &req.metadata {
+            check_image_path("metadata tarball", m)?;
         }
-    }
-
-    /// ImportImage.
-    pub fn import_image(&self, r: pb::ImportImageRequest) -> Result<pb::ImportImageResponse> {
-        check_fingerprint(&r.fingerprint)?;
-        let f = r
-            .image
-            .ok_or_else(|| Error::InvalidArgument("image is required".into()))?;
-        check_image_path("image", &f.path)?;
-        let metadata = if f.metadata_path.is_empty() {
-            None
-        } else {
-            check_image_path("metadata tarball", &f.metadata_path)?;
-            Some(PathBuf::from(&f.metadata_path))
-        };
-        let (pool, dir) = self.image_pool(&r.pool)?;
-        let fp = r.fingerprint.as_str();
-        let _g = self.begin(ikey(&pool, fp), &format!("image {fp}"))?;
-        if let Some(img) = self.lock().images.get(&key(&pool, fp)) {
-            return Ok(pb::ImportImageResponse {
-                image: Some(Self::image_pb(img)),
+        let (pool, dir) = self.image_pool(&req.pool)?;
+        let fp = req.fingerprint.as_str();
+        let iid = ImageId::new(&pool, fp);
+        let _g = self.begin(OpKey::Image(iid.clone()))?;
+        if let Some(img) = self.lock().images.get(&iid) {
+            return Ok(Imported {
+                image: img.view(),
                 unpacked: false,
             });
         }
         let pe = self.pool(&pool)?;
-        let image = PathBuf::from(&f.path);
-        let rep = image_unpack::inspect(&image).map_err(|source| Error::Unpack {
+        let rep = image_unpack::inspect(&req.image).map_err(|source| Error::Unpack {
             step: "inspecting",
-            path: image.clone(),
+            path: req.image.clone(),
             source: Box::new(source),
         })?;
         let size = round_up(rep.size);
@@ -75,11 +71,10 @@ impl Driver {
         let _reservation = {
             let _alloc = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
             self.quota_check(&pool, &pe, size)?;
-            let k = key(&pool, fp);
-            self.lock().reserved.insert(k.clone(), size);
+            self.lock().reserved.insert(iid.clone(), size);
             Reservation {
                 driver: self,
-                key: k,
+                image: iid.clone(),
             }
         };
         let idir = dir.join("images");
@@ -94,16 +89,19 @@ impl Driver {
                 .map_err(Error::io("creating", &tmp))?;
             f.set_len(size).map_err(Error::io("sizing", &tmp))?;
             drop(f);
-            let _ = fs::create_dir_all(self.state_dir.join("scratch"));
+            let scratch = self.state_dir.join("scratch");
+            let _ = fs::create_dir_all(&scratch);
             let o = UnpackOptions {
-                metadata,
-                scratch_dir: Some(self.state_dir.join("scratch")),
+                metadata: req.metadata.clone(),
+                scratch_dir: Some(scratch),
                 ..UnpackOptions::default()
             };
-            image_unpack::unpack(&image, &tmp, &o, &progress).map_err(|source| Error::Unpack {
-                step: "unpacking image onto",
-                path: tmp.clone(),
-                source: Box::new(source),
+            image_unpack::unpack(&req.image, &tmp, &o, &progress).map_err(|source| {
+                Error::Unpack {
+                    step: "unpacking image onto",
+                    path: tmp.clone(),
+                    source: Box::new(source),
+                }
             })?;
             File::options()
                 .write(true)
@@ -111,7 +109,7 @@ impl Driver {
                 .and_then(|f| f.sync_all())
                 .map_err(Error::io("syncing", &tmp))?;
             fs::rename(&tmp, &final_path).map_err(Error::io("renaming", &tmp))?;
-            sys::fsync_dir(&idir).map_err(Error::io("syncing", &idir))
+            crate::sys::fsync_dir(&idir).map_err(Error::io("syncing", &idir))
         };
         if let Err(e) = run() {
             let _ = fs::remove_file(&tmp);
@@ -125,16 +123,16 @@ impl Driver {
             created_unix_ms: now_ms(),
         };
         self.store.put_image(&rec)?;
-        self.lock().images.insert(key(&pool, fp), rec.clone());
+        self.lock().images.insert(iid, rec.clone());
         tracing::info!(pool, fingerprint = fp, size, "image cached");
-        Ok(pb::ImportImageResponse {
-            image: Some(Self::image_pb(&rec)),
+        Ok(Imported {
+            image: rec.view(),
             unpacked: true,
         })
     }
 
-    /// ListImages.
-    pub fn list_images(&self, pool: &str) -> Result<Vec<pb::CachedImage>> {
+    /// ListImages ("" for every pool).
+    pub fn list_images(&self, pool: &str) -> Result<Vec<CachedImage>> {
         if !pool.is_empty() {
             check_name("pool", pool)?;
             self.pool(pool)?;
@@ -144,7 +142,7 @@ impl Driver {
             .images
             .values()
             .filter(|i| pool.is_empty() || i.pool == pool)
-            .map(Self::image_pb)
+            .map(ImageRecord::view)
             .collect())
     }
 
@@ -152,12 +150,13 @@ impl Driver {
     pub fn delete_image(&self, pool: &str, fp: &str) -> Result<bool> {
         check_fingerprint(fp)?;
         let (pool, _) = self.image_pool(pool)?;
-        let _g = self.begin(ikey(&pool, fp), &format!("image {fp}"))?;
-        let Some(rec) = self.lock().images.get(&key(&pool, fp)).cloned() else {
+        let iid = ImageId::new(&pool, fp);
+        let _g = self.begin(OpKey::Image(iid.clone()))?;
+        let Some(rec) = self.lock().images.get(&iid).cloned() else {
             return Ok(false);
         };
         self.store.remove_image(&pool, fp)?;
-        self.lock().images.remove(&key(&pool, fp));
+        self.lock().images.remove(&iid);
         let _ = fs::remove_file(&rec.path);
         Ok(true)
     }

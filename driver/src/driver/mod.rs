@@ -1,42 +1,39 @@
 //! The driver's core: pools, volumes, cached images and attachments, with their
-//! durable records, per-object operation locks and events. The gRPC service
-//! (`service.rs`) is a thin layer over [`Driver`]; every method here is blocking.
+//! durable records, per-object operation locks and events. It speaks in its own types
+//! ([`crate::model`]); the gRPC service converts. Every method here is blocking.
 //!
 //! ```text
-//!   request ──► validate (names, sizes, paths) ──► begin(op key) ── busy? ──► ABORTED
+//!   request ──► validate (names, sizes, paths) ──► begin(OpKey) ── busy? ──► Busy
 //!                                                       │
-//!        record CREATING (fsync'd) ──► fill temp file / device (unpack, clone, zero)
+//!        record CREATING (fsync'd) ──► pool backend: place, create, fill, commit
 //!                                                       │
-//!        fsync data ──► rename temp → final ──► fsync dir ──► record READY (fsync'd)
+//!                                   record READY (fsync'd) ──► Event ──► Watch
 //! ```
 //!
 //! A crash anywhere before the READY record leaves a CREATING record (or none); at
 //! startup [`Driver::open`] removes such volumes with their temporary files, so a volume
 //! is either absent or complete.
+//!
+//! One file per topic: `pools.rs`, `volumes.rs`, `attach.rs` (exports and their
+//! [`Live`] state), `hotplug.rs` (the driver's side of device removal and return),
+//! `images.rs`, `recovery.rs` (startup), `progress.rs`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileTypeExt;
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use image_unpack::{Progress, RepairCommandOptions, UnpackOptions};
 use tokio::sync::broadcast;
-use vmblk_proto::v1 as pb;
 
 use crate::config::{AttachmentConfig, Config, ExportDefaults, PoolKind, DEFAULT_POOL};
 use crate::error::{Error, Result};
-use crate::export::{BackendEvent, BackendState, EventSink, ExportHandle, ExportParams, Exporter};
-use crate::hotplug::{Decision, Taints, Tracked, TrackedState};
+use crate::export::{ExportHandle, Exporter};
+use crate::hotplug::Taints;
 use crate::identity::Sysfs;
-use crate::names::{check_fingerprint, check_image_path, check_name, check_size, round_up};
-use crate::state::{
-    remove_temp_files_under, AttachRecord, ImageRecord, Origin, PoolRecord, Store, VolState,
-    VolumeRecord, TMP_PREFIX,
-};
-use crate::sys;
+use crate::model::{Attachment, Backend, Event, EventKind, ImageId, PoolOrigin, Volume, VolumeId};
+use crate::pool::PoolBackend;
+use crate::state::{AttachRecord, ImageRecord, Store, VolState, VolumeRecord};
 
 mod attach;
 mod hotplug;
@@ -47,9 +44,6 @@ mod recovery;
 mod volumes;
 
 use progress::EventProgress;
-
-/// Bytes wiped at the head and tail of a block device when a volume on it is removed.
-const WIPE_BYTES: u64 = 1 << 20;
 
 /// How a [`Driver`] is set up.
 #[derive(Debug)]
@@ -62,51 +56,87 @@ pub struct DriverParams {
     pub config: Config,
     /// What starts exports.
     pub exporter: Box<dyn Exporter>,
-    /// Test hook: the step at which to stop and wait to be killed (`VMBLKD_TEST_PAUSE_AT`).
-    pub pause_at: Option<String>,
-    /// Test hook: a file created when the pause step is reached.
-    pub pause_marker: Option<PathBuf>,
+    /// Test hook: where an operation stops and waits to be killed.
+    #[cfg(feature = "test-hooks")]
+    pub pause: Option<crate::test_hooks::Pause>,
 }
 
+/// A pool: its storage and where it was defined.
 #[derive(Debug, Clone)]
 struct PoolEntry {
-    kind: PoolKind,
-    from_config: bool,
-    reflink: bool,
+    backend: Arc<dyn PoolBackend>,
+    origin: PoolOrigin,
+}
+
+/// What an operation holds while it runs; a second operation on the same object is
+/// refused ([`Error::Busy`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum OpKey {
+    Pool(String),
+    Volume(VolumeId),
+    Image(ImageId),
+}
+
+/// What runs for an attached volume: one state, not several flags. A failed export is
+/// recorded (it must survive a restart) and has no entry here.
+#[derive(Debug, Clone)]
+enum Live {
+    /// The export serves the volume.
+    Serving {
+        export: Arc<dyn ExportHandle>,
+        id: u64,
+    },
+    /// The volume's device went away; the export answers every request with an error.
+    Removed {
+        export: Arc<dyn ExportHandle>,
+        id: u64,
+        reason: String,
+        /// The device it was (what Watch was told).
+        device: PathBuf,
+    },
+    /// The device was absent when the attachment was restored or made: the export
+    /// starts when it appears.
+    WaitingForDevice,
+}
+
+impl Live {
+    fn export(&self) -> Option<(&Arc<dyn ExportHandle>, u64)> {
+        match self {
+            Live::Serving { export, id } | Live::Removed { export, id, .. } => Some((export, *id)),
+            Live::WaitingForDevice => None,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     pools: BTreeMap<String, PoolEntry>,
-    volumes: BTreeMap<(String, String), VolumeRecord>,
-    images: BTreeMap<(String, String), ImageRecord>,
-    busy: HashSet<String>,
-    exports: HashMap<(String, String), Arc<dyn ExportHandle>>,
-    /// Space held for images being imported, by (pool, fingerprint): counted as
-    /// provisioned from the quota check until the image is recorded.
-    reserved: HashMap<(String, String), u64>,
-    /// The id of each running export (a failure report names the export it is about).
-    export_ids: HashMap<(String, String), u64>,
-    /// The next export id.
+    volumes: BTreeMap<VolumeId, VolumeRecord>,
+    images: BTreeMap<ImageId, ImageRecord>,
+    busy: HashSet<OpKey>,
+    /// Attached volumes: what runs for each.
+    live: HashMap<VolumeId, Live>,
+    /// Space held for images being imported: counted as provisioned from the quota
+    /// check until the image is recorded.
+    reserved: HashMap<ImageId, u64>,
+    /// The id the next export gets (a failure report names the export it is about).
     next_export_id: u64,
-    /// Attached volumes whose backing device is removed: why, and the device it was
-    /// (what Watch was told).
-    removed: HashMap<(String, String), (String, PathBuf)>,
 }
 
 /// The storage driver.
 #[derive(Debug)]
 pub struct Driver {
+    /// Itself, for the callbacks its exports call.
+    me: Weak<Driver>,
     state_dir: PathBuf,
     export_dir: PathBuf,
     export_defaults: ExportDefaults,
     store: Store,
     inner: Mutex<Inner>,
-    events: broadcast::Sender<pb::Event>,
+    events: broadcast::Sender<Event>,
     exporter: Box<dyn Exporter>,
-    pause_at: Option<String>,
-    pause_marker: Option<PathBuf>,
-    paused: AtomicBool,
+    #[cfg(feature = "test-hooks")]
+    pause: Option<crate::test_hooks::Pause>,
     /// Serializes space and device allocation between creates of different volumes.
     alloc: Mutex<()>,
     /// Where block devices' identities are read.
@@ -120,19 +150,19 @@ pub struct Driver {
 /// Space held in a pool's quota for an import under way; released on drop.
 struct Reservation<'a> {
     driver: &'a Driver,
-    key: (String, String),
+    image: ImageId,
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        self.driver.lock().reserved.remove(&self.key);
+        self.driver.lock().reserved.remove(&self.image);
     }
 }
 
 /// Removes its key from the busy set on drop.
 struct OpGuard<'a> {
     driver: &'a Driver,
-    key: String,
+    key: OpKey,
 }
 
 impl Drop for OpGuard<'_> {
@@ -148,18 +178,6 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn vkey(pool: &str, name: &str) -> String {
-    format!("v/{pool}/{name}")
-}
-
-fn ikey(pool: &str, fp: &str) -> String {
-    format!("i/{pool}/{fp}")
-}
-
-fn key(pool: &str, name: &str) -> (String, String) {
-    (pool.to_owned(), name.to_owned())
-}
-
 impl Driver {
     /// Opens the state, recovers from a crash (removes half-created volumes and
     /// temporary files, finishes deletes, re-exports attached volumes).
@@ -172,7 +190,8 @@ impl Driver {
             tracing::warn!(count = n, "removed half-written records");
         }
         let (events, _) = broadcast::channel(1024);
-        let d = Arc::new(Driver {
+        let d = Arc::new_cyclic(|me| Driver {
+            me: me.clone(),
             state_dir: p.state_dir.clone(),
             export_dir: p.export_dir,
             export_defaults: p.config.exports.clone(),
@@ -180,9 +199,8 @@ impl Driver {
             inner: Mutex::new(Inner::default()),
             events,
             exporter: p.exporter,
-            pause_at: p.pause_at,
-            pause_marker: p.pause_marker,
-            paused: AtomicBool::new(false),
+            #[cfg(feature = "test-hooks")]
+            pause: p.pause,
             alloc: Mutex::new(()),
             sysfs: Sysfs::default(),
             taints: Taints::default(),
@@ -199,7 +217,7 @@ impl Driver {
             });
         }
         for pc in pools {
-            let e = d.prepare_pool(&pc.kind, true)?;
+            let e = Self::prepare_pool(&pc.kind, PoolOrigin::Config)?;
             d.lock().pools.insert(pc.name, e);
         }
         for pr in d.store.pools()? {
@@ -207,7 +225,7 @@ impl Driver {
                 tracing::warn!(pool = %pr.name, "API pool shadowed by a configured pool of that name");
                 continue;
             }
-            match d.prepare_pool(&pr.kind, false) {
+            match Self::prepare_pool(&pr.kind, PoolOrigin::Api) {
                 Ok(e) => {
                     d.lock().pools.insert(pr.name, e);
                 }
@@ -224,121 +242,155 @@ impl Driver {
     }
 
     /// A receiver of every event from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<pb::Event> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }
 
-    fn emit(&self, pool: &str, name: &str, kind: pb::event::Kind) {
-        let _ = self.events.send(pb::Event {
+    fn emit(&self, pool: &str, name: &str, what: EventKind) {
+        let _ = self.events.send(Event {
             unix_ms: now_ms(),
             pool: pool.to_owned(),
             name: name.to_owned(),
-            kind: Some(kind),
+            what,
         });
     }
 
-    fn emit_state(&self, pool: &str, name: &str, old: Option<VolState>, new: Option<VolState>) {
-        tracing::info!(pool, volume = name, old = ?old, new = ?new, "volume state");
-        self.emit(
-            pool,
-            name,
-            pb::event::Kind::StateChanged(pb::VolumeStateChanged {
-                old_state: state_pb(old) as i32,
-                new_state: state_pb(new) as i32,
-            }),
-        );
+    fn emit_state(&self, id: &VolumeId, old: Option<VolState>, new: Option<VolState>) {
+        tracing::info!(pool = %id.pool, volume = %id.name, old = ?old, new = ?new, "volume state");
+        self.emit(&id.pool, &id.name, EventKind::StateChanged { old, new });
     }
 
-    /// Test hook: the first time `step` is the configured pause step, stop here (this
-    /// operation only) until the daemon is killed.
-    fn pause(&self, step: &str) {
-        if self.pause_at.as_deref() != Some(step) || self.paused.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        tracing::warn!(step, "test pause: waiting to be killed");
-        if let Some(m) = &self.pause_marker {
-            let _ = fs::write(m, step);
-        }
-        loop {
-            std::thread::sleep(Duration::from_secs(3600));
+    /// Test hook (feature `test-hooks`): the first time `step` is the configured pause
+    /// step, this operation stops here until the daemon is killed.
+    fn pause(&self, _step: &str) {
+        #[cfg(feature = "test-hooks")]
+        if let Some(p) = &self.pause {
+            p.at(_step);
         }
     }
 
-    fn begin(&self, key: String, what: &str) -> Result<OpGuard<'_>> {
+    fn begin(&self, key: OpKey) -> Result<OpGuard<'_>> {
         if !self.lock().busy.insert(key.clone()) {
-            return Err(Error::Aborted(format!(
-                "another operation on {what} is running"
-            )));
+            return Err(match &key {
+                OpKey::Pool(n) => Error::Busy(format!("pool {n}")),
+                OpKey::Volume(id) => Error::volume_busy(id),
+                OpKey::Image(id) => Error::image_busy(id),
+            });
         }
         Ok(OpGuard { driver: self, key })
     }
-}
 
-/// Where [`Driver::locate_backing`] found a block volume's device.
-#[derive(Debug)]
-enum Located {
-    /// At its recorded path.
-    Here,
-    /// Elsewhere: the record's path was changed from this one.
-    Moved(PathBuf),
-    /// Nowhere.
-    Absent,
-    /// The device has no stable identity: taken as it is.
-    Unidentified,
-}
+    fn begin_volume(&self, id: &VolumeId) -> Result<OpGuard<'_>> {
+        self.begin(OpKey::Volume(id.clone()))
+    }
 
-fn state_pb(s: Option<VolState>) -> pb::VolumeState {
-    match s {
-        None => pb::VolumeState::Unspecified,
-        Some(VolState::Creating) => pb::VolumeState::Creating,
-        Some(VolState::Ready) => pb::VolumeState::Ready,
-        Some(VolState::Growing) => pb::VolumeState::Growing,
-        Some(VolState::Deleting) => pb::VolumeState::Deleting,
+    fn record(&self, id: &VolumeId) -> Option<VolumeRecord> {
+        self.lock().volumes.get(id).cloned()
+    }
+
+    fn put_record(&self, r: &VolumeRecord) -> Result<()> {
+        self.store.put_volume(r)?;
+        self.lock().volumes.insert(r.id(), r.clone());
+        Ok(())
+    }
+
+    fn drop_record(&self, id: &VolumeId) -> Result<()> {
+        self.store.remove_volume(&id.pool, &id.name)?;
+        self.lock().volumes.remove(id);
+        Ok(())
+    }
+
+    /// A volume as the API shows it.
+    fn view(&self, r: &VolumeRecord) -> Volume {
+        Volume {
+            id: r.id(),
+            uuid: r.uuid.clone(),
+            size_bytes: r.size_bytes,
+            state: r.state,
+            origin: r.origin.clone(),
+            path: r.path.clone(),
+            backing_logical_block_size: crate::sys::size_and_sector(&r.path)
+                .map(|s| s.1)
+                .unwrap_or(512),
+            attachment: r.attachment.as_ref().map(|a| self.attachment_view(r, a)),
+            created_unix_ms: r.created_unix_ms,
+            reflinked: r.reflinked,
+        }
+    }
+
+    /// An attachment as the API shows it, with where its export stands.
+    fn attachment_view(&self, rec: &VolumeRecord, a: &AttachRecord) -> Attachment {
+        let chardev_id = format!("vmblk-{}", rec.uuid.get(..8).unwrap_or(&rec.uuid));
+        let socket = a.socket.display().to_string();
+        // reconnect=1: QEMU reconnects within a second when vmblkd restarts (and may
+        // start before the socket exists). disable-legacy=on: OVMF would otherwise drive
+        // the device as legacy virtio. A boot index is the caller's to add.
+        let qemu_chardev = format!("socket,id={chardev_id},path={socket},reconnect=1");
+        let qemu_device = format!(
+            "vhost-user-blk-pci,chardev={chardev_id},id={chardev_id}-disk,num-queues={},queue-size={},disable-legacy=on",
+            a.num_queues, a.queue_size
+        );
+        Attachment {
+            socket: a.socket.clone(),
+            logical_block_size: a.logical_block_size,
+            read_only: a.read_only,
+            num_queues: a.num_queues,
+            queue_size: a.queue_size,
+            serial: serial(&rec.uuid),
+            attached_unix_ms: a.attached_unix_ms,
+            backend: self.backend(&rec.id(), a),
+            qemu_chardev,
+            qemu_device,
+        }
+    }
+
+    /// Where an attachment's export stands: recorded failed, else what runs for it.
+    fn backend(&self, id: &VolumeId, a: &AttachRecord) -> Backend {
+        if let Some(reason) = &a.failed {
+            return Backend::Failed {
+                reason: reason.clone(),
+            };
+        }
+        match self.lock().live.get(id) {
+            Some(Live::Serving { export, .. }) => {
+                // The export may have found out by itself a moment before telling us.
+                if export.state() == crate::export::BackendState::Removed {
+                    Backend::Removed {
+                        reason: String::new(),
+                    }
+                } else {
+                    Backend::Serving
+                }
+            }
+            Some(Live::Removed { reason, .. }) => Backend::Removed {
+                reason: reason.clone(),
+            },
+            Some(Live::WaitingForDevice) | None => Backend::WaitingForDevice,
+        }
+    }
+
+    /// The pool `name`.
+    fn pool(&self, name: &str) -> Result<PoolEntry> {
+        self.lock()
+            .pools
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::PoolNotFound(name.to_owned()))
     }
 }
 
+/// Where a volume's data is, for its pool backend.
+fn backing(rec: &VolumeRecord) -> crate::pool::Backing {
+    crate::pool::Backing {
+        path: rec.path.clone(),
+        temp_path: rec.temp_path.clone(),
+        size_bytes: rec.size_bytes,
+    }
+}
+
+/// The serial number the guest reads: the UUID's first 20 hex digits.
 fn serial(uuid: &str) -> String {
     uuid.chars().filter(|c| *c != '-').take(20).collect()
-}
-
-fn attachment_pb(rec: &VolumeRecord, a: &AttachRecord) -> pb::Attachment {
-    let id = format!("vmblk-{}", rec.uuid.get(..8).unwrap_or(&rec.uuid));
-    let socket = a.socket.display().to_string();
-    // reconnect=1: QEMU reconnects within a second when vmblkd restarts (and may start
-    // before the socket exists). disable-legacy=on: OVMF would otherwise drive the
-    // device as legacy virtio. A boot index is the caller's to add (",bootindex=N").
-    let qemu_chardev = format!("socket,id={id},path={socket},reconnect=1");
-    let qemu_device = format!(
-        "vhost-user-blk-pci,chardev={id},id={id}-disk,num-queues={},queue-size={},disable-legacy=on",
-        a.num_queues, a.queue_size
-    );
-    pb::Attachment {
-        socket_path: socket,
-        logical_block_size: a.logical_block_size,
-        read_only: a.read_only,
-        num_queues: u32::from(a.num_queues),
-        queue_size: u32::from(a.queue_size),
-        serial: serial(&rec.uuid),
-        qemu_args: vec![
-            "-chardev".into(),
-            qemu_chardev.clone(),
-            "-device".into(),
-            qemu_device.clone(),
-        ],
-        qemu_chardev,
-        qemu_device,
-        attached_unix_ms: a.attached_unix_ms,
-        ..Default::default()
-    }
-}
-
-/// The device number of a block device (None for anything else).
-fn device_number(path: &Path) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    fs::metadata(path)
-        .ok()
-        .filter(|m| m.file_type().is_block_device())
-        .map(|m| m.rdev())
 }
 
 /// Whether the volume at `path` holds a GPT (of either sector size).
@@ -350,73 +402,6 @@ fn has_gpt(path: &Path) -> bool {
             DetectedLayout::Gpt { .. } | DetectedLayout::Both { .. }
         )
     })
-}
-
-/// Clones `src` into the new file `dst` by reflink, or copies it (skipping zero
-/// blocks, so the copy stays sparse). Returns whether it was a reflink.
-fn clone_file(src: &Path, dst: &Path) -> Result<bool> {
-    let s = File::open(src).map_err(Error::io("opening", src))?;
-    let d = OpenOptions::new()
-        .write(true)
-        .open(dst)
-        .map_err(Error::io("opening", dst))?;
-    match sys::ficlone(&d, &s) {
-        Ok(()) => return Ok(true),
-        Err(e) if sys::is_reflink_unsupported(&e) => {
-            tracing::info!(src = %src.display(), error = %e, "no reflink here; copying");
-        }
-        Err(e) => return Err(Error::io("cloning into", dst)(e)),
-    }
-    sparse_copy(&s, &d).map_err(Error::io("copying into", dst))?;
-    Ok(false)
-}
-
-fn sparse_copy(s: &File, d: &File) -> std::io::Result<()> {
-    // Only the data extents are copied (SEEK_DATA/SEEK_HOLE), in the kernel
-    // (copy_file_range); holes stay holes.
-    let len = s.metadata()?.len();
-    d.set_len(len)?;
-    let mut off = 0u64;
-    while off < len {
-        let Some(start) = sys::next_data(s, off)? else {
-            break;
-        };
-        let end = sys::next_hole(s, start)?.min(len);
-        sys::copy_range(s, d, start, end - start)?;
-        off = end;
-    }
-    Ok(())
-}
-
-/// Zeroes the first and last MiB of a device (partition tables, signatures).
-fn wipe_device(dev: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let f = OpenOptions::new().write(true).open(dev)?;
-    let size = sys::block_device_size(&f)?;
-    let n = WIPE_BYTES.min(size);
-    let zeros = vec![0u8; n as usize];
-    f.write_all_at(&zeros, 0)?;
-    f.write_all_at(&zeros, size - n)?;
-    f.sync_all()
-}
-
-/// Whether files under `dir` can be reflinked.
-fn probe_reflink(dir: &Path) -> bool {
-    let a = dir.join(format!("{TMP_PREFIX}reflink-probe-a"));
-    let b = dir.join(format!("{TMP_PREFIX}reflink-probe-b"));
-    let r = (|| -> std::io::Result<()> {
-        fs::write(&a, vec![1u8; 4096])?;
-        let s = File::open(&a)?;
-        let d = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&b)?;
-        sys::ficlone(&d, &s)
-    })();
-    let _ = fs::remove_file(&a);
-    let _ = fs::remove_file(&b);
-    r.is_ok()
 }
 
 #[cfg(test)]

@@ -1,36 +1,30 @@
 //! Pools: create (idempotent), get, list, delete; what a pool holds and has free.
 
 use super::*;
+use crate::model::Pool;
+use crate::names::check_name;
+use crate::state::PoolRecord;
 
 impl Driver {
-    pub(super) fn prepare_pool(&self, kind: &PoolKind, from_config: bool) -> Result<PoolEntry> {
-        let mut reflink = false;
-        if let PoolKind::Dir { path, .. } = kind {
-            for sub in ["volumes", "images"] {
-                let d = path.join(sub);
-                fs::create_dir_all(&d).map_err(Error::io("creating", &d))?;
-                remove_temp_files_under(&d, 1)?;
-            }
-            reflink = probe_reflink(path);
-            tracing::info!(path = %path.display(), reflink, "dir pool ready");
-        }
-        Ok(PoolEntry {
-            kind: kind.clone(),
-            from_config,
-            reflink,
-        })
+    /// A pool entry of `kind`, its storage made ready.
+    pub(super) fn prepare_pool(kind: &PoolKind, origin: PoolOrigin) -> Result<PoolEntry> {
+        let backend: Arc<dyn PoolBackend> = Arc::from(crate::pool::backend(kind));
+        backend.prepare()?;
+        Ok(PoolEntry { backend, origin })
     }
 
-    pub(super) fn pool(&self, name: &str) -> Result<PoolEntry> {
-        self.lock()
-            .pools
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("pool {name:?} does not exist")))
+    /// The places of every volume (devices are shared by no two volumes, of any pool).
+    pub(super) fn taken(inner: &Inner) -> Vec<PathBuf> {
+        inner.volumes.values().map(|v| v.path.clone()).collect()
     }
 
-    pub(super) fn pool_pb(&self, name: &str, e: &PoolEntry, inner: &Inner) -> pb::Pool {
-        let vols: Vec<&VolumeRecord> = inner.volumes.values().filter(|v| v.pool == name).collect();
+    /// Bytes given in pool `name` to volumes, cached images and imports under way.
+    pub(super) fn provisioned(inner: &Inner, name: &str) -> u64 {
+        let vols = inner
+            .volumes
+            .values()
+            .filter(|v| v.pool == name)
+            .map(|v| v.size_bytes);
         let imgs = inner
             .images
             .values()
@@ -39,187 +33,147 @@ impl Driver {
         let reserved = inner
             .reserved
             .iter()
-            .filter(|((p, _), _)| p == name)
-            .map(|(_, size)| size);
-        let provisioned = vols.iter().map(|v| v.size_bytes).sum::<u64>()
-            + imgs.sum::<u64>()
-            + reserved.sum::<u64>();
-        let mut p = pb::Pool {
+            .filter(|(i, _)| i.pool == name)
+            .map(|(_, size)| *size);
+        vols.sum::<u64>() + imgs.sum::<u64>() + reserved.sum::<u64>()
+    }
+
+    fn pool_view(name: &str, e: &PoolEntry, inner: &Inner) -> Pool {
+        let space = e.backend.space(&Self::taken(inner));
+        Pool {
             name: name.to_owned(),
-            origin: if e.from_config {
-                pb::PoolOrigin::Config
-            } else {
-                pb::PoolOrigin::Api
-            } as i32,
-            provisioned_bytes: provisioned,
-            reflink: e.reflink,
-            volume_count: vols.len() as u32,
-            ..Default::default()
-        };
-        match &e.kind {
-            PoolKind::Dir {
-                path,
-                capacity_bytes,
-            } => {
-                p.r#type = pb::PoolType::Dir as i32;
-                p.path = path.display().to_string();
-                p.capacity_bytes = *capacity_bytes;
-                p.available_bytes = sys::available_bytes(path).unwrap_or(0);
+            kind: e.backend.kind().clone(),
+            origin: e.origin,
+            reflink: e.backend.reflink(),
+            provisioned_bytes: Self::provisioned(inner, name),
+            capacity_bytes: space.capacity_bytes,
+            available_bytes: space.available_bytes,
+            volume_count: inner.volumes.keys().filter(|v| v.pool == name).count() as u32,
+        }
+    }
+
+    /// Checks that `extra` more bytes fit pool `name`'s quota (dir pools with one).
+    pub(super) fn quota_check(&self, name: &str, e: &PoolEntry, extra: u64) -> Result<()> {
+        if let PoolKind::Dir { capacity_bytes, .. } = e.backend.kind() {
+            if *capacity_bytes > 0 {
+                let provisioned = Self::provisioned(&self.lock(), name);
+                if provisioned.saturating_add(extra) > *capacity_bytes {
+                    return Err(Error::NoSpace(format!(
+                        "pool {name:?}: {extra} more bytes exceed its capacity of {capacity_bytes} \
+                         ({provisioned} provisioned)"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// CreatePool: idempotent for the same storage.
+    pub fn create_pool(&self, name: &str, kind: PoolKind) -> Result<Pool> {
+        check_name("pool", name)?;
+        match &kind {
+            PoolKind::Dir { path, .. } => {
+                let s = path.to_string_lossy();
+                if !path.is_absolute() || s.contains('\0') || s.contains("/../") {
+                    return Err(Error::BadRequest(format!(
+                        "pool path {s:?} is not an absolute path"
+                    )));
+                }
             }
             PoolKind::Block { devices } => {
-                p.r#type = pb::PoolType::Block as i32;
-                p.devices = devices.iter().map(|d| d.display().to_string()).collect();
-                let used: HashSet<u64> = inner
-                    .volumes
-                    .values()
-                    .filter_map(|v| device_number(&v.path))
-                    .collect();
+                if devices.is_empty() {
+                    return Err(Error::BadRequest("a block pool needs devices".into()));
+                }
                 for d in devices {
-                    let size = sys::size_and_sector(d).map(|s| s.0).unwrap_or(0);
-                    p.capacity_bytes += size;
-                    if device_number(d).is_some_and(|n| !used.contains(&n)) {
-                        p.available_bytes += size;
+                    use std::os::unix::fs::FileTypeExt;
+                    let is_blk = fs::metadata(d).map(|m| m.file_type().is_block_device());
+                    if !d.is_absolute() || !matches!(is_blk, Ok(true)) {
+                        return Err(Error::BadRequest(format!(
+                            "device {:?} is not an absolute path to a block device",
+                            d.display().to_string()
+                        )));
                     }
                 }
             }
         }
-        p
-    }
-
-    /// CreatePool.
-    pub fn create_pool(&self, r: pb::CreatePoolRequest) -> Result<pb::Pool> {
-        check_name("pool", &r.name)?;
-        let kind = match pb::PoolType::try_from(r.r#type) {
-            Ok(pb::PoolType::Dir) => {
-                if !r.devices.is_empty() {
-                    return Err(Error::InvalidArgument("dir pools take no devices".into()));
-                }
-                let path = PathBuf::from(&r.path);
-                if !path.is_absolute() || r.path.contains('\0') || r.path.contains("/../") {
-                    return Err(Error::InvalidArgument(format!(
-                        "pool path {:?} is not an absolute path",
-                        r.path
-                    )));
-                }
-                PoolKind::Dir {
-                    path,
-                    capacity_bytes: r.capacity_bytes,
-                }
-            }
-            Ok(pb::PoolType::Block) => {
-                if r.devices.is_empty() || !r.path.is_empty() || r.capacity_bytes != 0 {
-                    return Err(Error::InvalidArgument(
-                        "block pools take devices, and no path or capacity".into(),
-                    ));
-                }
-                let mut devs = Vec::new();
-                for d in &r.devices {
-                    let p = PathBuf::from(d);
-                    let is_blk = fs::metadata(&p).map(|m| m.file_type().is_block_device());
-                    if !p.is_absolute() || !matches!(is_blk, Ok(true)) {
-                        return Err(Error::InvalidArgument(format!(
-                            "device {d:?} is not an absolute path to a block device"
-                        )));
-                    }
-                    devs.push(p);
-                }
-                PoolKind::Block { devices: devs }
-            }
-            _ => {
-                return Err(Error::InvalidArgument(
-                    "pool type is required: dir or block".into(),
-                ))
-            }
-        };
-        let _g = self.begin(format!("p/{}", r.name), &format!("pool {}", r.name))?;
+        let _g = self.begin(OpKey::Pool(name.to_owned()))?;
         {
             let inner = self.lock();
-            if let Some(e) = inner.pools.get(&r.name) {
-                if e.kind == kind {
-                    return Ok(self.pool_pb(&r.name, e, &inner));
+            if let Some(e) = inner.pools.get(name) {
+                if *e.backend.kind() == kind {
+                    return Ok(Self::pool_view(name, e, &inner));
                 }
-                return Err(Error::AlreadyExists(format!(
-                    "pool {:?} exists with another type or storage",
-                    r.name
-                )));
+                return Err(Error::AlreadyExists {
+                    what: format!("pool {name:?}"),
+                    how: "with another type or storage".into(),
+                });
             }
-            for (n, e) in &inner.pools {
-                let clash = match (&e.kind, &kind) {
-                    (PoolKind::Dir { path: a, .. }, PoolKind::Dir { path: b, .. }) => a == b,
-                    (PoolKind::Block { devices: a }, PoolKind::Block { devices: b }) => {
-                        a.iter().any(|d| b.contains(d))
-                    }
-                    _ => false,
-                };
-                if clash {
-                    return Err(Error::InvalidArgument(format!(
-                        "pool {n:?} already uses that storage"
-                    )));
-                }
+            if let Some((n, _)) = inner.pools.iter().find(|(_, e)| e.backend.overlaps(&kind)) {
+                return Err(Error::BadRequest(format!(
+                    "pool {n:?} already uses that storage"
+                )));
             }
         }
         if let PoolKind::Dir { path, .. } = &kind {
             fs::create_dir_all(path).map_err(Error::io("creating", path))?;
         }
-        let e = self.prepare_pool(&kind, false)?;
+        let e = Self::prepare_pool(&kind, PoolOrigin::Api)?;
         self.store.put_pool(&PoolRecord {
-            name: r.name.clone(),
+            name: name.to_owned(),
             kind,
         })?;
         let mut inner = self.lock();
-        inner.pools.insert(r.name.clone(), e.clone());
-        tracing::info!(pool = %r.name, "pool created");
-        Ok(self.pool_pb(&r.name, &e, &inner))
+        inner.pools.insert(name.to_owned(), e.clone());
+        tracing::info!(pool = name, "pool created");
+        Ok(Self::pool_view(name, &e, &inner))
     }
 
     /// GetPool.
-    pub fn get_pool(&self, name: &str) -> Result<pb::Pool> {
+    pub fn get_pool(&self, name: &str) -> Result<Pool> {
         check_name("pool", name)?;
         let inner = self.lock();
         let e = inner
             .pools
             .get(name)
-            .ok_or_else(|| Error::NotFound(format!("pool {name:?} does not exist")))?;
-        Ok(self.pool_pb(name, e, &inner))
+            .ok_or_else(|| Error::PoolNotFound(name.to_owned()))?;
+        Ok(Self::pool_view(name, e, &inner))
     }
 
     /// ListPools.
-    pub fn list_pools(&self) -> Vec<pb::Pool> {
+    pub fn list_pools(&self) -> Vec<Pool> {
         let inner = self.lock();
         inner
             .pools
             .iter()
-            .map(|(n, e)| self.pool_pb(n, e, &inner))
+            .map(|(n, e)| Self::pool_view(n, e, &inner))
             .collect()
     }
 
     /// DeletePool: returns whether it existed.
     pub fn delete_pool(&self, name: &str) -> Result<bool> {
         check_name("pool", name)?;
-        let _g = self.begin(format!("p/{name}"), &format!("pool {name}"))?;
+        let _g = self.begin(OpKey::Pool(name.to_owned()))?;
         let mut inner = self.lock();
         let Some(e) = inner.pools.get(name) else {
             return Ok(false);
         };
-        if e.from_config {
-            return Err(Error::FailedPrecondition(format!(
+        if e.origin == PoolOrigin::Config {
+            return Err(Error::PoolUnsuitable(format!(
                 "pool {name:?} is defined in the configuration file"
             )));
         }
-        let (vp, ip) = (format!("v/{name}/"), format!("i/{name}/"));
-        if inner
-            .busy
-            .iter()
-            .any(|k| k.starts_with(&vp) || k.starts_with(&ip))
-        {
-            return Err(Error::Aborted(format!(
-                "operations on pool {name:?} are running"
-            )));
+        let in_pool = |k: &OpKey| match k {
+            OpKey::Volume(v) => v.pool == name,
+            OpKey::Image(i) => i.pool == name,
+            OpKey::Pool(_) => false,
+        };
+        if inner.busy.iter().any(in_pool) {
+            return Err(Error::Busy(format!("a volume or image of pool {name:?}")));
         }
-        if inner.volumes.keys().any(|(p, _)| p == name)
-            || inner.images.keys().any(|(p, _)| p == name)
+        if inner.volumes.keys().any(|v| v.pool == name)
+            || inner.images.keys().any(|i| i.pool == name)
         {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::PoolUnsuitable(format!(
                 "pool {name:?} still holds volumes or cached images"
             )));
         }

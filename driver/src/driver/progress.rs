@@ -1,5 +1,9 @@
 //! Progress of long operations (unpack, clone, repair) as Watch events and logs.
 
+use std::time::{Duration, Instant};
+
+use image_unpack::Progress;
+
 use super::*;
 
 /// Turns unpack progress into Watch events (throttled), and hosts the mid-copy test pause.
@@ -31,12 +35,12 @@ impl<'a> EventProgress<'a> {
         self.driver.emit(
             self.pool,
             self.name,
-            pb::event::Kind::Progress(pb::Progress {
-                operation: self.operation.into(),
+            EventKind::Progress {
+                operation: self.operation,
                 phase: phase.into(),
-                done_bytes: done,
-                total_bytes: total,
-            }),
+                done,
+                total,
+            },
         );
     }
 }

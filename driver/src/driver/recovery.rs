@@ -1,10 +1,11 @@
 //! Startup after a crash: half-made volumes removed, interrupted grows finished,
-//! attached volumes exported again.
+//! attached volumes exported again (a failed one stays failed).
 
+use super::hotplug::Located;
 use super::*;
 
 impl Driver {
-    pub(super) fn recover_volumes(self: &Arc<Self>) -> Result<()> {
+    pub(super) fn recover_volumes(&self) -> Result<()> {
         for mut rec in self.store.volumes()? {
             match rec.state {
                 VolState::Creating | VolState::Deleting => {
@@ -15,7 +16,11 @@ impl Driver {
                         // The final name may exist if the crash came after the rename.
                         let _ = fs::remove_file(&rec.path);
                     }
-                    self.discard_data(&rec);
+                    match self.pool(&rec.pool) {
+                        Ok(pe) => pe.backend.discard(&backing(&rec)),
+                        Err(_) => tracing::warn!(pool = %rec.pool, volume = %rec.name,
+                            "its pool is gone: only the record is removed"),
+                    }
                     self.store.remove_volume(&rec.pool, &rec.name)?;
                     continue;
                 }
@@ -30,45 +35,43 @@ impl Driver {
                 }
                 VolState::Ready => {}
             }
-            self.lock()
-                .volumes
-                .insert(key(&rec.pool, &rec.name), rec.clone());
-            if let Some(a) = rec.attachment.clone() {
-                if let Some(why) = &a.failed {
-                    tracing::warn!(pool = %rec.pool, volume = %rec.name, reason = %why,
-                        "not re-exporting: the export had stopped on its own; attach again or detach");
-                    continue;
-                }
-                if self.is_block_pool(&rec.pool) {
-                    match self.locate_backing(&mut rec) {
-                        Ok(Located::Here) | Ok(Located::Unidentified) => {}
-                        Ok(Located::Moved(from)) => {
-                            tracing::warn!(pool = %rec.pool, volume = %rec.name, from = %from.display(),
-                                to = %rec.path.display(), "backing device found under a new name");
-                            self.put_record(&rec)?;
-                        }
-                        Ok(Located::Absent) => {
-                            // Keep the attachment: the export starts when the device
-                            // appears (hotplug), on the same socket.
-                            tracing::warn!(pool = %rec.pool, volume = %rec.name,
-                                identity = %rec.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
-                                "backing device absent: the export waits for it");
-                            continue;
-                        }
-                        Err(e) => {
-                            tracing::warn!(pool = %rec.pool, volume = %rec.name, error = %e.chain(),
-                            "recording the backing device's identity")
-                        }
+            self.lock().volumes.insert(rec.id(), rec.clone());
+            let Some(a) = rec.attachment.clone() else {
+                continue;
+            };
+            if let Some(why) = &a.failed {
+                tracing::warn!(pool = %rec.pool, volume = %rec.name, reason = %why,
+                    "not re-exporting: the export had stopped on its own; attach again or detach");
+                continue;
+            }
+            if self.is_block_pool(&rec.pool) {
+                match self.locate_backing(&mut rec) {
+                    Ok(Located::Here) | Ok(Located::Unidentified) => {}
+                    Ok(Located::Moved(from)) => {
+                        tracing::warn!(pool = %rec.pool, volume = %rec.name, from = %from.display(),
+                            to = %rec.path.display(), "backing device found under a new name");
+                        self.put_record(&rec)?;
                     }
+                    Ok(Located::Absent) => {
+                        // Keep the attachment: the export starts when the device appears
+                        // (hotplug), on the same socket.
+                        tracing::warn!(pool = %rec.pool, volume = %rec.name,
+                            identity = %rec.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+                            "backing device absent: the export waits for it");
+                        self.lock().live.insert(rec.id(), Live::WaitingForDevice);
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(pool = %rec.pool, volume = %rec.name,
+                        error = %e.chain(), "recording the backing device's identity"),
                 }
-                if let Err(e) = self.start_export(&rec, &a) {
-                    tracing::error!(pool = %rec.pool, volume = %rec.name, error = %e.chain(),
-                        "re-exporting an attached volume failed; marking it detached");
-                    rec.attachment = None;
-                    self.put_record(&rec)?;
-                } else {
-                    tracing::info!(pool = %rec.pool, volume = %rec.name, "re-exported attached volume");
-                }
+            }
+            if let Err(e) = self.start_export(&rec, &a) {
+                tracing::error!(pool = %rec.pool, volume = %rec.name, error = %e.chain(),
+                    "re-exporting an attached volume failed; marking it detached");
+                rec.attachment = None;
+                self.put_record(&rec)?;
+            } else {
+                tracing::info!(pool = %rec.pool, volume = %rec.name, "re-exported attached volume");
             }
         }
         Ok(())
@@ -81,9 +84,7 @@ impl Driver {
                 self.store.remove_image(&rec.pool, &rec.fingerprint)?;
                 continue;
             }
-            self.lock()
-                .images
-                .insert(key(&rec.pool, &rec.fingerprint), rec);
+            self.lock().images.insert(rec.id(), rec);
         }
         Ok(())
     }

@@ -2,7 +2,15 @@
 //! re-exports, export failures as events and as INTERNAL.
 
 use super::*;
-use crate::export::FakeExporter;
+use crate::export::{BackendEvent, BackendState, FakeExporter};
+use crate::hotplug::{Decision, HotplugHost};
+use crate::model::{AttachOptions, NewVolume};
+use crate::service::status_code;
+use crate::state::Origin;
+
+fn id(name: &str) -> VolumeId {
+    VolumeId::new(DEFAULT_POOL, name)
+}
 
 fn open(dir: &Path, fake: &FakeExporter) -> Arc<Driver> {
     Driver::open(DriverParams {
@@ -10,26 +18,23 @@ fn open(dir: &Path, fake: &FakeExporter) -> Arc<Driver> {
         export_dir: dir.join("exports"),
         config: Config::default(),
         exporter: Box::new(fake.clone()),
-        pause_at: None,
-        pause_marker: None,
+        #[cfg(feature = "test-hooks")]
+        pause: None,
     })
     .unwrap()
 }
 
-fn empty(name: &str) -> pb::CreateVolumeRequest {
-    pb::CreateVolumeRequest {
-        pool: DEFAULT_POOL.into(),
-        name: name.into(),
+fn empty(name: &str) -> NewVolume {
+    NewVolume {
+        id: id(name),
         size_bytes: 1 << 20,
-        origin: None,
+        origin: Origin::Empty,
         grow_last_partition: false,
     }
 }
 
-fn attach(name: &str) -> pb::AttachVolumeRequest {
-    pb::AttachVolumeRequest {
-        pool: DEFAULT_POOL.into(),
-        name: name.into(),
+fn attach(_name: &str) -> AttachOptions {
+    AttachOptions {
         logical_block_size: 0,
         read_only: true,
         num_queues: 2,
@@ -43,11 +48,11 @@ fn attach_starts_one_export_with_the_requested_parameters() {
     let fake = FakeExporter::default();
     let d = open(t.path(), &fake);
     let v = d.create_volume(empty("a")).unwrap();
-    let a = d.attach_volume(attach("a")).unwrap();
+    let a = d.attach_volume(&id("a"), attach("a")).unwrap();
     let running = fake.running.lock().unwrap().clone();
     assert_eq!(running.len(), 1);
-    assert_eq!(running[0].volume, PathBuf::from(&v.path));
-    assert_eq!(running[0].socket, PathBuf::from(&a.socket_path));
+    assert_eq!(running[0].volume, v.path);
+    assert_eq!(running[0].socket, a.socket);
     assert_eq!(
         (running[0].logical_block_size, running[0].num_queues),
         (512, 2)
@@ -55,9 +60,9 @@ fn attach_starts_one_export_with_the_requested_parameters() {
     assert!(running[0].read_only);
     assert_eq!(running[0].serial.len(), 20);
     // Same parameters: no second export.
-    d.attach_volume(attach("a")).unwrap();
+    d.attach_volume(&id("a"), attach("a")).unwrap();
     assert_eq!(fake.running.lock().unwrap().len(), 1);
-    assert!(d.detach_volume(DEFAULT_POOL, "a").unwrap());
+    assert!(d.detach_volume(&id("a")).unwrap());
     assert!(fake.running.lock().unwrap().is_empty());
 }
 
@@ -67,16 +72,12 @@ fn attached_volumes_are_exported_again_after_a_restart() {
     let fake = FakeExporter::default();
     let d = open(t.path(), &fake);
     d.create_volume(empty("a")).unwrap();
-    d.attach_volume(attach("a")).unwrap();
+    d.attach_volume(&id("a"), attach("a")).unwrap();
     drop(d);
     let fake2 = FakeExporter::default();
     let d2 = open(t.path(), &fake2);
     assert_eq!(fake2.running.lock().unwrap().len(), 1);
-    assert!(d2
-        .get_volume(DEFAULT_POOL, "a")
-        .unwrap()
-        .attachment
-        .is_some());
+    assert!(d2.get_volume(&id("a")).unwrap().attachment.is_some());
 }
 
 #[test]
@@ -85,16 +86,12 @@ fn a_failed_re_export_marks_the_volume_detached() {
     let fake = FakeExporter::default();
     let d = open(t.path(), &fake);
     d.create_volume(empty("a")).unwrap();
-    d.attach_volume(attach("a")).unwrap();
+    d.attach_volume(&id("a"), attach("a")).unwrap();
     drop(d);
     let broken = FakeExporter::default();
     *broken.fail_start.lock().unwrap() = Some("socket busy".into());
     let d2 = open(t.path(), &broken);
-    assert!(d2
-        .get_volume(DEFAULT_POOL, "a")
-        .unwrap()
-        .attachment
-        .is_none());
+    assert!(d2.get_volume(&id("a")).unwrap().attachment.is_none());
 }
 
 #[test]
@@ -104,14 +101,10 @@ fn export_start_failure_is_internal_and_leaves_the_volume_detached() {
     *fake.fail_start.lock().unwrap() = Some("no vhost".into());
     let d = open(t.path(), &fake);
     d.create_volume(empty("a")).unwrap();
-    let e = d.attach_volume(attach("a")).unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Internal);
+    let e = d.attach_volume(&id("a"), attach("a")).unwrap_err();
+    assert_eq!(status_code(&e), tonic::Code::Internal);
     assert!(e.chain().contains("no vhost"), "{}", e.chain());
-    assert!(d
-        .get_volume(DEFAULT_POOL, "a")
-        .unwrap()
-        .attachment
-        .is_none());
+    assert!(d.get_volume(&id("a")).unwrap().attachment.is_none());
 }
 
 #[test]
@@ -121,18 +114,20 @@ fn a_failing_export_is_reported_on_watch() {
     let d = open(t.path(), &fake);
     d.create_volume(empty("a")).unwrap();
     let mut rx = d.subscribe();
-    d.attach_volume(attach("a")).unwrap();
+    d.attach_volume(&id("a"), attach("a")).unwrap();
     fake.fail_running("guest memory mapping failed");
     let mut kinds = Vec::new();
     while let Ok(e) = rx.try_recv() {
-        kinds.push(e.kind);
+        kinds.push(e.what);
     }
-    assert!(matches!(kinds.first(), Some(Some(pb::event::Kind::Hotplug(h))) if h.attached));
+    assert!(matches!(
+        kinds.first(),
+        Some(EventKind::Hotplug { attached: true, .. })
+    ));
     assert!(
-        kinds
-            .iter()
-            .any(|k| matches!(k, Some(pb::event::Kind::ExportError(e))
-            if e.message.contains("guest memory"))),
+        kinds.iter().any(
+            |k| matches!(k, EventKind::ExportError { message } if message.contains("guest memory"))
+        ),
         "{kinds:?}"
     );
 }
@@ -143,24 +138,24 @@ fn a_busy_volume_refuses_other_operations_with_aborted() {
     let fake = FakeExporter::default();
     let d = open(t.path(), &fake);
     d.create_volume(empty("a")).unwrap();
-    let _g = d.begin(vkey(DEFAULT_POOL, "a"), "a").unwrap();
+    let _g = d.begin_volume(&id("a")).unwrap();
     for e in [
-        d.delete_volume(DEFAULT_POOL, "a").unwrap_err(),
-        d.attach_volume(attach("a")).unwrap_err(),
+        d.delete_volume(&id("a")).unwrap_err(),
+        d.attach_volume(&id("a"), attach("a")).unwrap_err(),
         d.create_volume(empty("a")).unwrap_err(),
     ] {
-        assert_eq!(e.code(), tonic::Code::Aborted);
+        assert_eq!(status_code(&e), tonic::Code::Aborted);
     }
 }
 
-fn backend_kinds(rx: &mut broadcast::Receiver<pb::Event>) -> Vec<pb::event::Kind> {
+fn backend_kinds(rx: &mut broadcast::Receiver<Event>) -> Vec<EventKind> {
     let mut out = Vec::new();
     while let Ok(e) = rx.try_recv() {
-        match e.kind {
-            Some(k @ pb::event::Kind::BackendRemoved(_))
-            | Some(k @ pb::event::Kind::BackendResumed(_))
-            | Some(k @ pb::event::Kind::IoTimeout(_)) => out.push(k),
-            _ => {}
+        if let k @ (EventKind::BackendRemoved { .. }
+        | EventKind::BackendResumed { .. }
+        | EventKind::IoTimeout { .. }) = e.what
+        {
+            out.push(k);
         }
     }
     out
@@ -172,19 +167,21 @@ fn an_export_that_reports_its_volume_removed_is_shown_removed_once_then_resumed(
     let fake = FakeExporter::default();
     let d = open(t.path(), &fake);
     d.create_volume(empty("a")).unwrap();
-    let a = d.attach_volume(attach("a")).unwrap();
-    assert_eq!(a.backend_state, pb::BackendState::Active as i32);
+    let a = d.attach_volume(&id("a"), attach("a")).unwrap();
+    assert_eq!(a.backend, Backend::Serving);
     let mut rx = d.subscribe();
-    let x = fake.export(Path::new(&a.socket_path)).unwrap();
+    let x = fake.export(&a.socket).unwrap();
     x.fail_io("I/O failed: No such device");
     x.fail_io("I/O failed: No such device");
-    let v = d.get_volume(DEFAULT_POOL, "a").unwrap();
+    let v = d.get_volume(&id("a")).unwrap();
     let att = v.attachment.unwrap();
-    assert_eq!(att.backend_state, pb::BackendState::Removed as i32);
-    assert!(att.backend_removed_reason.contains("No such device"));
+    assert!(
+        matches!(&att.backend, Backend::Removed { reason } if reason.contains("No such device")),
+        "{att:?}"
+    );
     let k = backend_kinds(&mut rx);
     assert!(
-        matches!(&k[..], [pb::event::Kind::BackendRemoved(r)] if r.device == v.path),
+        matches!(&k[..], [EventKind::BackendRemoved { device, .. }] if *device == v.path),
         "{k:?}"
     );
     // The export comes back by itself (e.g. resumed through the export's own API).
@@ -195,12 +192,12 @@ fn an_export_that_reports_its_volume_removed_is_shown_removed_once_then_resumed(
     (x.events)(&BackendEvent::TimedOut { requests: 3 });
     let k = backend_kinds(&mut rx);
     assert!(
-        matches!(&k[..], [pb::event::Kind::BackendResumed(r), pb::event::Kind::IoTimeout(t)]
-            if r.device == v.path && t.requests == 3),
+        matches!(&k[..], [EventKind::BackendResumed { device, .. }, EventKind::IoTimeout { requests: 3 }]
+            if *device == v.path),
         "{k:?}"
     );
-    let att = d.get_volume(DEFAULT_POOL, "a").unwrap().attachment.unwrap();
-    assert_eq!(att.backend_state, pb::BackendState::Active as i32);
+    let att = d.get_volume(&id("a")).unwrap().attachment.unwrap();
+    assert_eq!(att.backend, Backend::Serving);
 }
 
 #[test]
@@ -209,12 +206,12 @@ fn hotplug_decisions_remove_and_resume_the_export_on_the_new_path() {
     let fake = FakeExporter::default();
     let d = open(t.path(), &fake);
     let v = d.create_volume(empty("a")).unwrap();
-    let a = d.attach_volume(attach("a")).unwrap();
-    let x = fake.export(Path::new(&a.socket_path)).unwrap();
+    let a = d.attach_volume(&id("a"), attach("a")).unwrap();
+    let x = fake.export(&a.socket).unwrap();
     let mut rx = d.subscribe();
     let sysfs = Sysfs::new(t.path().join("no-sysfs"));
     let (pool, volume) = (DEFAULT_POOL.to_owned(), "a".to_owned());
-    assert!(d.hotplug_apply(
+    assert!(d.apply(
         &Decision::Remove {
             pool: pool.clone(),
             volume: volume.clone(),
@@ -224,7 +221,7 @@ fn hotplug_decisions_remove_and_resume_the_export_on_the_new_path() {
     ));
     assert_eq!(x.backend().0, BackendState::Removed);
     let moved = t.path().join("moved.img");
-    assert!(d.hotplug_apply(
+    assert!(d.apply(
         &Decision::Resume {
             pool: pool.clone(),
             volume: volume.clone(),
@@ -235,21 +232,15 @@ fn hotplug_decisions_remove_and_resume_the_export_on_the_new_path() {
     assert_eq!(x.backend(), (BackendState::Active, moved.clone()));
     let k = backend_kinds(&mut rx);
     assert!(
-        matches!(&k[..], [pb::event::Kind::BackendRemoved(_), pb::event::Kind::BackendResumed(r)]
-            if r.device == moved.display().to_string() && r.previous_device == v.path),
+        matches!(&k[..], [EventKind::BackendRemoved { .. }, EventKind::BackendResumed { device, previous_device }]
+            if *device == moved && *previous_device == v.path),
         "{k:?}"
     );
     // The record follows the device, across a restart too.
-    assert_eq!(
-        d.get_volume(DEFAULT_POOL, "a").unwrap().path,
-        moved.display().to_string()
-    );
+    assert_eq!(d.get_volume(&id("a")).unwrap().path, moved);
     drop(d);
     let d2 = open(t.path(), &FakeExporter::default());
-    assert_eq!(
-        d2.get_volume(DEFAULT_POOL, "a").unwrap().path,
-        moved.display().to_string()
-    );
+    assert_eq!(d2.get_volume(&id("a")).unwrap().path, moved);
 }
 
 #[test]
@@ -258,8 +249,8 @@ fn a_failed_resume_leaves_the_export_removed_and_a_busy_volume_defers() {
     let fake = FakeExporter::default();
     let d = open(t.path(), &fake);
     let v = d.create_volume(empty("a")).unwrap();
-    let a = d.attach_volume(attach("a")).unwrap();
-    let x = fake.export(Path::new(&a.socket_path)).unwrap();
+    let a = d.attach_volume(&id("a"), attach("a")).unwrap();
+    let x = fake.export(&a.socket).unwrap();
     let sysfs = Sysfs::new(t.path().join("no-sysfs"));
     let remove = Decision::Remove {
         pool: DEFAULT_POOL.into(),
@@ -267,20 +258,20 @@ fn a_failed_resume_leaves_the_export_removed_and_a_busy_volume_defers() {
         reason: "gone".into(),
     };
     {
-        let _g = d.begin(vkey(DEFAULT_POOL, "a"), "a").unwrap();
-        assert!(!d.hotplug_apply(&remove, &sysfs), "busy: deferred");
+        let _g = d.begin_volume(&id("a")).unwrap();
+        assert!(!d.apply(&remove, &sysfs), "busy: deferred");
     }
     assert_eq!(x.backend().0, BackendState::Active);
-    assert!(d.hotplug_apply(&remove, &sysfs));
+    assert!(d.apply(&remove, &sysfs));
     *fake.fail_resume.lock().unwrap() = Some("volume too small".into());
     let resume = Decision::Resume {
         pool: DEFAULT_POOL.into(),
         volume: "a".into(),
         device: t.path().join("other.img"),
     };
-    assert!(d.hotplug_apply(&resume, &sysfs));
+    assert!(d.apply(&resume, &sysfs));
     assert_eq!(x.backend().0, BackendState::Removed);
-    assert_eq!(d.get_volume(DEFAULT_POOL, "a").unwrap().path, v.path);
+    assert_eq!(d.get_volume(&id("a")).unwrap().path, v.path);
 }
 
 #[test]
@@ -307,8 +298,8 @@ fn configured_attachments_are_exported_at_startup_and_missing_ones_are_skipped()
         export_dir: t.path().join("exports"),
         config,
         exporter: Box::new(fake2.clone()),
-        pause_at: None,
-        pause_marker: None,
+        #[cfg(feature = "test-hooks")]
+        pause: None,
     })
     .unwrap();
     d2.apply_configured_attachments();

@@ -1,0 +1,202 @@
+//! `dir` pools: each volume a file `volumes/<name>.img` (sparse), written under a
+//! temporary name and renamed once complete; cached images in `images/`; clones by
+//! reflink where the file system has it (xfs, btrfs), sparse copies elsewhere.
+
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use super::{Backing, Cloned, PoolBackend, Space};
+use crate::config::PoolKind;
+use crate::error::{Error, Result};
+use crate::identity::DeviceIdentity;
+use crate::model::VolumeId;
+use crate::state::{remove_temp_files_under, TMP_PREFIX};
+use crate::sys;
+
+/// A pool of files under one directory.
+#[derive(Debug)]
+pub(crate) struct DirPool {
+    kind: PoolKind,
+    dir: PathBuf,
+    reflink: std::sync::atomic::AtomicBool,
+}
+
+impl DirPool {
+    pub(crate) fn new(kind: PoolKind) -> DirPool {
+        let dir = match &kind {
+            PoolKind::Dir { path, .. } => path.clone(),
+            PoolKind::Block { .. } => PathBuf::new(),
+        };
+        DirPool {
+            kind,
+            dir,
+            reflink: Default::default(),
+        }
+    }
+}
+
+impl PoolBackend for DirPool {
+    fn kind(&self) -> &PoolKind {
+        &self.kind
+    }
+
+    fn prepare(&self) -> Result<()> {
+        for sub in ["volumes", "images"] {
+            let d = self.dir.join(sub);
+            fs::create_dir_all(&d).map_err(Error::io("creating", &d))?;
+            remove_temp_files_under(&d, 1)?;
+        }
+        let reflink = probe_reflink(&self.dir);
+        self.reflink
+            .store(reflink, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(path = %self.dir.display(), reflink, "dir pool ready");
+        Ok(())
+    }
+
+    fn reflink(&self) -> bool {
+        self.reflink.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn holds_images(&self) -> bool {
+        true
+    }
+
+    fn overlaps(&self, other: &PoolKind) -> bool {
+        matches!(other, PoolKind::Dir { path, .. } if *path == self.dir)
+    }
+
+    fn place(&self, id: &VolumeId, uuid: &str, size: u64, _taken: &[PathBuf]) -> Result<Backing> {
+        let vdir = self.dir.join("volumes");
+        Ok(Backing {
+            path: vdir.join(format!("{}.img", id.name)),
+            temp_path: Some(vdir.join(format!("{TMP_PREFIX}{}-{uuid}.img", id.name))),
+            size_bytes: size,
+        })
+    }
+
+    fn create(&self, b: &Backing) -> Result<()> {
+        let target = b.target();
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(target)
+            .map_err(Error::io("creating", target))?;
+        f.set_len(b.size_bytes).map_err(Error::io("sizing", target))
+    }
+
+    fn needs_zeroing(&self) -> bool {
+        false
+    }
+
+    fn clone_image(&self, image: &Path, b: &Backing) -> Result<Cloned> {
+        clone_file(image, b.target())
+    }
+
+    fn commit(&self, b: &Backing) -> Result<()> {
+        let Some(tmp) = &b.temp_path else {
+            return Ok(());
+        };
+        let dir = b.path.parent().unwrap_or(Path::new("/"));
+        fs::rename(tmp, &b.path).map_err(Error::io("renaming", tmp))?;
+        sys::fsync_dir(dir).map_err(Error::io("syncing", dir))
+    }
+
+    fn grow(&self, path: &Path, size: u64) -> Result<u64> {
+        let f = File::options()
+            .write(true)
+            .open(path)
+            .map_err(Error::io("opening", path))?;
+        f.set_len(size).map_err(Error::io("extending", path))?;
+        f.sync_all().map_err(Error::io("syncing", path))?;
+        Ok(f.metadata().map(|m| m.len()).unwrap_or(size))
+    }
+
+    fn discard(&self, b: &Backing) {
+        match &b.temp_path {
+            // Not complete: only the temporary file is its.
+            Some(t) => {
+                let _ = fs::remove_file(t);
+            }
+            None => {
+                let _ = fs::remove_file(&b.path);
+            }
+        }
+        if let Some(dir) = b.path.parent() {
+            let _ = sys::fsync_dir(dir);
+        }
+    }
+
+    fn allocated(&self, path: &Path, _size: u64) -> Result<u64> {
+        sys::allocated_bytes(path).map_err(Error::io("inspecting", path))
+    }
+
+    fn space(&self, _taken: &[PathBuf]) -> Space {
+        let capacity_bytes = match &self.kind {
+            PoolKind::Dir { capacity_bytes, .. } => *capacity_bytes,
+            PoolKind::Block { .. } => 0,
+        };
+        Space {
+            capacity_bytes,
+            available_bytes: sys::available_bytes(&self.dir).unwrap_or(0),
+        }
+    }
+
+    fn identity(&self, _path: &Path) -> Option<DeviceIdentity> {
+        None
+    }
+}
+
+/// Clones `src` into the new file `dst` by reflink, or copies it (skipping zero
+/// blocks, so the copy stays sparse).
+fn clone_file(src: &Path, dst: &Path) -> Result<Cloned> {
+    let s = File::open(src).map_err(Error::io("opening", src))?;
+    let d = OpenOptions::new()
+        .write(true)
+        .open(dst)
+        .map_err(Error::io("opening", dst))?;
+    match sys::ficlone(&d, &s) {
+        Ok(()) => return Ok(Cloned::Reflinked),
+        Err(e) if sys::is_reflink_unsupported(&e) => {
+            tracing::info!(src = %src.display(), error = %e, "no reflink here; copying");
+        }
+        Err(e) => return Err(Error::io("cloning into", dst)(e)),
+    }
+    sparse_copy(&s, &d).map_err(Error::io("copying into", dst))?;
+    Ok(Cloned::Copied)
+}
+
+/// Copies only the data extents (SEEK_DATA/SEEK_HOLE), in the kernel
+/// (copy_file_range); holes stay holes.
+fn sparse_copy(s: &File, d: &File) -> std::io::Result<()> {
+    let len = s.metadata()?.len();
+    d.set_len(len)?;
+    let mut off = 0u64;
+    while off < len {
+        let Some(start) = sys::next_data(s, off)? else {
+            break;
+        };
+        let end = sys::next_hole(s, start)?.min(len);
+        sys::copy_range(s, d, start, end - start)?;
+        off = end;
+    }
+    Ok(())
+}
+
+/// Whether files under `dir` can be reflinked.
+fn probe_reflink(dir: &Path) -> bool {
+    let a = dir.join(format!("{TMP_PREFIX}reflink-probe-a"));
+    let b = dir.join(format!("{TMP_PREFIX}reflink-probe-b"));
+    let r = (|| -> std::io::Result<()> {
+        fs::write(&a, vec![1u8; 4096])?;
+        let s = File::open(&a)?;
+        let d = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&b)?;
+        sys::ficlone(&d, &s)
+    })();
+    let _ = fs::remove_file(&a);
+    let _ = fs::remove_file(&b);
+    r.is_ok()
+}
