@@ -21,8 +21,11 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::Metrics;
-use crate::request::SERIAL_LEN;
 use crate::volume::{Volume, VolumeError, VolumeParams, SECTOR_SIZE};
+
+/// Length of the serial GET_ID answers (VIRTIO_BLK_ID_BYTES).
+pub(crate) const SERIAL_LEN: usize =
+    virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
 
 /// Whether the volume behind an export is there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use vm_memory::GuestMemoryMmap;
 
 use crate::chain::RawChain;
-use crate::request::{begin, finish_io, Begun, Completion, Device, Pending, Taken};
+use crate::device::Device;
+use crate::request::{begin, finish_io, Begun, Completion, Pending, Taken};
 use crate::sys::{wait_released, Uring};
 use crate::volume::{Volume, VolumeError};
 

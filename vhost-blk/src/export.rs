@@ -6,7 +6,7 @@
 //! reconnecting QEMU never meets state of the previous session; `StopHandle::stop` ends the
 //! current connection and returns from `serve` (Stopped).
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,9 +20,9 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{Geometry, Session, Tuning, STOP_GRACE};
+use crate::device::{Device, SERIAL_LEN};
 use crate::device::{ExportControl, ExportEvent, ResumeError};
 use crate::metrics::MetricsSnapshot;
-use crate::request::{Device, SERIAL_LEN};
 use crate::volume::{Volume, VolumeError, VolumeParams, SECTOR_SIZE};
 
 /// Errors of setting up and running an export.
@@ -453,8 +453,11 @@ impl Export {
             let lfd = listener.as_raw_fd();
             let efd = self.stop.0.event.as_raw_fd();
             let readable = {
-                let lb = crate::sys::borrow_fd(lfd);
-                let eb = crate::sys::borrow_fd(efd);
+                // SAFETY: the listener (its guard held) and the stop event (owned by
+                // `self.stop`) stay open across this poll, the only use of the borrows;
+                // neither type offers `AsFd`.
+                let (lb, eb) =
+                    unsafe { (BorrowedFd::borrow_raw(lfd), BorrowedFd::borrow_raw(efd)) };
                 let mut fds = [
                     PollFd::new(lb, PollFlags::POLLIN),
                     PollFd::new(eb, PollFlags::POLLIN),

@@ -7,8 +7,8 @@ use std::sync::{Arc, OnceLock};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::chain::RawChain;
-use crate::device::Device;
-use crate::request::{process_chain, Taken, SERIAL_LEN};
+use crate::device::{Device, SERIAL_LEN};
+use crate::request::{process_chain, Taken};
 use crate::volume::{Volume, VolumeParams, SECTOR_SIZE};
 
 /// Guest memory of a fuzz input.

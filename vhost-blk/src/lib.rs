@@ -26,12 +26,14 @@ mod export;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 mod inflight;
+mod memory;
 mod metrics;
 mod queue;
 mod rangelock;
 mod request;
 mod sys;
 mod volume;
+mod wire;
 
 pub use device::{EventSink, ExportControl, ExportEvent, ResumeError, VolumeState};
 pub use engine::DEFAULT_POLL_US;

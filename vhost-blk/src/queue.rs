@@ -24,10 +24,12 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::backend::Mem;
 use crate::chain::RawChain;
+use crate::device::Device;
 use crate::inflight::Region;
-use crate::request::{status_address, Completion, Device, Taken, VIRTIO_BLK_S_IOERR};
+use crate::memory::Mem;
+use crate::request::{status_address, Completion, Taken};
+use crate::wire::STATUS_IOERR;
 
 /// A request taken from the avail ring and not answered yet.
 #[derive(Debug)]
@@ -382,5 +384,5 @@ fn claim(t: &mut Tickets, head: u16, seq: u64) -> Option<Ticket> {
 }
 
 fn write_status(mem: &GuestMemoryMmap<()>, addr: GuestAddress) -> bool {
-    mem.write_obj(VIRTIO_BLK_S_IOERR, addr).is_ok()
+    mem.write_obj(STATUS_IOERR, addr).is_ok()
 }

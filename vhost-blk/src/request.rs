@@ -10,35 +10,18 @@ use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
+use zerocopy::FromBytes;
+
 use crate::chain::{RawChain, Seg, Segs};
-pub(crate) use crate::device::Device;
+use crate::device::Device;
 use crate::metrics::{Failure, Kind};
 use crate::volume::{Volume, VolumeError, SECTOR_SIZE};
+use crate::wire::{
+    DwzSegment, RequestHeader, DWZ_SEG_LEN, HEADER_LEN, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
 
-/// VIRTIO_BLK_T_IN.
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-/// VIRTIO_BLK_T_OUT.
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-/// VIRTIO_BLK_T_FLUSH.
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-/// VIRTIO_BLK_T_GET_ID.
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
-/// VIRTIO_BLK_T_DISCARD.
-pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
-/// VIRTIO_BLK_T_WRITE_ZEROES.
-pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
-/// VIRTIO_BLK_S_OK.
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-/// VIRTIO_BLK_S_IOERR.
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-/// VIRTIO_BLK_S_UNSUPP.
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
-/// VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP.
-const FLAG_UNMAP: u32 = 1;
-/// Length of the serial returned by GET_ID.
-pub const SERIAL_LEN: usize = 20;
-/// Size of one discard / write-zeroes segment.
-const DWZ_SEG_LEN: u64 = 16;
 /// Most discard / write-zeroes segments accepted in one request.
 pub const MAX_DWZ_SEGS: u32 = 256;
 
@@ -146,8 +129,8 @@ impl RequestError {
     /// The status byte this error is answered with.
     pub fn status(&self) -> u8 {
         match self {
-            RequestError::Unsupported(_) | RequestError::UnsupportedFlags(_) => VIRTIO_BLK_S_UNSUPP,
-            _ => VIRTIO_BLK_S_IOERR,
+            RequestError::Unsupported(_) | RequestError::UnsupportedFlags(_) => STATUS_UNSUPP,
+            _ => STATUS_IOERR,
         }
     }
 
@@ -189,19 +172,19 @@ fn slices_of<'m>(mem: &'m GuestMemoryMmap<()>, segs: &[Seg]) -> Result<Slices<'m
     Ok(out)
 }
 
-/// Splits the header off the front of `segs`, returning its bytes.
-fn take_header(mem: &GuestMemoryMmap<()>, segs: &mut Segs) -> Result<[u8; 16], RequestError> {
-    let mut hdr = [0u8; 16];
+/// Splits the header off the front of `segs`.
+fn take_header(mem: &GuestMemoryMmap<()>, segs: &mut Segs) -> Result<RequestHeader, RequestError> {
+    let mut hdr = [0u8; HEADER_LEN];
     let mut got = 0usize;
     let mut consumed = 0usize;
     for s in segs.iter_mut() {
-        if got == 16 {
+        if got == HEADER_LEN {
             break;
         }
         if s.writable {
             return Err(RequestError::BadHeader);
         }
-        let n = (16 - got).min(usize::try_from(s.len).unwrap_or(usize::MAX));
+        let n = (HEADER_LEN - got).min(usize::try_from(s.len).unwrap_or(usize::MAX));
         mem.read_slice(&mut hdr[got..got + n], GuestAddress(s.addr))
             .map_err(|_| RequestError::BadAddress(s.addr))?;
         got += n;
@@ -211,11 +194,11 @@ fn take_header(mem: &GuestMemoryMmap<()>, segs: &mut Segs) -> Result<[u8; 16], R
             consumed += 1;
         }
     }
-    if got < 16 {
+    if got < HEADER_LEN {
         return Err(RequestError::BadHeader);
     }
     segs.drain(..consumed);
-    Ok(hdr)
+    RequestHeader::read_from_bytes(&hdr).map_err(|_| RequestError::BadHeader)
 }
 
 fn parse<'m>(
@@ -224,10 +207,8 @@ fn parse<'m>(
     mut segs: Segs,
 ) -> Result<Request<'m>, RequestError> {
     let hdr = take_header(mem, &mut segs)?;
-    let t = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-    let sector = u64::from_le_bytes([
-        hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
-    ]);
+    let sector = hdr.sector.get();
+    let t = hdr.request_type.get();
     let kind = RequestType::from(t);
     let data_len: u64 = segs.iter().map(|s| s.len).sum();
     let all = |w: bool| segs.iter().all(|s| s.writable == w || s.len == 0);
@@ -254,8 +235,8 @@ fn parse<'m>(
                 return Err(RequestError::WrongDirection(kind));
             }
             if data_len == 0
-                || data_len % DWZ_SEG_LEN != 0
-                || data_len / DWZ_SEG_LEN > u64::from(MAX_DWZ_SEGS)
+                || data_len % DWZ_SEG_LEN as u64 != 0
+                || data_len / DWZ_SEG_LEN as u64 > u64::from(MAX_DWZ_SEGS)
             {
                 return Err(RequestError::BadLength {
                     kind,
@@ -362,14 +343,19 @@ fn execute_on(dev: &Device, volume: &Volume, req: &Request<'_>) -> Result<u64, R
             }
             // Validate every segment before touching the volume.
             let mut ranges = Vec::new();
-            for seg in raw.chunks_exact(16) {
-                let sector = u64::from_le_bytes([
-                    seg[0], seg[1], seg[2], seg[3], seg[4], seg[5], seg[6], seg[7],
-                ]);
-                let count = u64::from(u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]));
-                let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+            for seg in raw.chunks_exact(DWZ_SEG_LEN) {
+                let seg =
+                    DwzSegment::read_from_bytes(seg).map_err(|_| RequestError::BadLength {
+                        kind: req.kind,
+                        len: req.data_len,
+                    })?;
+                let (sector, count, flags) = (
+                    seg.sector.get(),
+                    u64::from(seg.num_sectors.get()),
+                    seg.flags.get(),
+                );
                 let allowed = if req.kind == RequestType::WriteZeroes {
-                    FLAG_UNMAP
+                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
                 } else {
                     0
                 };
@@ -377,7 +363,7 @@ fn execute_on(dev: &Device, volume: &Volume, req: &Request<'_>) -> Result<u64, R
                     return Err(RequestError::UnsupportedFlags(flags));
                 }
                 let (off, len) = check_range(dev, sector, count)?;
-                ranges.push((off, len, flags & FLAG_UNMAP != 0));
+                ranges.push((off, len, flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0));
             }
             for (off, len, unmap) in ranges {
                 if req.kind == RequestType::Discard {
@@ -515,7 +501,7 @@ fn finish(
 ) -> Completion {
     let head = answer.head;
     let (status, written, failure, bytes) = match result {
-        Ok((written, data_len)) => (VIRTIO_BLK_S_OK, written, None, data_len),
+        Ok((written, data_len)) => (STATUS_OK, written, None, data_len),
         Err(e) => {
             tracing::debug!(head, error = %e, "request failed");
             (e.status(), 0, Some(e.failure()), 0)

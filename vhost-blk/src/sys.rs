@@ -129,16 +129,6 @@ pub fn zero_out(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Borrows a raw fd for one call (poll).
-///
-/// The caller must keep `fd` open for as long as the borrow is used; it is only used for
-/// fds owned by the caller's own objects.
-pub fn borrow_fd<'a>(fd: std::os::fd::RawFd) -> std::os::fd::BorrowedFd<'a> {
-    // SAFETY: callers pass fds owned by objects (listener, eventfd) that they keep alive
-    // across the short poll call that uses the borrow.
-    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
-}
-
 /// The filesystem type (`statfs.f_type`) of `file`.
 fn fs_magic(file: &File) -> Option<u64> {
     // SAFETY: `statfs` is a plain C struct of integers, for which all-zero bytes are valid.
@@ -555,15 +545,15 @@ mod tests {
     use std::time::Duration;
 
     fn readable(fd: std::os::fd::RawFd) -> bool {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        let mut fds = [PollFd::new(borrow_fd(fd), PollFlags::POLLIN)];
-        poll(&mut fds, PollTimeout::ZERO).unwrap() > 0
+        readable_within(fd, Duration::ZERO)
     }
 
-    /// Whether `fd` becomes readable within `t`.
+    /// Whether `fd` (open for the call) becomes readable within `t`.
     fn readable_within(fd: std::os::fd::RawFd, t: Duration) -> bool {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        let mut fds = [PollFd::new(borrow_fd(fd), PollFlags::POLLIN)];
+        // SAFETY: callers pass the fd of a ring they hold, open across this call.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
         let t = PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX);
         poll(&mut fds, t).unwrap() > 0
     }

@@ -16,8 +16,10 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::chain::RawChain;
+use crate::device::*;
 use crate::request::*;
 use crate::volume::{Volume, VolumeParams, SECTOR_SIZE};
+use crate::wire::*;
 
 const MEM_SIZE: usize = 64 << 20;
 const HDR: u64 = 0x10_0000;
@@ -163,13 +165,13 @@ impl Fixture {
     fn write_sectors(&self, sector: u64, data: &[u8]) {
         self.write_guest(DATA, data);
         let c = self.io(VIRTIO_BLK_T_OUT, sector, rd(DATA, data.len() as u32));
-        assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
+        assert_eq!(c.status, Some(STATUS_OK));
     }
 
     fn read_sectors(&self, sector: u64, len: usize) -> Vec<u8> {
         self.write_guest(DATA + 0x10_0000, &vec![0x55; len]);
         let c = self.io(VIRTIO_BLK_T_IN, sector, wr(DATA + 0x10_0000, len as u32));
-        assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
+        assert_eq!(c.status, Some(STATUS_OK));
         assert_eq!(c.used_len as usize, len + 1);
         self.read_guest(DATA + 0x10_0000, len)
     }
@@ -205,7 +207,7 @@ fn latency_counts_from_when_the_request_was_taken() {
         at: Instant::now() - std::time::Duration::from_millis(300),
     };
     let c = process_chain(&f.dev, &f.mem, RawChain::from_chain(chain), taken);
-    assert_eq!(c.status.map(|(_, s)| s), Some(VIRTIO_BLK_S_OK));
+    assert_eq!(c.status.map(|(_, s)| s), Some(STATUS_OK));
     let hist = f.dev.metrics.snapshot().latency_us_log2;
     // Bucket i holds latencies in [2^(i-1), 2^i) µs: 300 ms is bucket 19.
     let bucket = hist.iter().position(|&n| n > 0);
@@ -242,7 +244,7 @@ fn unaligned_guest_buffers_take_the_bounce_path() {
         ],
         16,
     );
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(c.status, Some(STATUS_OK));
     assert_eq!(f.read_sectors(16, 4096), data);
 }
 
@@ -257,14 +259,14 @@ fn header_and_status_may_share_descriptors_with_data() {
     buf.extend_from_slice(&data);
     f.write_guest(DATA, &buf);
     let c = f.submit_chain(&[rd(DATA, 528), wr(STATUS, 1)], 16);
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(c.status, Some(STATUS_OK));
     // Read data and status in one writable buffer.
     f.header(VIRTIO_BLK_T_IN, 2);
     let c = f.submit_chain(&[rd(HDR, 16), wr(DATA + 0x1000, 513)], 16);
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(c.status, Some(STATUS_OK));
     assert_eq!(c.used_len, 513);
     assert_eq!(f.read_guest(DATA + 0x1000, 512), data);
-    assert_eq!(f.read_guest(DATA + 0x1000 + 512, 1), [VIRTIO_BLK_S_OK]);
+    assert_eq!(f.read_guest(DATA + 0x1000 + 512, 1), [STATUS_OK]);
 }
 
 #[test]
@@ -290,10 +292,10 @@ fn writable_or_short_header_is_an_io_error() {
     let f = fixture();
     f.header(VIRTIO_BLK_T_IN, 0);
     let c = f.submit_chain(&[wr(HDR, 16), wr(DATA, 512), wr(STATUS, 1)], 16);
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_IOERR));
+    assert_eq!(c.status, Some(STATUS_IOERR));
     assert_eq!(c.used_len, 1);
     let c = f.submit_chain(&[rd(HDR, 8), wr(STATUS, 1)], 16);
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_IOERR));
+    assert_eq!(c.status, Some(STATUS_IOERR));
 }
 
 #[test]
@@ -301,15 +303,15 @@ fn data_direction_must_match_type() {
     let f = fixture();
     assert_eq!(
         f.io(VIRTIO_BLK_T_IN, 0, rd(DATA, 512)).status,
-        Some(VIRTIO_BLK_S_IOERR)
+        Some(STATUS_IOERR)
     );
     assert_eq!(
         f.io(VIRTIO_BLK_T_OUT, 0, wr(DATA, 512)).status,
-        Some(VIRTIO_BLK_S_IOERR)
+        Some(STATUS_IOERR)
     );
     assert_eq!(
         f.io(VIRTIO_BLK_T_DISCARD, 0, wr(DATA, 16)).status,
-        Some(VIRTIO_BLK_S_IOERR)
+        Some(STATUS_IOERR)
     );
 }
 
@@ -318,11 +320,11 @@ fn length_not_multiple_of_512_is_an_io_error() {
     let f = fixture();
     assert_eq!(
         f.io(VIRTIO_BLK_T_OUT, 0, rd(DATA, 500)).status,
-        Some(VIRTIO_BLK_S_IOERR)
+        Some(STATUS_IOERR)
     );
     assert_eq!(
         f.io(VIRTIO_BLK_T_IN, 0, wr(DATA, 513)).status,
-        Some(VIRTIO_BLK_S_IOERR)
+        Some(STATUS_IOERR)
     );
 }
 
@@ -332,25 +334,25 @@ fn sectors_past_the_end_and_overflowing_offsets_are_io_errors() {
     let cap = f.dev.capacity;
     assert_eq!(
         f.io(VIRTIO_BLK_T_IN, cap, wr(DATA, 512)).status,
-        Some(VIRTIO_BLK_S_IOERR)
+        Some(STATUS_IOERR)
     );
     assert_eq!(
         f.io(VIRTIO_BLK_T_IN, cap - 1, wr(DATA, 1024)).status,
-        Some(VIRTIO_BLK_S_IOERR)
+        Some(STATUS_IOERR)
     );
     assert_eq!(
         f.io(VIRTIO_BLK_T_OUT, u64::MAX, rd(DATA, 512)).status,
-        Some(VIRTIO_BLK_S_IOERR)
+        Some(STATUS_IOERR)
     );
     assert_eq!(
         f.io(VIRTIO_BLK_T_OUT, u64::MAX / 512 + 1, rd(DATA, 512))
             .status,
-        Some(VIRTIO_BLK_S_IOERR)
+        Some(STATUS_IOERR)
     );
     // The last sector itself is fine.
     assert_eq!(
         f.io(VIRTIO_BLK_T_IN, cap - 1, wr(DATA, 512)).status,
-        Some(VIRTIO_BLK_S_OK)
+        Some(STATUS_OK)
     );
     // Discard segments are range-checked too.
     let mut seg = [0u8; 16];
@@ -359,7 +361,7 @@ fn sectors_past_the_end_and_overflowing_offsets_are_io_errors() {
     f.write_guest(DATA, &seg);
     assert_eq!(
         f.io(VIRTIO_BLK_T_DISCARD, 0, rd(DATA, 16)).status,
-        Some(VIRTIO_BLK_S_IOERR)
+        Some(STATUS_IOERR)
     );
 }
 
@@ -442,7 +444,7 @@ fn nested_indirect_table_is_refused() {
     // The same chain one level deep is served.
     store_table(&f, INDIRECT, &inner);
     let c = f.submit_raw(&[indirect(INDIRECT, 3)]);
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(c.status, Some(STATUS_OK));
 }
 
 #[test]
@@ -451,20 +453,20 @@ fn buffers_outside_guest_memory_are_refused() {
     let outside = MEM_SIZE as u64 + 0x1000;
     assert_eq!(
         f.io(VIRTIO_BLK_T_IN, 0, wr(outside, 512)).status,
-        Some(VIRTIO_BLK_S_IOERR)
+        Some(STATUS_IOERR)
     );
     assert_eq!(
         f.io(VIRTIO_BLK_T_OUT, 0, rd(MEM_SIZE as u64 - 512, 1024))
             .status,
-        Some(VIRTIO_BLK_S_IOERR)
+        Some(STATUS_IOERR)
     );
     assert_eq!(
         f.io(VIRTIO_BLK_T_OUT, 0, rd(u64::MAX - 100, 512)).status,
-        Some(VIRTIO_BLK_S_IOERR)
+        Some(STATUS_IOERR)
     );
     // Header outside memory: status still answered.
     let c = f.submit_chain(&[rd(outside, 16), wr(STATUS, 1)], 16);
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_IOERR));
+    assert_eq!(c.status, Some(STATUS_IOERR));
     // Status outside memory: nothing can be written back.
     f.header(VIRTIO_BLK_T_IN, 0);
     let c = f.submit_chain(&[rd(HDR, 16), wr(DATA, 512), wr(outside, 1)], 16);
@@ -476,7 +478,7 @@ fn unknown_type_is_unsupported() {
     let f = fixture();
     f.header(0x1234, 0);
     let c = f.submit_chain(&[rd(HDR, 16), wr(STATUS, 1)], 16);
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_UNSUPP));
+    assert_eq!(c.status, Some(STATUS_UNSUPP));
     let m = f.dev.metrics.snapshot();
     assert_eq!((m.requests.unsupported, m.errors.unsupported), (1, 1));
 }
@@ -486,7 +488,7 @@ fn get_id_returns_the_serial() {
     let f = fixture();
     f.write_guest(DATA, &[0xaa; 20]);
     let c = f.io(VIRTIO_BLK_T_GET_ID, 0, wr(DATA, 20));
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(c.status, Some(STATUS_OK));
     assert_eq!(c.used_len, 21);
     let mut want = b"disk0".to_vec();
     want.resize(20, 0);
@@ -498,7 +500,7 @@ fn flush_succeeds() {
     let f = fixture();
     f.header(VIRTIO_BLK_T_FLUSH, 0);
     let c = f.submit_chain(&[rd(HDR, 16), wr(STATUS, 1)], 16);
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(c.status, Some(STATUS_OK));
 }
 
 fn dwz(f: &Fixture, t: u32, sector: u64, count: u32, flags: u32) -> Answered {
@@ -515,7 +517,7 @@ fn write_zeroes_zeroes_aligned_and_partial_blocks() {
     let f = fixture();
     for (sector, count, flags) in [(8u64, 16u32, 0u32), (35, 3, 1), (60, 9, 1)] {
         let c = dwz(&f, VIRTIO_BLK_T_WRITE_ZEROES, sector, count, flags);
-        assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
+        assert_eq!(c.status, Some(STATUS_OK));
         let back = f.read_sectors(sector - 1, (count as usize + 2) * 512);
         assert_eq!(&back[..8], &(sector - 1).to_le_bytes());
         assert!(back[512..512 * (count as usize + 1)]
@@ -529,19 +531,19 @@ fn write_zeroes_zeroes_aligned_and_partial_blocks() {
     }
     // Unknown flags are unsupported.
     let c = dwz(&f, VIRTIO_BLK_T_WRITE_ZEROES, 0, 1, 4);
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_UNSUPP));
+    assert_eq!(c.status, Some(STATUS_UNSUPP));
 }
 
 #[test]
 fn discard_succeeds_and_rejects_unmap_flag() {
     let f = fixture();
     let c = dwz(&f, VIRTIO_BLK_T_DISCARD, 8, 64, 0);
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(c.status, Some(STATUS_OK));
     let c = dwz(&f, VIRTIO_BLK_T_DISCARD, 8, 64, 1);
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_UNSUPP));
+    assert_eq!(c.status, Some(STATUS_UNSUPP));
     // Discard of partial blocks keeps them.
     let c = dwz(&f, VIRTIO_BLK_T_DISCARD, 1, 2, 0);
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(c.status, Some(STATUS_OK));
     assert_eq!(&f.read_sectors(1, 512)[..8], &1u64.to_le_bytes());
 }
 
@@ -552,15 +554,15 @@ fn read_only_export_refuses_writes() {
     let f = fixture_with(1 << 20, p);
     assert_eq!(
         f.io(VIRTIO_BLK_T_OUT, 0, rd(DATA, 512)).status,
-        Some(VIRTIO_BLK_S_IOERR)
+        Some(STATUS_IOERR)
     );
     assert_eq!(
         dwz(&f, VIRTIO_BLK_T_DISCARD, 0, 8, 0).status,
-        Some(VIRTIO_BLK_S_IOERR)
+        Some(STATUS_IOERR)
     );
     assert_eq!(
         dwz(&f, VIRTIO_BLK_T_WRITE_ZEROES, 0, 8, 0).status,
-        Some(VIRTIO_BLK_S_IOERR)
+        Some(STATUS_IOERR)
     );
     assert_eq!(&f.read_sectors(0, 512)[..8], &0u64.to_le_bytes());
     assert_eq!(f.dev.metrics.snapshot().errors.read_only, 3);
@@ -590,12 +592,12 @@ fn many_segments(f: &Fixture, n: usize, indirect_table: bool) {
         }
     };
     let c = run(VIRTIO_BLK_T_OUT, false);
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(c.status, Some(STATUS_OK));
     for i in 0..n {
         f.write_guest(DATA + i as u64 * 1024, &[0u8; 512]);
     }
     let c = run(VIRTIO_BLK_T_IN, true);
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(c.status, Some(STATUS_OK));
     assert_eq!(c.used_len as usize, n * 512 + 1);
     for i in 0..n {
         assert_eq!(
@@ -643,7 +645,7 @@ fn aligned_segments_go_straight_to_the_volume_in_sub_ios() {
     let mut descs = vec![rd(HDR, 16)];
     descs.extend((0..n).map(|i| rd(DATA + i as u64 * 4096, 4096)));
     descs.push(wr(STATUS, 1));
-    assert_eq!(f.submit_chain(&descs, 256).status, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(f.submit_chain(&descs, 256).status, Some(STATUS_OK));
     assert_eq!(f.read_sectors(0, n * 4096), data);
 }
 
@@ -674,7 +676,7 @@ fn concurrent_rmw_survives(dev: Arc<Device>) {
                     .build_desc_chain(&[rd(HDR, 16), rd(DATA, 512), wr(STATUS, 1)])
                     .unwrap();
                 let c = run_chain(&dev, &mem, chain);
-                assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
+                assert_eq!(c.status, Some(STATUS_OK));
             }
         }));
     }
@@ -689,7 +691,7 @@ fn concurrent_rmw_survives(dev: Arc<Device>) {
     let chain = vq
         .build_desc_chain(&[rd(HDR, 16), wr(DATA, 4096), wr(STATUS, 1)])
         .unwrap();
-    assert_eq!(run_chain(&dev, &mem, chain).status, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(run_chain(&dev, &mem, chain).status, Some(STATUS_OK));
     let mut back = vec![0u8; 4096];
     mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
     let last = rounds - 1;
@@ -823,13 +825,10 @@ fn a_4096_sector_loop_device_takes_512_byte_aligned_buffers_through_io_uring() {
         let c = run(&descs);
         (c.status, c.used_len)
     };
-    assert_eq!(request(VIRTIO_BLK_T_OUT, &segs), (Some(VIRTIO_BLK_S_OK), 1));
+    assert_eq!(request(VIRTIO_BLK_T_OUT, &segs), (Some(STATUS_OK), 1));
     // ...read back into other such buffers...
     let back = [(DATA + 0x30_0200, 2560u32), (DATA + 0x31_0a00, 5632)];
-    assert_eq!(
-        request(VIRTIO_BLK_T_IN, &back),
-        (Some(VIRTIO_BLK_S_OK), 8193)
-    );
+    assert_eq!(request(VIRTIO_BLK_T_IN, &back), (Some(STATUS_OK), 8193));
     let mut got = f.read_guest(back[0].0, back[0].1 as usize);
     got.extend(f.read_guest(back[1].0, back[1].1 as usize));
     assert_eq!(got, data);
@@ -866,7 +865,10 @@ fn config_space_shows_512_byte_sectors_and_4k_physical_blocks() {
         num_queues: 4,
         queue_size: 1024,
     };
-    let c = crate::backend::config_space(&f.dev, &g);
+    let cfg = crate::backend::config_space(&f.dev, &g);
+    // Read back at the offsets the virtio spec gives, not through the struct's fields.
+    let c = zerocopy::IntoBytes::as_bytes(&cfg);
+    assert_eq!(c.len(), 60);
     assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2048);
     assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 1022);
     assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
@@ -945,7 +947,7 @@ fn random_chains_never_panic_and_the_device_keeps_serving() {
         store_table(&f, INDIRECT, &descs);
         let c = f.submit_raw(&descs);
         if let Some(s) = c.status {
-            assert!(s <= VIRTIO_BLK_S_UNSUPP);
+            assert!(s <= STATUS_UNSUPP);
             assert!(c.used_len >= 1);
         } else {
             assert_eq!(c.used_len, 0);
@@ -1028,10 +1030,10 @@ fn engine_round_trip(defer: bool) {
     f.write_guest(DATA, &data);
     f.header(VIRTIO_BLK_T_OUT, 16);
     let c = run(&[rd(HDR, 16), rd(DATA, 8192), wr(STATUS, 1)]).expect("aligned write taken");
-    assert_eq!((c.status, c.used_len), (Some(VIRTIO_BLK_S_OK), 1));
+    assert_eq!((c.status, c.used_len), (Some(STATUS_OK), 1));
     f.header(VIRTIO_BLK_T_IN, 16);
     let c = run(&[rd(HDR, 16), wr(DATA + 0x10_0000, 8192), wr(STATUS, 1)]).unwrap();
-    assert_eq!((c.status, c.used_len), (Some(VIRTIO_BLK_S_OK), 8193));
+    assert_eq!((c.status, c.used_len), (Some(STATUS_OK), 8193));
     assert_eq!(f.read_guest(DATA + 0x10_0000, 8192), data);
     // Misaligned (read-modify-write) and flush are declined to the synchronous path.
     f.header(VIRTIO_BLK_T_OUT, 1);
@@ -1041,7 +1043,7 @@ fn engine_round_trip(defer: bool) {
     // Invalid chains are answered by the engine itself.
     f.header(VIRTIO_BLK_T_IN, u64::MAX / 512);
     let c = run(&[rd(HDR, 16), wr(DATA, 4096), wr(STATUS, 1)]).unwrap();
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_IOERR));
+    assert_eq!(c.status, Some(STATUS_IOERR));
     // The file shrinks under the export: a read ending past the new end is short, the
     // rest is resubmitted, finds the end, and the request fails instead of hanging.
     _file
@@ -1052,7 +1054,7 @@ fn engine_round_trip(defer: bool) {
         .unwrap();
     f.header(VIRTIO_BLK_T_IN, 16);
     let c = run(&[rd(HDR, 16), wr(DATA, 4096), wr(STATUS, 1)]).unwrap();
-    assert_eq!((c.status, c.used_len), (Some(VIRTIO_BLK_S_IOERR), 1));
+    assert_eq!((c.status, c.used_len), (Some(STATUS_IOERR), 1));
     let m = dev.metrics.snapshot();
     assert_eq!((m.requests.read, m.requests.write), (2, 1));
     assert_eq!((m.errors.io, m.errors.malformed), (1, 1));
@@ -1139,7 +1141,7 @@ fn a_file_in_memory_is_opened_buffered_with_512_byte_blocks() {
 fn mock_vring(
     mem: &GuestMemoryMmap<()>,
     vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>,
-) -> vhost_user_backend::VringRwLock<crate::backend::Mem> {
+) -> vhost_user_backend::VringRwLock<crate::memory::Mem> {
     use vhost_user_backend::{VringRwLock, VringT};
     let vring = VringRwLock::new(vm_memory::GuestMemoryAtomic::new(mem.clone()), 16).unwrap();
     vring
@@ -1210,7 +1212,7 @@ fn used_elems(
 
 #[allow(clippy::type_complexity)]
 fn pop_all(
-    vring: &vhost_user_backend::VringRwLock<crate::backend::Mem>,
+    vring: &vhost_user_backend::VringRwLock<crate::memory::Mem>,
     qs: &crate::queue::QueueState,
     mem: &Arc<GuestMemoryMmap<()>>,
 ) -> Vec<(RawChain, Taken)> {
@@ -1264,7 +1266,7 @@ fn requests_the_watchdog_answered_are_not_answered_again_by_their_late_completio
     let st = |k: u64| mem.read_obj::<u8>(GuestAddress(QSTATUS + k)).unwrap();
     assert_eq!(
         (st(0), st(1), st(2)),
-        (VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_IOERR)
+        (STATUS_OK, STATUS_IOERR, STATUS_IOERR)
     );
     // Their completions come later: nothing more reaches the guest.
     let mut done = vec![
@@ -1273,10 +1275,10 @@ fn requests_the_watchdog_answered_are_not_answered_again_by_their_late_completio
     ];
     assert!(done
         .iter()
-        .all(|c| c.status.map(|s| s.1) == Some(VIRTIO_BLK_S_OK)));
+        .all(|c| c.status.map(|s| s.1) == Some(STATUS_OK)));
     qs.complete(&vring, &mut done).unwrap();
     assert_eq!(used_elems(&mem, &vq).len(), 3);
-    assert_eq!((st(1), st(2)), (VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_IOERR));
+    assert_eq!((st(1), st(2)), (STATUS_IOERR, STATUS_IOERR));
     assert_eq!(dev.metrics.snapshot().errors.timed_out, 2);
     // A stop with nothing in flight returns at once and answers nothing.
     let t = std::time::Instant::now();
@@ -1291,12 +1293,12 @@ fn a_removed_volume_fails_new_requests_at_once_and_a_resume_serves_them_again() 
     f.dev.remove("test");
     assert_eq!(f.dev.state(), crate::VolumeState::Removed);
     let c = f.io(VIRTIO_BLK_T_IN, 0, wr(DATA, 512));
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_IOERR));
+    assert_eq!(c.status, Some(STATUS_IOERR));
     assert_eq!(f.dev.metrics.snapshot().errors.removed, 1);
     // GET_ID does not touch the volume.
     f.header(VIRTIO_BLK_T_GET_ID, 0);
     let c = f.submit_chain(&[rd(HDR, 16), wr(DATA, 20), wr(STATUS, 1)], 16);
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(c.status, Some(STATUS_OK));
     // Back on a copy of the volume under another name.
     let copy = tempfile::NamedTempFile::new().unwrap();
     std::fs::copy(f._file.as_ref().unwrap().path(), copy.path()).unwrap();
@@ -1304,7 +1306,7 @@ fn a_removed_volume_fails_new_requests_at_once_and_a_resume_serves_them_again() 
     assert_eq!(f.dev.state(), crate::VolumeState::Active);
     assert_eq!(f.dev.path(), copy.path());
     let c = f.io(VIRTIO_BLK_T_IN, 5, wr(DATA, 512));
-    assert_eq!(c.status, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(c.status, Some(STATUS_OK));
     assert_eq!(&f.read_guest(DATA, 8), &5u64.to_le_bytes());
     // ENODEV from a request still on the volume that was swapped out does not remove the
     // new one; from the current one it does.
