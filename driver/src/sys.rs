@@ -1,5 +1,4 @@
-//! The kernel interfaces the driver uses directly: reflink (`FICLONE`), block device
-//! geometry (`BLKGETSIZE64`, `BLKSSZGET`), directory fsync, file-system space, and the
+//! The kernel interfaces the driver uses directly: reflink (`FICLONE`), directory fsync, file-system space, and the
 //! kernel uevent netlink socket.
 
 use std::fs::File;
@@ -9,8 +8,6 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 nix::ioctl_write_int!(ioctl_ficlone, 0x94, 9);
-nix::ioctl_read!(ioctl_blkgetsize64, 0x12, 114, u64);
-nix::ioctl_read_bad!(ioctl_blksszget, 0x1268, libc::c_int);
 
 fn errno(e: nix::Error) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
@@ -34,30 +31,12 @@ pub fn is_reflink_unsupported(e: &io::Error) -> bool {
     )
 }
 
-/// Size in bytes of an open block device.
-pub fn block_device_size(dev: &File) -> io::Result<u64> {
-    let mut size: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to a live
-    // local of that type.
-    unsafe { ioctl_blkgetsize64(dev.as_raw_fd(), &mut size) }.map_err(errno)?;
-    Ok(size)
-}
-
-/// Logical sector size of an open block device.
-pub fn block_device_sector_size(dev: &File) -> io::Result<u32> {
-    let mut ss: libc::c_int = 0;
-    // SAFETY: BLKSSZGET writes one int through the pointer, which points to a live local
-    // of that type.
-    unsafe { ioctl_blksszget(dev.as_raw_fd(), &mut ss) }.map_err(errno)?;
-    u32::try_from(ss).map_err(|_| io::Error::other(format!("sector size {ss}")))
-}
-
 /// Size and logical sector size of a block device or regular file (files: 512).
 pub fn size_and_sector(path: &Path) -> io::Result<(u64, u32)> {
     let f = File::open(path)?;
     let m = f.metadata()?;
     if m.file_type().is_block_device() {
-        Ok((block_device_size(&f)?, block_device_sector_size(&f)?))
+        Ok((blockdev::size(&f)?, blockdev::logical_block_size(&f)?))
     } else {
         Ok((m.len(), 512))
     }

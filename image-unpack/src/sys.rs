@@ -1,69 +1,12 @@
-//! Block-device ioctls and file-space calls, declared once and wrapped safely.
+//! File-space calls (hole punching, zeroed extents), wrapped safely; block-device
+//! ioctls are the `blockdev` crate's.
 //!
-//! Everything here takes a `&File` (or raw fd owned by one), so the descriptor
-//! is valid for the duration of each call.
+//! Everything here takes a `&File`, so the descriptor is valid for the duration of
+//! each call.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-
-// From <linux/fs.h>. BLKSSZGET and BLKPBSZGET predate the _IO* encoding macros
-// and are plain numbers; the others are encoded with their argument type.
-nix::ioctl_read_bad!(blksszget, 0x1268, libc::c_int);
-nix::ioctl_read_bad!(blkpbszget, 0x127b, libc::c_uint);
-nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
-nix::ioctl_write_ptr_bad!(blkzeroout, 0x127f, [u64; 2]);
-nix::ioctl_none_bad!(blkflsbuf, 0x1261);
-
-fn errno(e: nix::Error) -> io::Error {
-    io::Error::from_raw_os_error(e as i32)
-}
-
-/// Logical block size of a block device (BLKSSZGET).
-pub fn logical_block_size(dev: &File) -> io::Result<u32> {
-    let mut v: libc::c_int = 0;
-    // SAFETY: `dev` is an open descriptor for the whole call and `v` is a valid,
-    // writable c_int, which is what BLKSSZGET stores.
-    unsafe { blksszget(dev.as_raw_fd(), &mut v) }.map_err(errno)?;
-    u32::try_from(v).map_err(|_| io::Error::other(format!("BLKSSZGET returned {v}")))
-}
-
-/// Physical block size of a block device (BLKPBSZGET).
-pub fn physical_block_size(dev: &File) -> io::Result<u32> {
-    let mut v: libc::c_uint = 0;
-    // SAFETY: `dev` is open for the call and `v` is a writable c_uint, the type
-    // BLKPBSZGET stores.
-    unsafe { blkpbszget(dev.as_raw_fd(), &mut v) }.map_err(errno)?;
-    Ok(v)
-}
-
-/// Size of a block device in bytes (BLKGETSIZE64).
-pub fn device_size(dev: &File) -> io::Result<u64> {
-    let mut v: u64 = 0;
-    // SAFETY: `dev` is open for the call and `v` is a writable u64, the type
-    // BLKGETSIZE64 stores.
-    unsafe { blkgetsize64(dev.as_raw_fd(), &mut v) }.map_err(errno)?;
-    Ok(v)
-}
-
-/// Zeroes `[offset, offset + len)` of a block device (BLKZEROOUT). The kernel
-/// guarantees the range reads back as zeros; it uses WRITE ZEROES or unmap
-/// where the device offers them and writes zero pages otherwise.
-pub fn zero_out(dev: &File, offset: u64, len: u64) -> io::Result<()> {
-    let range = [offset, len];
-    // SAFETY: `dev` is open for the call; `range` is a readable [u64; 2]
-    // (start, length), the argument BLKZEROOUT reads.
-    unsafe { blkzeroout(dev.as_raw_fd(), &range) }.map_err(errno)?;
-    Ok(())
-}
-
-/// Writes back and drops the block device's buffer cache (BLKFLSBUF), so a
-/// later buffered reader sees what O_DIRECT writers and loop devices wrote.
-pub fn flush_buffers(dev: &File) -> io::Result<()> {
-    // SAFETY: `dev` is open for the call; BLKFLSBUF takes no argument.
-    unsafe { blkflsbuf(dev.as_raw_fd()) }.map_err(errno)?;
-    Ok(())
-}
 
 /// Deallocates `[offset, offset + len)` of a regular file, keeping its size; the
 /// range reads back as zeros.
@@ -171,12 +114,5 @@ mod tests {
         assert!(buf[4096..12288].iter().all(|&x| x == 0));
         assert!(buf[12288..].iter().all(|&x| x == 0xAB));
         assert_eq!(f.metadata().unwrap().len(), 65536);
-    }
-
-    #[test]
-    fn block_ioctls_refuse_regular_files() {
-        let f = tempfile::tempfile().unwrap();
-        assert!(logical_block_size(&f).is_err());
-        assert!(device_size(&f).is_err());
     }
 }

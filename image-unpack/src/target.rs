@@ -210,9 +210,9 @@ impl Target {
         };
         let (size, lbs, pbs) = match kind {
             TargetKind::BlockDevice => (
-                sys::device_size(&file).map_err(probe("size"))?,
-                sys::logical_block_size(&file).map_err(probe("logical block size"))?,
-                sys::physical_block_size(&file).map_err(probe("physical block size"))?,
+                blockdev::size(&file).map_err(probe("size"))?,
+                blockdev::logical_block_size(&file).map_err(probe("logical block size"))?,
+                blockdev::physical_block_size(&file).map_err(probe("physical block size"))?,
             ),
             TargetKind::File => (meta.len(), 512, 512),
         };
@@ -291,7 +291,7 @@ impl Target {
                 continue;
             }
             let r = match m {
-                ZeroMethod::BlkZeroout => sys::zero_out(&self.file, offset, len),
+                ZeroMethod::BlkZeroout => blockdev::zero_out(&self.file, offset, len),
                 ZeroMethod::PunchHole => sys::punch_hole(&self.file, offset, len),
                 ZeroMethod::ZeroRange => sys::zero_range(&self.file, offset, len),
                 ZeroMethod::Write => self.write_zeros(offset, len),
@@ -358,7 +358,7 @@ impl Target {
             })?;
         }
         if self.info.kind == TargetKind::BlockDevice {
-            sys::flush_buffers(&self.file).map_err(|source| TargetError::Flush {
+            blockdev::flush_buffers(&self.file).map_err(|source| TargetError::Flush {
                 path: self.info.path.clone(),
                 source,
             })?;

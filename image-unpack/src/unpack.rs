@@ -570,7 +570,7 @@ fn device_or_file_size(f: &File, path: &Path) -> Result<u64, UnpackError> {
     if meta.is_file() {
         return Ok(meta.len());
     }
-    crate::sys::device_size(f).map_err(|source| UnpackError::Open {
+    blockdev::size(f).map_err(|source| UnpackError::Open {
         path: path.to_owned(),
         source,
     })

@@ -177,7 +177,7 @@ impl Drop for LoopDevice {
 
 /// `BLKSSZGET`: the logical sector size of an open block device.
 pub fn logical_block_size(dev: &File) -> io::Result<u32> {
-    sys::logical_block_size(dev.as_fd())
+    blockdev::logical_block_size(dev)
 }
 
 pub(crate) fn device_path(number: u32) -> PathBuf {
@@ -469,7 +469,7 @@ fn verify(dev: &mut LoopDevice, opts: &AttachOptions) -> Result<(), Error> {
         backing: dev.backing.clone(),
         reason,
     };
-    let lbs = sys::logical_block_size(file.as_fd()).map_err(|e| query("BLKSSZGET", e))?;
+    let lbs = blockdev::logical_block_size(file).map_err(|e| query("BLKSSZGET", e))?;
     if lbs != opts.logical_block_size {
         return Err(mismatch(format!(
             "BLKSSZGET reports {lbs}-byte sectors, {} requested",
@@ -495,7 +495,7 @@ fn verify(dev: &mut LoopDevice, opts: &AttachOptions) -> Result<(), Error> {
             info.lo_offset, opts.offset
         )));
     }
-    dev.size = sys::size_bytes(file.as_fd()).map_err(|e| query("BLKGETSIZE64", e))?;
+    dev.size = blockdev::size(file).map_err(|e| query("BLKGETSIZE64", e))?;
     dev.logical_block_size = lbs;
     dev.binding = read_binding(dev.number);
     Ok(())
@@ -720,12 +720,11 @@ pub(crate) fn status_of(file: &File, number: u32) -> Result<Option<LoopStatus>, 
             })
         }
     };
-    let logical_block_size =
-        sys::logical_block_size(file.as_fd()).map_err(|source| Error::Query {
-            device: path.clone(),
-            what: "BLKSSZGET",
-            source,
-        })?;
+    let logical_block_size = blockdev::logical_block_size(file).map_err(|source| Error::Query {
+        device: path.clone(),
+        what: "BLKSSZGET",
+        source,
+    })?;
     Ok(Some(LoopStatus {
         number,
         backing: BackingId::of_status(&info),

@@ -29,11 +29,6 @@ const LOOP_SET_BLOCK_SIZE: Ioctl = 0x4C09;
 const LOOP_CONFIGURE: Ioctl = 0x4C0A;
 const LOOP_CTL_GET_FREE: Ioctl = 0x4C82;
 
-const BLKSSZGET: Ioctl = libc::BLKSSZGET;
-// _IOR(0x12, 114, size_t): the kernel ABI uses size_t, which is 8 bytes on every 64-bit target.
-const BLKGETSIZE64: Ioctl =
-    nix::request_code_read!(0x12, 114, std::mem::size_of::<libc::size_t>()) as Ioctl;
-
 /// `struct loop_info64`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -220,24 +215,6 @@ pub fn set_direct_io(dev: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// `BLKSSZGET`: logical sector size of a block device.
-pub fn logical_block_size(dev: BorrowedFd<'_>) -> io::Result<u32> {
-    let mut size: c_int = 0;
-    // SAFETY: BLKSSZGET writes one `int` through the pointer, which refers to a local `c_int`
-    // exclusively borrowed for the duration of the call.
-    check(unsafe { libc::ioctl(dev.as_raw_fd(), BLKSSZGET, &mut size as *mut c_int) })?;
-    u32::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
-}
-
-/// `BLKGETSIZE64`: size of a block device in bytes.
-pub fn size_bytes(dev: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut size: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one 64-bit value through the pointer, which refers to a local
-    // `u64` exclusively borrowed for the duration of the call.
-    check(unsafe { libc::ioctl(dev.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) })?;
-    Ok(size)
-}
-
 /// `flock(LOCK_EX | LOCK_NB)`: `Ok(false)` if another open file description holds the lock.
 pub fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
     // SAFETY: flock only takes a descriptor and flags; `fd` is a live borrow for the call.
@@ -285,12 +262,6 @@ mod tests {
         assert_eq!(std::mem::offset_of!(LoopInfo64, lo_file_name), 56);
         assert_eq!(std::mem::offset_of!(LoopInfo64, lo_init), 216);
         assert_eq!(std::mem::offset_of!(LoopConfig, info), 8);
-    }
-
-    #[test]
-    fn blkgetsize64_request_code_is_the_x86_64_value() {
-        #[cfg(target_arch = "x86_64")]
-        assert_eq!(BLKGETSIZE64, 0x8008_1272);
     }
 
     #[test]

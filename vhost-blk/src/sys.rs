@@ -1,4 +1,5 @@
-//! Kernel interfaces: positional vectored I/O and block-device ioctls.
+//! Kernel interfaces: positional vectored I/O, file space calls and io_uring.
+//! (Block-device ioctls are the `blockdev` crate's.)
 //!
 //! Every `unsafe` call of this crate lives here, wrapped in a safe function.
 
@@ -66,67 +67,6 @@ pub fn pwritev(file: &File, slices: &[VolatileSlice<'_, ()>], offset: u64) -> io
     // the kernel only reads those ranges.
     let ret = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), cnt, off) };
     check(ret as libc::c_long)
-}
-
-nix::ioctl_read_bad!(blk_ssz_get, libc::BLKSSZGET, libc::c_int);
-nix::ioctl_read_bad!(blk_pbsz_get, libc::BLKPBSZGET, libc::c_uint);
-nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
-// _IO(0x12, 119)
-nix::ioctl_write_ptr_bad!(blk_discard, 0x1277, [u64; 2]);
-// _IO(0x12, 127)
-nix::ioctl_write_ptr_bad!(blk_zeroout, 0x127f, [u64; 2]);
-nix::ioctl_read_bad!(blk_io_opt, 0x1279, libc::c_uint);
-nix::ioctl_read_bad!(blk_io_min, 0x1278, libc::c_uint);
-
-/// Logical sector size of a block device (`BLKSSZGET`).
-pub fn logical_block_size(file: &File) -> io::Result<u32> {
-    let mut v: libc::c_int = 0;
-    // SAFETY: BLKSSZGET writes one c_int into `v`, which lives for the call.
-    unsafe { blk_ssz_get(file.as_fd().as_raw_fd(), &mut v) }.map_err(io::Error::from)?;
-    u32::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-}
-
-/// Physical sector size of a block device (`BLKPBSZGET`).
-pub fn physical_block_size(file: &File) -> io::Result<u32> {
-    let mut v: libc::c_uint = 0;
-    // SAFETY: BLKPBSZGET writes one c_uint into `v`, which lives for the call.
-    unsafe { blk_pbsz_get(file.as_raw_fd(), &mut v) }.map_err(io::Error::from)?;
-    Ok(v)
-}
-
-/// Minimum and optimal I/O sizes of a block device (`BLKIOMIN`, `BLKIOOPT`).
-pub fn io_sizes(file: &File) -> io::Result<(u32, u32)> {
-    let mut min: libc::c_uint = 0;
-    let mut opt: libc::c_uint = 0;
-    // SAFETY: BLKIOMIN writes one c_uint into `min`, which lives for the call.
-    unsafe { blk_io_min(file.as_raw_fd(), &mut min) }.map_err(io::Error::from)?;
-    // SAFETY: BLKIOOPT writes one c_uint into `opt`, which lives for the call.
-    unsafe { blk_io_opt(file.as_raw_fd(), &mut opt) }.map_err(io::Error::from)?;
-    Ok((min, opt))
-}
-
-/// Size in bytes of a block device (`BLKGETSIZE64`).
-pub fn device_size(file: &File) -> io::Result<u64> {
-    let mut v: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 into `v`, which lives for the call.
-    unsafe { blk_getsize64(file.as_raw_fd(), &mut v) }.map_err(io::Error::from)?;
-    Ok(v)
-}
-
-/// Discards `[offset, offset + len)` of a block device (`BLKDISCARD`).
-pub fn discard(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let range = [offset, len];
-    // SAFETY: BLKDISCARD reads two u64 from `range`, which lives for the call.
-    unsafe { blk_discard(file.as_raw_fd(), &range) }.map_err(io::Error::from)?;
-    Ok(())
-}
-
-/// Zeroes `[offset, offset + len)` of a block device (`BLKZEROOUT`).
-pub fn zero_out(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let range = [offset, len];
-    // SAFETY: BLKZEROOUT reads two u64 from `range`, which lives for the call.
-    unsafe { blk_zeroout(file.as_raw_fd(), &range) }.map_err(io::Error::from)?;
-    Ok(())
 }
 
 /// The filesystem type (`statfs.f_type`) of `file`.

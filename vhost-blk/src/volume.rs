@@ -313,10 +313,10 @@ impl Volume {
         let meta = file.metadata().map_err(probe)?;
         let ft = meta.file_type();
         let (is_block_device, raw_size, lbs, pbs, io_min, io_opt) = if ft.is_block_device() {
-            let size = sys::device_size(&file).map_err(probe)?;
-            let lbs = sys::logical_block_size(&file).map_err(probe)?;
-            let pbs = sys::physical_block_size(&file).unwrap_or(lbs);
-            let (min, opt) = sys::io_sizes(&file).unwrap_or((0, 0));
+            let size = blockdev::size(&file).map_err(probe)?;
+            let lbs = blockdev::logical_block_size(&file).map_err(probe)?;
+            let pbs = blockdev::physical_block_size(&file).unwrap_or(lbs);
+            let (min, opt) = blockdev::io_sizes(&file).unwrap_or((0, 0));
             (true, size, u64::from(lbs), u64::from(pbs), min, opt)
         } else if ft.is_file() {
             // O_DIRECT on files: the alignment the filesystem reports, else 4096 (safe on
@@ -644,7 +644,7 @@ impl Volume {
         }
         let _g = self.lock(start, end);
         let res = if self.is_block_device {
-            sys::discard(&self.file, start, end - start)
+            blockdev::discard(&self.file, start, end - start)
         } else {
             self.punch_hole(start, end - start)
         };
@@ -706,7 +706,7 @@ impl Volume {
         let res = {
             let _g = self.lock(in_start, in_end);
             if self.is_block_device {
-                sys::zero_out(&self.file, in_start, in_end - in_start)
+                blockdev::zero_out(&self.file, in_start, in_end - in_start)
             } else if unmap {
                 self.punch_hole(in_start, in_end - in_start)
             } else {

@@ -145,7 +145,7 @@ fn wipe_device(dev: &Path) -> std::io::Result<()> {
         return Ok(());
     }
     let f = OpenOptions::new().write(true).open(dev)?;
-    let size = sys::block_device_size(&f)?;
+    let size = blockdev::size(&f)?;
     let n = WIPE_BYTES.min(size);
     let zeros = vec![0u8; n as usize];
     f.write_all_at(&zeros, 0)?;
