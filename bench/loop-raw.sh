@@ -5,6 +5,9 @@
 # busy with a spinning shell, where the loop worker runs on CPU 0 without a cross-CPU
 # wake-up). Prints IOPS, p50 completion latency and fio's CPU.
 #
+# Results worth keeping go to bench/RESULTS.md, with the commit, the machine and the
+# command line.
+#
 # Usage: bench/loop-raw.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -18,6 +18,9 @@
 # Runs of one point are interleaved across the servers. BENCH_BACKINGS="loop" (or
 # "tmpfs") measures one backing only; BENCH_VERBOSE=1 prints every run on stderr.
 #
+# Results worth keeping go to bench/RESULTS.md, with the commit, the machine and the
+# command line.
+#
 # Usage: bench/vhost.sh [--quick]   (--quick: 1 run of 2 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -6,7 +6,9 @@
 //! ```
 //!
 //! Reads every data extent (inflating compressed clusters) on the given number of
-//! threads, the way the writer does, and prints the guest bytes per second.
+//! threads, the way the writer does, and prints the guest bytes per second. Its figures
+//! are not kept here: one worth keeping goes to bench/RESULTS.md with the commit, the
+//! machine, the image and this command.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
