@@ -29,6 +29,9 @@ PKGS=(
   fuse3 libfuse3-dev
   # a real LXD daemon (Incus's REST API and VM options) for the Incus tests
   lxd lxd-client lxd-agent dnsmasq-base
+  # a throwaway one-node Ceph cluster (mon + OSD) for the RBD tests, librbd/librados
+  # for the Rust bindings, and QEMU's rbd block driver (a module in qemu-block-extra)
+  ceph-mon ceph-osd ceph-common librbd-dev librados-dev qemu-block-extra
 )
 
 # What the demo and the tests run or read, with the package that brings it.
@@ -76,6 +79,15 @@ CHECKS=(
   "lxc lxd-client"
   "/usr/bin/lxd-agent lxd-agent"
   "dnsmasq dnsmasq-base"
+  "ceph-mon ceph-mon"
+  "ceph-osd ceph-osd"
+  "ceph ceph-common"
+  "rbd ceph-common"
+  "ceph-authtool ceph-common"
+  "monmaptool ceph-base"
+  "/usr/include/rbd/librbd.h librbd-dev"
+  "/usr/include/rados/librados.h librados-dev"
+  "/usr/lib/x86_64-linux-gnu/qemu/block-rbd.so qemu-block-extra"
 )
 
 # Prints "missing: TOOL (package PKG)" for each check that fails; returns 1 if any did.

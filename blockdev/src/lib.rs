@@ -23,6 +23,31 @@ fn errno(e: nix::Error) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
 }
 
+/// What a block device says of itself, read in one call ([`probe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Capacity in bytes.
+    pub size: u64,
+    /// Logical sector size in bytes: the unit of addressing.
+    pub logical_block_size: u32,
+    /// Physical sector size in bytes (at least the logical one).
+    pub physical_block_size: u32,
+}
+
+/// Capacity, logical and physical sector sizes of a block device. A device that does
+/// not report its physical sector size is taken to write logical sectors atomically.
+pub fn probe(dev: impl AsFd) -> io::Result<Geometry> {
+    let fd = dev.as_fd();
+    let logical_block_size = logical_block_size(fd)?;
+    Ok(Geometry {
+        size: size(fd)?,
+        logical_block_size,
+        physical_block_size: physical_block_size(fd)
+            .unwrap_or(logical_block_size)
+            .max(logical_block_size),
+    })
+}
+
 /// Logical sector size in bytes (`BLKSSZGET`): the unit of addressing.
 pub fn logical_block_size(dev: impl AsFd) -> io::Result<u32> {
     let mut v: libc::c_int = 0;

@@ -9,7 +9,9 @@ use vhost_blk::{ExportConfig, StopHandle};
 /// `vmblk export`.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// The volume: a block device or a regular file.
+    /// The volume: a block device or regular file, an RBD image in QEMU's syntax
+    /// (`rbd:POOL[/NAMESPACE]/IMAGE[@SNAP][:conf=PATH][:id=USER][:keyring=PATH]`; a
+    /// snapshot is served read-only), or `null:SIZE` (reads zeros, drops writes).
     pub volume: PathBuf,
     /// The unix socket QEMU connects to (replaced if it exists).
     #[arg(long)]

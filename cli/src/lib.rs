@@ -79,8 +79,12 @@ pub enum Command {
 pub struct UnpackArgs {
     /// The image: qcow2, raw, an Incus unified tarball, or a split image's rootfs.
     pub image: PathBuf,
-    /// The volume: a block device or a regular file at least the image's size.
+    /// The volume: a block device or regular file at least the image's size, or an RBD
+    /// image (`rbd:POOL[/NAMESPACE]/IMAGE[:conf=PATH][:id=USER][:keyring=PATH]`).
     pub target: PathBuf,
+    /// Create the RBD image with this size (e.g. 10G) if it does not exist.
+    #[arg(long, value_parser = volume::parse_size)]
+    pub size: Option<u64>,
     /// The metadata tarball of a split Incus image.
     #[arg(long)]
     pub metadata: Option<PathBuf>,
@@ -107,7 +111,7 @@ pub struct UnpackArgs {
 /// `vmblk inspect`.
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// An image file or a block device.
+    /// An image file, a block device, or an RBD image (`rbd:POOL/IMAGE[@SNAP]...`).
     pub path: PathBuf,
     /// Print the report as JSON.
     #[arg(long)]
@@ -117,7 +121,7 @@ pub struct InspectArgs {
 /// `vmblk repair`.
 #[derive(Debug, Args)]
 pub struct RepairArgs {
-    /// The volume (block device or file).
+    /// The volume: a block device, a file, or an RBD image (`rbd:POOL/IMAGE...`).
     pub target: PathBuf,
     /// Say what would be done, write nothing.
     #[arg(long)]
@@ -249,6 +253,7 @@ fn unpack(a: UnpackArgs) -> i32 {
         force: a.force,
         grow_last_partition: a.grow_last_partition,
         zero_tail: a.zero_tail,
+        create_size: a.size,
         copy: CopyOptions {
             threads: a.threads,
             ..CopyOptions::default()

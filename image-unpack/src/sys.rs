@@ -8,6 +8,18 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
+/// An anonymous in-memory file of `size` bytes (sparse: only what is written takes
+/// memory), closed on exec.
+pub fn memfd(name: &str, size: u64) -> io::Result<File> {
+    let name =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let fd = nix::sys::memfd::memfd_create(&name, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+        .map_err(io::Error::from)?;
+    let file = File::from(fd);
+    file.set_len(size)?;
+    Ok(file)
+}
+
 /// Deallocates `[offset, offset + len)` of a regular file, keeping its size; the
 /// range reads back as zeros.
 pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {

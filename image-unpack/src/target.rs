@@ -1,8 +1,10 @@
-//! The volume an image is unpacked onto: a block device or a regular file.
+//! The volume an image is unpacked onto: a block device, a regular file, or an RBD
+//! image (`rbd:POOL/IMAGE...`, through librbd).
 //!
 //! [`Target::open`] probes what the kernel says about the volume (size, logical
 //! and physical block size) and opens it for aligned direct I/O where it can.
-//! Regular files count as 512-byte-sector volumes.
+//! Regular files count as 512-byte-sector volumes, and so do RBD images: librbd is
+//! byte-addressed, so partition work on them needs no bridge.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -69,6 +71,28 @@ pub enum TargetError {
         #[source]
         source: io::Error,
     },
+    /// The RBD image could not be reached, opened, created or written.
+    #[error("RBD target {path}")]
+    Rbd {
+        /// The target address.
+        path: PathBuf,
+        /// Cause (names the call: connect, open pool, open image, write, ...).
+        #[source]
+        source: rbd::RbdError,
+    },
+    /// The RBD image does not exist and no size to create it with was given.
+    #[error("RBD image {0} does not exist (give a size to create it)")]
+    RbdMissing(PathBuf),
+    /// The RBD image exists with another size than the one asked to create.
+    #[error("RBD image {path} exists with {size} bytes, not the {asked} asked to create")]
+    RbdSizeMismatch {
+        /// The target address.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The size asked for.
+        asked: u64,
+    },
     /// Flushing the target failed.
     #[error("flushing target {path}")]
     Flush {
@@ -88,6 +112,8 @@ pub enum TargetKind {
     BlockDevice,
     /// A regular file (sparse volume file of a `dir` pool).
     File,
+    /// An RBD image, through librbd.
+    Rbd,
 }
 
 /// How a range was made to read back as zeros.
@@ -102,6 +128,11 @@ pub enum ZeroMethod {
     ZeroRange,
     /// Plain writes of zero buffers (no faster method worked).
     Write,
+    /// librbd's write-zeroes (whole objects deallocated, the rest zeroed).
+    RbdWriteZeroes,
+    /// Nothing to do: the RBD image was created for this unpack, and reads as zeros
+    /// wherever nothing was written.
+    AlreadyZero,
 }
 
 /// What the kernel says about a target.
@@ -124,24 +155,109 @@ pub struct TargetInfo {
 /// An open volume.
 #[derive(Debug)]
 pub struct Target {
-    file: File,
-    /// A second, buffered descriptor for writes that O_DIRECT cannot take
-    /// (unaligned head or tail of a range); `None` without O_DIRECT.
-    buffered: Option<File>,
+    io: TargetIo,
     info: TargetInfo,
     zero_methods: std::sync::Mutex<Vec<ZeroMethod>>,
 }
+
+#[derive(Debug)]
+enum TargetIo {
+    File {
+        file: File,
+        /// A second, buffered descriptor for writes that O_DIRECT cannot take
+        /// (unaligned head or tail of a range); `None` without O_DIRECT.
+        buffered: Option<File>,
+    },
+    Rbd {
+        image: rbd::Image,
+        /// Created for this unpack: reads as zeros wherever nothing was written.
+        created: bool,
+    },
+}
+
+/// How long opening an RBD target waits for the cluster's monitors.
+const RBD_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Target {
     /// Opens `path` read-write, exclusively for block devices (so a mounted or
     /// otherwise claimed device is refused), with O_DIRECT where possible.
     pub fn open(path: &Path) -> Result<Target, TargetError> {
-        Self::open_with(path, true)
+        Self::open_or_create(path, None)
+    }
+
+    /// Like [`Target::open`]; an RBD image that does not exist is created with
+    /// `create_size` bytes if given (an existing one must have that size).
+    pub fn open_or_create(path: &Path, create_size: Option<u64>) -> Result<Target, TargetError> {
+        match rbd_spec(path)? {
+            Some(spec) => Self::open_rbd(path, &spec, true, create_size),
+            None => Self::open_with(path, true),
+        }
     }
 
     /// Opens `path` read-only, for inspection; not exclusive, no O_DIRECT.
     pub fn open_read_only(path: &Path) -> Result<Target, TargetError> {
-        Self::open_with(path, false)
+        match rbd_spec(path)? {
+            Some(spec) => Self::open_rbd(path, &spec, false, None),
+            None => Self::open_with(path, false),
+        }
+    }
+
+    fn open_rbd(
+        path: &Path,
+        spec: &rbd::RbdSpec,
+        write: bool,
+        create_size: Option<u64>,
+    ) -> Result<Target, TargetError> {
+        let err = |source| TargetError::Rbd {
+            path: path.to_owned(),
+            source,
+        };
+        let mut opts = rbd::ClusterOptions::from_spec(spec);
+        opts.connect_timeout = Some(RBD_CONNECT_TIMEOUT);
+        let cluster = rbd::Cluster::connect(&opts).map_err(err)?;
+        let pool = cluster.pool(&spec.pool, &spec.namespace).map_err(err)?;
+        let snapshot = spec.snapshot.as_deref();
+        let mut created = false;
+        let image = match rbd::Image::open(&pool, &spec.image, snapshot, !write) {
+            Err(e) if e.is_not_found() && write && snapshot.is_none() => {
+                let Some(size) = create_size else {
+                    return Err(TargetError::RbdMissing(path.to_owned()));
+                };
+                rbd::Image::create(&pool, &spec.image, size).map_err(err)?;
+                created = true;
+                tracing::info!(image = %spec.image_path(), size, "RBD image created");
+                rbd::Image::open(&pool, &spec.image, None, false).map_err(err)?
+            }
+            r => r.map_err(err)?,
+        };
+        if write && image.is_read_only() {
+            return Err(TargetError::Open {
+                path: path.to_owned(),
+                source: io::Error::from_raw_os_error(libc::EROFS),
+            });
+        }
+        let size = image.size().map_err(err)?;
+        if let Some(asked) = create_size.filter(|&a| a != size && !created) {
+            return Err(TargetError::RbdSizeMismatch {
+                path: path.to_owned(),
+                size,
+                asked,
+            });
+        }
+        let info = TargetInfo {
+            path: path.to_owned(),
+            kind: TargetKind::Rbd,
+            size,
+            logical_block_size: 512,
+            physical_block_size: 512,
+            direct_io: false,
+        };
+        tracing::debug!(?info, created, "opened RBD target");
+        Ok(Target {
+            io: TargetIo::Rbd { image, created },
+            info,
+            zero_methods: Default::default(),
+        })
     }
 
     fn open_with(path: &Path, write: bool) -> Result<Target, TargetError> {
@@ -209,12 +325,11 @@ impl Target {
             }
         };
         let (size, lbs, pbs) = match kind {
-            TargetKind::BlockDevice => (
-                blockdev::size(&file).map_err(probe("size"))?,
-                blockdev::logical_block_size(&file).map_err(probe("logical block size"))?,
-                blockdev::physical_block_size(&file).map_err(probe("physical block size"))?,
-            ),
-            TargetKind::File => (meta.len(), 512, 512),
+            TargetKind::BlockDevice => {
+                let g = blockdev::probe(&file).map_err(probe("size and sector sizes"))?;
+                (g.size, g.logical_block_size, g.physical_block_size)
+            }
+            TargetKind::File | TargetKind::Rbd => (meta.len(), 512, 512),
         };
         let info = TargetInfo {
             path: path.to_owned(),
@@ -226,8 +341,7 @@ impl Target {
         };
         tracing::debug!(?info, "opened target");
         Ok(Target {
-            file,
-            buffered,
+            io: TargetIo::File { file, buffered },
             info,
             zero_methods: Default::default(),
         })
@@ -238,9 +352,20 @@ impl Target {
         &self.info
     }
 
-    /// The open file.
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The open file (block devices and regular files).
+    pub fn file(&self) -> Option<&File> {
+        match &self.io {
+            TargetIo::File { file, .. } => Some(file),
+            TargetIo::Rbd { .. } => None,
+        }
+    }
+
+    /// The open RBD image (RBD targets).
+    pub fn rbd_image(&self) -> Option<&rbd::Image> {
+        match &self.io {
+            TargetIo::Rbd { image, .. } => Some(image),
+            TargetIo::File { .. } => None,
+        }
     }
 
     /// Alignment of offset, length and memory that lets a write bypass the
@@ -249,17 +374,29 @@ impl Target {
         match self.info.kind {
             TargetKind::BlockDevice => u64::from(self.info.logical_block_size).max(512),
             TargetKind::File => 4096,
+            TargetKind::Rbd => 512,
         }
     }
 
     /// Writes `buf` at `offset`: directly when offset, length and memory are
     /// aligned to [`Target::alignment`], through the page cache otherwise.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), TargetError> {
+        let (file, buffered) = match &self.io {
+            TargetIo::File { file, buffered } => (file, buffered),
+            TargetIo::Rbd { image, .. } => {
+                return image
+                    .write_at(buf, offset)
+                    .map_err(|source| TargetError::Rbd {
+                        path: self.info.path.clone(),
+                        source,
+                    })
+            }
+        };
         let a = self.alignment();
         let aligned = offset % a == 0 && buf.len() as u64 % a == 0 && buf.as_ptr() as u64 % a == 0;
-        let file = match (&self.buffered, aligned) {
+        let file = match (buffered, aligned) {
             (Some(b), false) => b,
-            _ => &self.file,
+            _ => file,
         };
         file.write_all_at(buf, offset)
             .map_err(|source| TargetError::Write {
@@ -277,7 +414,22 @@ impl Target {
         if len == 0 {
             return Ok(ZeroMethod::Write);
         }
+        let file = match &self.io {
+            TargetIo::File { file, .. } => file,
+            // Never write zeros into a thin image that has nothing there yet.
+            TargetIo::Rbd { created: true, .. } => return Ok(ZeroMethod::AlreadyZero),
+            TargetIo::Rbd { image, .. } => {
+                return image
+                    .write_zeroes(offset, len)
+                    .map(|()| ZeroMethod::RbdWriteZeroes)
+                    .map_err(|source| TargetError::Rbd {
+                        path: self.info.path.clone(),
+                        source,
+                    })
+            }
+        };
         let candidates: &[ZeroMethod] = match self.info.kind {
+            TargetKind::Rbd => &[],
             TargetKind::BlockDevice => &[ZeroMethod::BlkZeroout, ZeroMethod::Write],
             TargetKind::File => &[
                 ZeroMethod::PunchHole,
@@ -291,10 +443,11 @@ impl Target {
                 continue;
             }
             let r = match m {
-                ZeroMethod::BlkZeroout => blockdev::zero_out(&self.file, offset, len),
-                ZeroMethod::PunchHole => sys::punch_hole(&self.file, offset, len),
-                ZeroMethod::ZeroRange => sys::zero_range(&self.file, offset, len),
+                ZeroMethod::BlkZeroout => blockdev::zero_out(file, offset, len),
+                ZeroMethod::PunchHole => sys::punch_hole(file, offset, len),
+                ZeroMethod::ZeroRange => sys::zero_range(file, offset, len),
                 ZeroMethod::Write => self.write_zeros(offset, len),
+                ZeroMethod::RbdWriteZeroes | ZeroMethod::AlreadyZero => continue,
             };
             match r {
                 Ok(()) => return Ok(m),
@@ -351,19 +504,43 @@ impl Target {
 
     /// Flushes written data to stable storage.
     pub fn sync(&self) -> Result<(), TargetError> {
-        for f in std::iter::once(&self.file).chain(self.buffered.as_ref()) {
+        let (file, buffered) = match &self.io {
+            TargetIo::File { file, buffered } => (file, buffered),
+            TargetIo::Rbd { image, .. } => {
+                return image.flush().map_err(|source| TargetError::Rbd {
+                    path: self.info.path.clone(),
+                    source,
+                })
+            }
+        };
+        for f in std::iter::once(file).chain(buffered.as_ref()) {
             f.sync_data().map_err(|source| TargetError::Flush {
                 path: self.info.path.clone(),
                 source,
             })?;
         }
         if self.info.kind == TargetKind::BlockDevice {
-            blockdev::flush_buffers(&self.file).map_err(|source| TargetError::Flush {
+            blockdev::flush_buffers(file).map_err(|source| TargetError::Flush {
                 path: self.info.path.clone(),
                 source,
             })?;
         }
         Ok(())
+    }
+}
+
+/// The RBD address `path` holds, if it is one (`rbd:...`).
+pub fn rbd_spec(path: &Path) -> Result<Option<rbd::RbdSpec>, TargetError> {
+    match path.to_str() {
+        Some(s) if rbd::RbdSpec::is_rbd(s) => {
+            rbd::RbdSpec::parse(s)
+                .map(Some)
+                .map_err(|e| TargetError::Rbd {
+                    path: path.to_owned(),
+                    source: e.into(),
+                })
+        }
+        _ => Ok(None),
     }
 }
 

@@ -52,6 +52,8 @@ pub struct UnpackOptions {
     pub grow_last_partition: bool,
     /// Also zero the volume beyond the image's end (it may hold an older guest's data).
     pub zero_tail: bool,
+    /// An RBD target that does not exist is created with this many bytes.
+    pub create_size: Option<u64>,
     /// Copy tuning.
     pub copy: CopyOptions,
 }
@@ -322,7 +324,14 @@ pub fn unpack(
     let src = open_image(image, opts)?;
     let vsize = src.virtual_size();
     let source_format = src.format();
-    let target = Target::open(target_path)?;
+    if let Some(size) = opts.create_size.filter(|&s| s < vsize) {
+        return Err(UnpackError::TooSmall {
+            path: target_path.to_owned(),
+            size,
+            needed: vsize,
+        });
+    }
+    let target = Target::open_or_create(target_path, opts.create_size)?;
     let info = target.info().clone();
     if info.size < vsize {
         return Err(UnpackError::TooSmall {
@@ -424,15 +433,23 @@ pub fn repair(
         Target::open(target_path)?
     };
     let info = target.info().clone();
-    let detection = {
-        let mut f = open_rw(target_path, false)?;
-        partition::detect_table_sector_size(&mut f, info.size).map_err(|source| {
-            UnpackError::Table {
+    let detection = match target.rbd_image() {
+        Some(image) => {
+            let mut cursor = image.cursor().map_err(|e| UnpackError::Open {
                 path: target_path.to_owned(),
-                source,
-            }
-        })?
-    };
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            partition::detect_table_sector_size(&mut cursor, info.size)
+        }
+        None => {
+            let mut f = open_rw(target_path, false)?;
+            partition::detect_table_sector_size(&mut f, info.size)
+        }
+    }
+    .map_err(|source| UnpackError::Table {
+        path: target_path.to_owned(),
+        source,
+    })?;
     let ss = table_plan(&detection, opts.force, target_path)?;
     if ss.is_none() && !matches!(detection.layout, DetectedLayout::Mbr) && !opts.force {
         return Err(UnpackError::TableRefused {
@@ -490,6 +507,9 @@ fn table_work(
             skipped: Some(skipped.into()),
         });
     };
+    if let Some(image) = target.rbd_image() {
+        return rbd_table_work(image, path, ss, detection, opts, progress);
+    }
     let bridge = if ss != target.info().logical_block_size {
         let tag = path
             .file_name()
@@ -562,6 +582,54 @@ fn table_work(
     Ok(work)
 }
 
+/// Partition work on an RBD image: librbd is byte-addressed, so the table is read and
+/// written at the image's own sector size directly, no bridge.
+fn rbd_table_work(
+    image: &rbd::Image,
+    path: &Path,
+    ss: u32,
+    detection: Detection,
+    opts: &RepairOptions,
+    progress: &dyn Progress,
+) -> Result<TableWork, UnpackError> {
+    let io_err = |e: rbd::RbdError| UnpackError::Open {
+        path: path.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let mut dev = image.cursor().map_err(io_err)?;
+    let size = image.size().map_err(io_err)?;
+    progress.phase("repair", None);
+    let repair =
+        partition::repair(&mut dev, ss, size, opts).map_err(|source| UnpackError::Table {
+            path: path.to_owned(),
+            source,
+        })?;
+    if !opts.dry_run {
+        image.flush().map_err(io_err)?;
+    }
+    progress.phase("verify", None);
+    let verify = verify::verify_rbd(image, ss).map_err(|source| UnpackError::Verify {
+        path: path.to_owned(),
+        source,
+    })?;
+    let work = TableWork {
+        table_sector_size: Some(ss),
+        detection,
+        bridge: None,
+        repair: Some(repair),
+        verify: Some(verify.clone()),
+        skipped: None,
+    };
+    if !verify.ok && !opts.dry_run {
+        return Err(UnpackError::VerifyFailed {
+            path: path.to_owned(),
+            problems: verify.problems.join("; "),
+            report: Box::new(work),
+        });
+    }
+    Ok(work)
+}
+
 fn device_or_file_size(f: &File, path: &Path) -> Result<u64, UnpackError> {
     let meta = f.metadata().map_err(|source| UnpackError::Open {
         path: path.to_owned(),
@@ -579,6 +647,9 @@ fn device_or_file_size(f: &File, path: &Path) -> Result<u64, UnpackError> {
 /// Looks at an image file or a volume: format, sizes, and its partition table
 /// at the sector size it was built for.
 pub fn inspect(path: &Path) -> Result<InspectReport, UnpackError> {
+    if crate::target::rbd_spec(path)?.is_some() {
+        return inspect_rbd(path);
+    }
     let meta = std::fs::metadata(path).map_err(|source| UnpackError::Open {
         path: path.to_owned(),
         source,
@@ -638,6 +709,39 @@ pub fn inspect(path: &Path) -> Result<InspectReport, UnpackError> {
         source_format: Some(src.format()),
         size: vsize,
         target: None,
+        detection,
+        table,
+    })
+}
+
+/// [`inspect`] of an RBD image (read-only; at its snapshot if the address names one).
+fn inspect_rbd(path: &Path) -> Result<InspectReport, UnpackError> {
+    let target = Target::open_read_only(path)?;
+    let info = target.info().clone();
+    let image = target.rbd_image().ok_or_else(|| UnpackError::Open {
+        path: path.to_owned(),
+        source: std::io::Error::from(std::io::ErrorKind::Unsupported),
+    })?;
+    let table_err = |source| UnpackError::Table {
+        path: path.to_owned(),
+        source,
+    };
+    let mut cursor = image.cursor().map_err(|e| UnpackError::Open {
+        path: path.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let detection =
+        partition::detect_table_sector_size(&mut cursor, info.size).map_err(table_err)?;
+    let table = match detection.sector_size() {
+        Some(ss) => Some(partition::inspect(&mut cursor, ss, info.size).map_err(table_err)?),
+        None => None,
+    };
+    Ok(InspectReport {
+        path: path.to_owned(),
+        kind: "volume",
+        source_format: None,
+        size: info.size,
+        target: Some(info),
         detection,
         table,
     })

@@ -6,9 +6,16 @@
 //! crate's `Prober::set_device`), so a partition is probed in place on the
 //! device or image file: no loop device and no kernel partition scan is
 //! needed, and it works on a 4K device holding a 512-byte layout.
+//!
+//! An RBD image has no file descriptor (the kernel here has no rbd module, and
+//! libblkid takes only an fd): [`verify_rbd`] copies each partition's first
+//! [`RBD_PROBE_HEAD`] and last [`RBD_PROBE_TAIL`] bytes into a sparse in-memory file
+//! of the partition's size and probes that. Filesystem signatures sit in those
+//! ranges (ext4, xfs, btrfs, vfat and its root directory on an ESP, swap, LVM, md).
 
+use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -98,13 +105,66 @@ pub fn verify(path: impl AsRef<Path>, sector_size: u32) -> Result<VerifyReport, 
 /// Verifies an already open device or image (read access is enough).
 pub fn verify_file(file: &File, sector_size: u32) -> Result<VerifyReport, VerifyError> {
     let mut dev = file;
+    verify_with(&mut dev, sector_size, &|offset, size| {
+        probe_at(file, offset, size)
+    })
+}
+
+/// How much of each partition's start [`verify_rbd`] gives libblkid.
+pub const RBD_PROBE_HEAD: u64 = 8 << 20;
+/// How much of each partition's end [`verify_rbd`] gives libblkid.
+pub const RBD_PROBE_TAIL: u64 = 1 << 20;
+
+/// Verifies an RBD image (see the module doc for how partitions are probed).
+pub fn verify_rbd(image: &rbd::Image, sector_size: u32) -> Result<VerifyReport, VerifyError> {
+    let mut dev = image
+        .cursor()
+        .map_err(|e| VerifyError::Size(std::io::Error::other(e.to_string())))?;
+    verify_with(&mut dev, sector_size, &|offset, size| {
+        probe_copy(image, offset, size)
+    })
+}
+
+/// A partition's head and tail copied into a sparse in-memory file, then probed.
+fn probe_copy(
+    image: &rbd::Image,
+    offset: u64,
+    size: u64,
+) -> Result<Option<HashMap<String, String>>, String> {
+    let copy = crate::sys::memfd("vmblk-probe", size).map_err(|e| format!("memfd: {e}"))?;
+    let head = size.min(RBD_PROBE_HEAD);
+    let tail_from = size.saturating_sub(RBD_PROBE_TAIL).max(head);
+    let mut buf = vec![0u8; 1 << 20];
+    for (from, to) in [(0, head), (tail_from, size)] {
+        let mut at = from;
+        while at < to {
+            let n = ((to - at) as usize).min(buf.len());
+            let got = image
+                .read_at(&mut buf[..n], offset + at)
+                .map_err(|e| format!("read at {}: {e}", offset + at))?;
+            if got == 0 {
+                break;
+            }
+            std::os::unix::fs::FileExt::write_all_at(&copy, &buf[..got], at)
+                .map_err(|e| format!("copy: {e}"))?;
+            at += got as u64;
+        }
+    }
+    probe_at(&copy, 0, size)
+}
+
+/// Verifies the table read from `dev`, probing partitions with `probe(offset, size)`.
+fn verify_with<D: Read + Seek>(
+    dev: &mut D,
+    sector_size: u32,
+    probe: &dyn Fn(u64, u64) -> Result<Option<HashMap<String, String>>, String>,
+) -> Result<VerifyReport, VerifyError> {
     let device_size = dev.seek(SeekFrom::End(0)).map_err(VerifyError::Size)?;
-    let table = partition::inspect(&mut dev, sector_size, device_size).map_err(|source| {
-        VerifyError::Table {
+    let table =
+        partition::inspect(dev, sector_size, device_size).map_err(|source| VerifyError::Table {
             sector_size,
             source,
-        }
-    })?;
+        })?;
     let mut problems: Vec<String> = table.problems.iter().map(Problem::to_string).collect();
 
     let is_gpt = matches!(table.kind, TableKind::Gpt | TableKind::Hybrid);
@@ -135,7 +195,7 @@ pub fn verify_file(file: &File, sector_size: u32) -> Result<VerifyReport, Verify
     let partitions = table
         .partitions
         .iter()
-        .map(|p| probe_partition(file, p, sector_size))
+        .map(|p| probe_partition(probe, p, sector_size))
         .collect::<Vec<_>>();
     for p in &partitions {
         if let Some(e) = &p.probe_error {
@@ -155,7 +215,11 @@ pub fn verify_file(file: &File, sector_size: u32) -> Result<VerifyReport, Verify
     })
 }
 
-fn probe_partition(file: &File, p: &PartitionReport, sector_size: u32) -> PartitionProbe {
+fn probe_partition(
+    probe: &dyn Fn(u64, u64) -> Result<Option<HashMap<String, String>>, String>,
+    p: &PartitionReport,
+    sector_size: u32,
+) -> PartitionProbe {
     let offset = p.first_lba.saturating_mul(u64::from(sector_size));
     let mut out = PartitionProbe {
         index: p.index,
@@ -168,7 +232,7 @@ fn probe_partition(file: &File, p: &PartitionReport, sector_size: u32) -> Partit
         label: None,
         probe_error: None,
     };
-    match probe_at(file, offset, p.size_bytes) {
+    match probe(offset, p.size_bytes) {
         Ok(Some(v)) => {
             out.fs_type = v.get("TYPE").cloned();
             out.uuid = v.get("UUID").cloned();
@@ -186,7 +250,7 @@ fn probe_at(
     file: &File,
     offset: u64,
     size: u64,
-) -> Result<Option<std::collections::HashMap<String, String>>, String> {
+) -> Result<Option<HashMap<String, String>>, String> {
     let off = i64::try_from(offset).map_err(|_| "offset out of range".to_string())?;
     let len = i64::try_from(size).map_err(|_| "size out of range".to_string())?;
     let mut pr = blkid::prober::Prober::new().map_err(|e| format!("new probe: {e}"))?;

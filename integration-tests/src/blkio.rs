@@ -31,9 +31,32 @@ impl BlkioClient {
     /// Connects to the vhost-user socket `path` asking for `queue_size` descriptors per
     /// queue, with a buffer of `buf_len` bytes mapped for requests.
     pub fn connect(path: &Path, queue_size: i32, buf_len: usize) -> anyhow::Result<BlkioClient> {
+        Self::connect_with(path, queue_size, buf_len, false)
+    }
+
+    /// As [`BlkioClient::connect`], read-only (libblkio refuses a read-only device
+    /// otherwise).
+    pub fn connect_read_only(
+        path: &Path,
+        queue_size: i32,
+        buf_len: usize,
+    ) -> anyhow::Result<BlkioClient> {
+        Self::connect_with(path, queue_size, buf_len, true)
+    }
+
+    fn connect_with(
+        path: &Path,
+        queue_size: i32,
+        buf_len: usize,
+        read_only: bool,
+    ) -> anyhow::Result<BlkioClient> {
         let mut b = Blkio::new("virtio-blk-vhost-user").map_err(|e| anyhow!("{e}"))?;
         let p = path.to_str().context("socket path is not UTF-8")?;
         b.set_str("path", p).map_err(|e| anyhow!("{e}"))?;
+        if read_only {
+            b.set_bool("read-only", true)
+                .map_err(|e| anyhow!("read-only: {e}"))?;
+        }
         b.connect().map_err(|e| anyhow!("connect: {e}"))?;
         b.set_i32("num-queues", 1).map_err(|e| anyhow!("{e}"))?;
         b.set_i32("queue-size", queue_size)
@@ -60,6 +83,11 @@ impl BlkioClient {
         self.b.get_u64(name).map_err(|e| anyhow!("{name}: {e}"))
     }
 
+    /// A libblkio property of type bool.
+    pub fn get_bool(&self, name: &str) -> anyhow::Result<bool> {
+        self.b.get_bool(name).map_err(|e| anyhow!("{name}: {e}"))
+    }
+
     /// A libblkio property of type int.
     pub fn get_i32(&self, name: &str) -> anyhow::Result<i32> {
         self.b.get_i32(name).map_err(|e| anyhow!("{name}: {e}"))
@@ -78,6 +106,53 @@ impl BlkioClient {
         }
         // SAFETY: do_io initialised the first `n` (== 1) completions.
         Ok(unsafe { c[0].assume_init_ref() }.ret)
+    }
+
+    /// Writes `len` bytes from the buffer at `buf_off` to `off`; returns `ret`.
+    pub fn write(&mut self, off: u64, buf_off: usize, len: usize) -> anyhow::Result<i32> {
+        self.check(buf_off, len)?;
+        let p = self.buf.addr + buf_off;
+        self.q.write(off, p as *const u8, len, 0, ReqFlags::empty());
+        self.wait()
+    }
+
+    /// Reads `len` bytes at `off` into the buffer at `buf_off`; returns `ret`.
+    pub fn read(&mut self, off: u64, buf_off: usize, len: usize) -> anyhow::Result<i32> {
+        self.check(buf_off, len)?;
+        let p = self.buf.addr + buf_off;
+        self.q.read(off, p as *mut u8, len, 0, ReqFlags::empty());
+        self.wait()
+    }
+
+    /// A flush; returns `ret`.
+    pub fn flush(&mut self) -> anyhow::Result<i32> {
+        self.q.flush(0, ReqFlags::empty());
+        self.wait()
+    }
+
+    /// A discard of `[off, off + len)`; returns `ret`.
+    pub fn discard(&mut self, off: u64, len: u64) -> anyhow::Result<i32> {
+        self.q.discard(off, len, 0, ReqFlags::empty());
+        self.wait()
+    }
+
+    /// A write-zeroes of `[off, off + len)` (the device may unmap); returns `ret`.
+    pub fn write_zeroes(&mut self, off: u64, len: u64) -> anyhow::Result<i32> {
+        self.q.write_zeroes(off, len, 0, ReqFlags::empty());
+        self.wait()
+    }
+
+    fn check(&self, buf_off: usize, len: usize) -> anyhow::Result<()> {
+        if buf_off
+            .checked_add(len)
+            .is_none_or(|end| end > self.buf.len)
+        {
+            return Err(anyhow!(
+                "{len} bytes at {buf_off} do not fit the {} byte buffer",
+                self.buf.len
+            ));
+        }
+        Ok(())
     }
 
     /// A writev then a readv of `n` 512-byte segments at `off`, scattered over the

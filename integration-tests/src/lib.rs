@@ -15,6 +15,7 @@
 //! run. Everything the harness starts is killed by PID and removed on drop.
 
 mod blkio;
+mod ceph;
 mod export;
 mod fusefile;
 mod guest;
@@ -32,6 +33,10 @@ mod volume;
 mod workload;
 
 pub use blkio::{BlkioClient, BLKIO_TIMEOUT};
+pub use ceph::{
+    CephCluster, CEPH_CLI_TIMEOUT, CEPH_OSD_TIMEOUT, CEPH_POOL, CEPH_START_TIMEOUT,
+    CEPH_TESTS_LOCK, OSD_BLOCK_BYTES,
+};
 pub use export::{
     CommandExport, CommandExportParams, Export, QsdDriver, QsdExport, QsdParams,
     EXPORT_READY_TIMEOUT,

@@ -10,6 +10,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde::{Deserialize, Serialize};
@@ -365,13 +366,18 @@ impl Export {
     /// Like [`Export::new`], stopped through an existing handle.
     pub fn with_stop_handle(cfg: ExportConfig, stop: StopHandle) -> Result<Export, ExportError> {
         cfg.validate()?;
-        let params = VolumeParams {
+        let mut params = VolumeParams {
             read_only: cfg.read_only,
             direct: cfg.direct_io,
             min_block_size: cfg.min_device_block_size,
             max_iovecs: cfg.max_iovecs_per_io,
+            op_timeout: (cfg.io_timeout_ms > 0).then(|| Duration::from_millis(cfg.io_timeout_ms)),
         };
         let volume = Volume::open(&cfg.volume, &params).map_err(ExportError::Volume)?;
+        if volume.is_read_only() && !params.read_only {
+            tracing::info!(volume = %cfg.volume.display(), "an RBD snapshot is exported read-only");
+            params.read_only = true;
+        }
         let unit = u64::from(cfg.logical_block_size).max(volume.block_size());
         let capacity = (volume.size() - volume.size() % unit) / SECTOR_SIZE;
         if capacity == 0 {
@@ -386,7 +392,7 @@ impl Export {
             device_block_size = volume.block_size(),
             guest_block_size = cfg.logical_block_size,
             direct_io = volume.is_direct(),
-            read_only = cfg.read_only,
+            read_only = params.read_only,
             "export created"
         );
         let dev = Arc::new(Device::new(

@@ -28,6 +28,7 @@ fn device() -> Arc<Device> {
             direct: false,
             min_block_size: 4096,
             max_iovecs: 16,
+            op_timeout: None,
         };
         let vol = Volume::open(&path, &params).expect("open fuzz volume");
         let _ = std::fs::remove_file(&path);

@@ -43,7 +43,7 @@ pub use export::{
 };
 pub use metrics::{ErrorCounts, Metrics, MetricsSnapshot, RequestCounts, LATENCY_BUCKETS};
 pub use request::{RequestError, RequestType};
-pub use volume::VolumeError;
+pub use volume::{VolumeAddress, VolumeError};
 
 #[cfg(test)]
 mod tests;

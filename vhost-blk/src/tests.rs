@@ -40,6 +40,7 @@ fn params() -> VolumeParams {
         direct: true,
         min_block_size: 4096,
         max_iovecs: 1024,
+        op_timeout: None,
     }
 }
 
@@ -771,7 +772,7 @@ fn a_4096_sector_loop_device_takes_512_byte_aligned_buffers_through_io_uring() {
     assert_eq!(volume.block_size(), 4096);
     // Linux >= 6.0 takes O_DIRECT memory aligned to the device's dma_alignment (511 on a
     // loop device), whatever its sector size.
-    let (mem_align, _) = crate::sys::dio_alignment(volume.file()).expect("STATX_DIOALIGN");
+    let (mem_align, _) = crate::sys::dio_alignment(volume.file().unwrap()).expect("STATX_DIOALIGN");
     assert_eq!(mem_align, 512);
     let dev = Arc::new(device(volume));
     let f = Fixture {

@@ -59,7 +59,7 @@ impl Driver {
                 unpacked: false,
             });
         }
-        let pe = self.pool(&pool)?;
+        let pool_entry = self.pool(&pool)?;
         let rep = image_unpack::inspect(&req.image).map_err(|source| Error::Unpack {
             step: "inspecting",
             path: req.image.clone(),
@@ -70,7 +70,7 @@ impl Driver {
         // fit in the space of one.
         let _reservation = {
             let _alloc = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
-            self.quota_check(&pool, &pe, size)?;
+            self.quota_check(&pool, &pool_entry, size)?;
             self.lock().reserved.insert(iid.clone(), size);
             Reservation {
                 driver: self,

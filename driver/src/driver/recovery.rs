@@ -17,7 +17,7 @@ impl Driver {
                         let _ = fs::remove_file(&rec.path);
                     }
                     match self.pool(&rec.pool) {
-                        Ok(pe) => pe.backend.discard(&backing(&rec)),
+                        Ok(pool_entry) => pool_entry.backend.discard(&backing(&rec)),
                         Err(_) => tracing::warn!(pool = %rec.pool, volume = %rec.name,
                             "its pool is gone: only the record is removed"),
                     }

@@ -69,7 +69,7 @@ impl Driver {
             check_size(req.size_bytes)?;
         }
         let _g = self.begin_volume(id)?;
-        let pe = self.pool(&id.pool)?;
+        let pool_entry = self.pool(&id.pool)?;
         if let Some(rec) = self.record(id) {
             let same_size =
                 req.size_bytes == rec.requested_bytes || req.size_bytes == rec.size_bytes;
@@ -112,9 +112,9 @@ impl Driver {
         // Choosing the place (checking the quota, taking a device) and recording the
         // choice is one step: two creates must not both take the last space or device.
         let alloc = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
-        self.quota_check(&id.pool, &pe, size)?;
+        self.quota_check(&id.pool, &pool_entry, size)?;
         let taken = Self::taken(&self.lock());
-        let placed = pe.backend.place(id, &uuid, size, &taken)?;
+        let placed = pool_entry.backend.place(id, &uuid, size, &taken)?;
         let mut rec = VolumeRecord {
             pool: id.pool.clone(),
             name: id.name.clone(),
@@ -130,8 +130,8 @@ impl Driver {
             requested_bytes: req.size_bytes,
             identity: None,
         };
-        if pe.backend.follows_devices() {
-            rec.identity = pe.backend.identity(&rec.path);
+        if pool_entry.backend.follows_devices() {
+            rec.identity = pool_entry.backend.identity(&rec.path);
             if rec.identity.is_none() {
                 tracing::warn!(device = %rec.path.display(),
                     "device has no stable identity (wwid, serial, loop backing file): \
@@ -144,7 +144,7 @@ impl Driver {
         self.pause("record-written");
         let progress = EventProgress::new(self, &id.pool, &id.name, "create");
         let filled = self.fill(
-            &pe,
+            &pool_entry,
             &rec,
             image.as_ref(),
             req.grow_last_partition,
@@ -153,7 +153,7 @@ impl Driver {
         let finished = filled.and_then(|reflinked| {
             rec.reflinked = reflinked;
             self.pause("unpacked");
-            pe.backend.commit(&backing(&rec))?;
+            pool_entry.backend.commit(&backing(&rec))?;
             self.pause("renamed");
             rec.temp_path = None;
             rec.state = VolState::Ready;
@@ -169,7 +169,7 @@ impl Driver {
             Err(e) => {
                 tracing::warn!(pool = %id.pool, volume = %id.name, error = %e.chain(),
                     "create failed; removing");
-                pe.backend.discard(&backing(&rec));
+                pool_entry.backend.discard(&backing(&rec));
                 if let Err(e2) = self.drop_record(id) {
                     tracing::error!(error = %e2.chain(), "removing the failed volume's record");
                 }
@@ -182,14 +182,14 @@ impl Driver {
     /// Fills a CREATING volume's data; returns whether it was reflinked.
     fn fill(
         &self,
-        pe: &PoolEntry,
+        pool_entry: &PoolEntry,
         rec: &VolumeRecord,
         image: Option<&ImageRecord>,
         grow_last_partition: bool,
         progress: &EventProgress<'_>,
     ) -> Result<bool> {
         let placed = backing(rec);
-        pe.backend.create(&placed)?;
+        pool_entry.backend.create(&placed)?;
         let target = placed.target();
         let unpack = |img: &Path, metadata: Option<PathBuf>| -> Result<()> {
             let scratch = self.state_dir.join("scratch");
@@ -198,7 +198,7 @@ impl Driver {
                 metadata,
                 scratch_dir: Some(scratch),
                 grow_last_partition,
-                zero_tail: pe.backend.needs_zeroing(),
+                zero_tail: pool_entry.backend.needs_zeroing(),
                 ..UnpackOptions::default()
             };
             image_unpack::unpack(img, target, &o, progress)
@@ -211,7 +211,7 @@ impl Driver {
         };
         let mut reflinked = false;
         match (&rec.origin, image) {
-            (Origin::Empty, _) if pe.backend.needs_zeroing() => {
+            (Origin::Empty, _) if pool_entry.backend.needs_zeroing() => {
                 progress.phase("zero", Some(rec.size_bytes));
                 let t = image_unpack::Target::open(target)
                     .map_err(|e| Error::io("opening", target)(std::io::Error::other(e)))?;
@@ -222,7 +222,7 @@ impl Driver {
             (Origin::Image { path, metadata }, _) => unpack(path, metadata.clone())?,
             (Origin::Fingerprint(_), Some(img)) => {
                 progress.phase("clone", Some(img.size_bytes));
-                match pe.backend.clone_image(&img.path, &placed)? {
+                match pool_entry.backend.clone_image(&img.path, &placed)? {
                     Cloned::Unpack => unpack(&img.path, None)?,
                     how => {
                         reflinked = how == Cloned::Reflinked;
@@ -262,7 +262,7 @@ impl Driver {
         let id = &req.id;
         check_volume_id(id)?;
         let _g = self.begin_volume(id)?;
-        let pe = self.pool(&id.pool)?;
+        let pool_entry = self.pool(&id.pool)?;
         let mut rec = self
             .record(id)
             .ok_or_else(|| Error::VolumeNotFound(id.clone()))?;
@@ -292,31 +292,34 @@ impl Driver {
             });
         }
         check_size(req.size_bytes)?;
-        if !pe.backend.grows() {
-            pe.backend.grow(&rec.path, req.size_bytes)?;
+        if !pool_entry.backend.grows() {
+            pool_entry.backend.grow(&rec.path, req.size_bytes)?;
         }
         let old = rec.size_bytes;
         {
             // The GROWING record carries the new size, so concurrent quota checks count it.
             let _alloc = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
-            self.quota_check(&id.pool, &pe, req.size_bytes - rec.size_bytes)?;
+            self.quota_check(&id.pool, &pool_entry, req.size_bytes - rec.size_bytes)?;
             rec.state = VolState::Growing;
             rec.size_bytes = req.size_bytes;
             self.put_record(&rec)?;
         }
         self.emit_state(id, Some(VolState::Ready), Some(VolState::Growing));
-        let grown = pe.backend.grow(&rec.path, req.size_bytes).and_then(|size| {
-            rec.size_bytes = size;
-            if rec.attachment.is_some() {
-                return Ok((
-                    false,
-                    "attached: the guest owns the partition table; repair it in the guest \
+        let grown = pool_entry
+            .backend
+            .grow(&rec.path, req.size_bytes)
+            .and_then(|size| {
+                rec.size_bytes = size;
+                if rec.attachment.is_some() {
+                    return Ok((
+                        false,
+                        "attached: the guest owns the partition table; repair it in the guest \
                          or grow to this size again once detached"
-                        .into(),
-                ));
-            }
-            self.repair_table(&rec, req.grow_last_partition)
-        });
+                            .into(),
+                    ));
+                }
+                self.repair_table(&rec, req.grow_last_partition)
+            });
         // The storage has its new size whether or not the repair succeeded.
         rec.size_bytes = fs::metadata(&rec.path).map(|m| m.len()).unwrap_or(old);
         rec.state = VolState::Ready;
@@ -370,7 +373,7 @@ impl Driver {
     pub fn delete_volume(&self, id: &VolumeId) -> Result<bool> {
         check_volume_id(id)?;
         let _g = self.begin_volume(id)?;
-        let pe = self.pool(&id.pool)?;
+        let pool_entry = self.pool(&id.pool)?;
         let Some(mut rec) = self.record(id) else {
             return Ok(false);
         };
@@ -384,7 +387,7 @@ impl Driver {
         rec.state = VolState::Deleting;
         self.put_record(&rec)?;
         self.emit_state(id, Some(old), Some(VolState::Deleting));
-        pe.backend.discard(&backing(&rec));
+        pool_entry.backend.discard(&backing(&rec));
         self.drop_record(id)?;
         self.emit_state(id, Some(VolState::Deleting), None);
         Ok(true)

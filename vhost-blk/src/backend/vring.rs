@@ -22,13 +22,13 @@ use crate::request::{process_chain, Completion, Taken};
 /// Data bytes after which the io_uring path ends a batch: submits, completes, signals.
 /// Sequential requests submitted together merge in the block layer; ending the batch
 /// lets completions of large requests reach the guest while the next ones are copied
-/// (bench/RESULTS.md, "batch sizes").
+/// (bench/RESULTS.md, "Batch sizes and submission").
 const FLUSH_BYTES: u64 = 512 * 1024;
 /// Most completions added to the used ring before the guest is signalled.
 const SIGNAL_BATCH: u32 = 8;
 /// Most requests queued on a queue's io_uring before they are submitted, while more
 /// chains are taken from the ring: the device starts on the first ones while the queue
-/// thread parses the rest (bench/RESULTS.md, "batch sizes").
+/// thread parses the rest (bench/RESULTS.md, "Batch sizes and submission").
 const SUBMIT_BATCH: u32 = 8;
 
 impl Session {
