@@ -41,6 +41,7 @@ SHM=$(mktemp -d /dev/shm/vmblk-rbdbench.XXXXXX)
 SERVER=""
 CEPH_PID=""
 cleanup() {
+  [ -f "$SHM/server.pid" ] && kill "$(cat "$SHM/server.pid")" 2>/dev/null
   [ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null
   # Closing its stdin stops the cluster (OSD, then mon, by PID).
   if [ -n "$CEPH_PID" ]; then eval "exec ${CEPH[1]}>&-" 2>/dev/null || true; wait "$CEPH_PID" 2>/dev/null || true; fi
@@ -86,11 +87,13 @@ start_server() { # tool
       2>"$SHM/server.log" &
   fi
   SERVER=$!
+  # run_one runs in a subshell: the parent's cleanup finds the server through this file.
+  echo "$SERVER" >"$SHM/server.pid"
   for _ in $(seq 200); do [ -S "$SOCK" ] && return 0; sleep 0.05; done
   echo "bench: $1 did not create its socket:" >&2; cat "$SHM/server.log" >&2; exit 1
 }
 stop_server() {
-  kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; SERVER=""
+  kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; SERVER=""; rm -f "$SHM/server.pid"
 }
 
 # run tool mode bs qd -> "iops p50 iops_per_cpu_s"
@@ -98,7 +101,12 @@ run_one() {
   start_server "$1"
   local t0 t1 out
   t0=$(cpu_ticks "$SERVER")
-  out=$(taskset -c 1 "$CLIENT" "$SOCK" "$2" "$3" "$4" "$SECS")
+  if ! out=$(taskset -c 1 "$CLIENT" "$SOCK" "$2" "$3" "$4" "$SECS" 2>"$SHM/client.log"); then
+    echo "bench: the client failed against $1: $(cat "$SHM/client.log")" >&2
+    tail -5 "$SHM/server.log" >&2
+    stop_server
+    exit 1
+  fi
   t1=$(cpu_ticks "$SERVER")
   stop_server
   python3 -c '

@@ -40,6 +40,7 @@ SHM=$(mktemp -d /dev/shm/vmblk-vbench.XXXXXX)
 LOOP=""
 SERVER=""
 cleanup() {
+  [ -f "$SHM/server.pid" ] && kill "$(cat "$SHM/server.pid")" 2>/dev/null
   [ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null
   [ -n "$LOOP" ] && losetup -d "$LOOP" 2>/dev/null
   rm -rf "$SHM"
@@ -71,11 +72,13 @@ start_server() { # tool backing-kind path
       2>"$SHM/server.log" &
   fi
   SERVER=$!
+  # run_one runs in a subshell: the parent's cleanup finds the server through this file.
+  echo "$SERVER" >"$SHM/server.pid"
   for _ in $(seq 100); do [ -S "$SOCK" ] && return 0; sleep 0.05; done
   echo "bench: $1 did not create its socket:" >&2; cat "$SHM/server.log" >&2; exit 1
 }
 stop_server() {
-  kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; SERVER=""
+  kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; SERVER=""; rm -f "$SHM/server.pid"
 }
 
 # run tool kind path mode bs qd -> "iops p50 iops_per_cpu_s"
@@ -83,7 +86,12 @@ run_one() {
   start_server "$1" "$2" "$3"
   local t0 t1 out
   t0=$(cpu_ticks "$SERVER")
-  out=$(taskset -c 1 "$CLIENT" "$SOCK" "$4" "$5" "$6" "$SECS")
+  if ! out=$(taskset -c 1 "$CLIENT" "$SOCK" "$4" "$5" "$6" "$SECS" 2>"$SHM/client.log"); then
+    echo "bench: the client failed against $1: $(cat "$SHM/client.log")" >&2
+    tail -5 "$SHM/server.log" >&2
+    stop_server
+    exit 1
+  fi
   t1=$(cpu_ticks "$SERVER")
   stop_server
   python3 -c '

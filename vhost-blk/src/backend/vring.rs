@@ -114,6 +114,11 @@ impl Session {
             // The current memory map, taken again after every poll: requests the guest
             // made after a memory table update must not meet the previous map.
             let mem = self.memory();
+            // Chains taken in this pass: polling pays for a guest that waits for each
+            // answer before its next request (one chain per pass); one that keeps many in
+            // flight kicks again soon anyway, and spinning for it only burns the CPU
+            // whoever serves or completes its requests needs.
+            let mut chains = 0usize;
             // Batches end after FLUSH_BYTES of data, so completions of large requests
             // reach the guest while the next ones are copied.
             loop {
@@ -125,6 +130,7 @@ impl Session {
                     else {
                         break;
                     };
+                    chains += 1;
                     match inner.start(&mem, chain, taken, &mut done) {
                         Started::Taken(len) => {
                             bytes += len;
@@ -159,7 +165,7 @@ impl Session {
                     break;
                 }
             }
-            if event_idx && self.poll(vring, qs, &mem, &mut inner)? {
+            if event_idx && chains <= 1 && self.poll(vring, qs, &mem, &mut inner)? {
                 continue;
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {

@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 #[derive(Debug)]
 pub(crate) struct RbdDone {
     state: Mutex<Posted>,
-    /// Signalled for every result (the queue thread's wake-up).
+    /// Signalled when a result arrives with none waiting (the queue thread's wake-up).
     event: EventFd,
     /// Notified for every result (for [`RbdDone::wait_for`]).
     cv: Condvar,
@@ -29,14 +29,19 @@ struct Posted {
 
 impl ::rbd::AioSink for RbdDone {
     fn complete(&self, tag: u64, result: i64) {
-        {
+        let first = {
             let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             st.results.push((tag, result));
             st.total += 1;
-        }
+            st.results.len() == 1
+        };
         self.cv.notify_all();
-        if let Err(e) = self.event.write(1) {
-            tracing::error!(error = %e, "cannot signal an RBD completion");
+        // Only the first result since the last reap signals: the queue thread takes every
+        // waiting result when it reaps (it clears the eventfd before it drains).
+        if first {
+            if let Err(e) = self.event.write(1) {
+                tracing::error!(error = %e, "cannot signal an RBD completion");
+            }
         }
     }
 }
