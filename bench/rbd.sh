@@ -150,7 +150,7 @@ for fmt in plain zlib zstd; do
       "${RBD[@]}" rm "$CEPH_POOL/unpack" >/dev/null 2>&1 || true
       t0=$(now)
       if [ "$tool" = peer ]; then
-        "${RBD[@]}" create --size "$IMG_BYTES" "$CEPH_POOL/unpack"
+        "${RBD[@]}" create --size "${IMG_BYTES}B" "$CEPH_POOL/unpack"
         qemu-img convert -f qcow2 -O raw -n "$img" "$(spec unpack)"
       else
         "$VMBLK" unpack "$img" "$(spec unpack)" --size "$IMG_BYTES" --json >/dev/null

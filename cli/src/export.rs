@@ -138,7 +138,15 @@ pub fn run(a: ExportArgs) -> i32 {
             .control()
             .set_event_sink(std::sync::Arc::new(move |ev| print_event(json, ev)));
         export.serve()?;
-        Ok(export.metrics())
+        let metrics = export.metrics();
+        drop(export);
+        // Requests the last session left in flight: the volume (an RBD image and its
+        // exclusive lock) is released once they end.
+        let left = vhost_blk::settle_requests_in_flight(std::time::Duration::from_secs(10));
+        if left > 0 {
+            eprintln!("vmblk export: exiting with requests still in flight on the volume");
+        }
+        Ok(metrics)
     });
     match served {
         Ok(m) => {

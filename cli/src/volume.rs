@@ -101,6 +101,10 @@ pub enum VolumeCommand {
         /// Virtqueues (0: the daemon's default).
         #[arg(long, default_value_t = 0)]
         num_queues: u32,
+        /// Shared (rbd) pools: take the volume over from the host that has it attached,
+        /// fencing that host's client first.
+        #[arg(long)]
+        force: bool,
     },
     /// Stop a volume's export.
     Detach(VolumeName),
@@ -122,13 +126,28 @@ pub struct PoolArgs {
 pub enum PoolCommand {
     /// List pools.
     List,
-    /// Create a pool: `--dir PATH` or one or more `--device PATH`.
+    /// Create a pool: `--dir PATH`, one or more `--device PATH`, or `--rbd-pool NAME`.
     Create {
         /// The pool's name.
         name: String,
         /// A directory for a dir pool.
-        #[arg(long, conflicts_with = "device")]
+        #[arg(long, conflicts_with_all = ["device", "rbd_pool"])]
         dir: Option<PathBuf>,
+        /// The RADOS pool of an rbd pool.
+        #[arg(long, conflicts_with = "device")]
+        rbd_pool: Option<String>,
+        /// Rbd pools: the RADOS namespace.
+        #[arg(long, requires = "rbd_pool", default_value = "")]
+        rbd_namespace: String,
+        /// Rbd pools: ceph.conf (default: librados' search).
+        #[arg(long, requires = "rbd_pool")]
+        ceph_conf: Option<PathBuf>,
+        /// Rbd pools: the cephx client id (default: admin).
+        #[arg(long, requires = "rbd_pool")]
+        ceph_id: Option<String>,
+        /// Rbd pools: the client's keyring (default: what ceph.conf names).
+        #[arg(long, requires = "rbd_pool")]
+        ceph_keyring: Option<PathBuf>,
         /// Block devices for a block pool (stable paths).
         #[arg(long)]
         device: Vec<PathBuf>,
@@ -258,6 +277,7 @@ fn pool_json(p: &pb::Pool) -> Value {
     let ty = match pb::PoolType::try_from(p.r#type) {
         Ok(pb::PoolType::Dir) => "dir",
         Ok(pb::PoolType::Block) => "block",
+        Ok(pb::PoolType::Rbd) => "rbd",
         _ => "unknown",
     };
     let origin = match pb::PoolOrigin::try_from(p.origin) {
@@ -275,6 +295,15 @@ fn pool_json(p: &pb::Pool) -> Value {
         "available_bytes": p.available_bytes,
         "reflink": p.reflink,
         "volume_count": p.volume_count,
+        "rbd": p.rbd.as_ref().map(|r| json!({
+            "pool": r.pool,
+            "namespace": r.namespace,
+            "conf": r.conf,
+            "id": r.id,
+            "keyring": r.keyring,
+        })),
+        "available": p.available,
+        "unavailable_reason": p.unavailable_reason,
     })
 }
 
@@ -440,6 +469,7 @@ pub fn run_volume(a: VolumeArgs) -> i32 {
             logical_block_size,
             read_only,
             num_queues,
+            force,
         } => {
             let req = pb::AttachVolumeRequest {
                 pool: vol.pool,
@@ -448,6 +478,7 @@ pub fn run_volume(a: VolumeArgs) -> i32 {
                 read_only,
                 num_queues,
                 queue_size: 0,
+                force,
             };
             with_client(
                 &conn,
@@ -523,14 +554,30 @@ pub fn run_pool(a: PoolArgs) -> i32 {
             dir,
             device,
             capacity,
+            rbd_pool,
+            rbd_namespace,
+            ceph_conf,
+            ceph_id,
+            ceph_keyring,
         } => {
+            let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p).display().to_string();
+            let rbd = rbd_pool.map(|pool| pb::RbdPool {
+                pool,
+                namespace: rbd_namespace,
+                conf: ceph_conf.map(abs).unwrap_or_default(),
+                id: ceph_id.unwrap_or_default(),
+                keyring: ceph_keyring.map(abs).unwrap_or_default(),
+            });
             let req = pb::CreatePoolRequest {
                 name,
                 r#type: if dir.is_some() {
                     pb::PoolType::Dir
+                } else if rbd.is_some() {
+                    pb::PoolType::Rbd
                 } else {
                     pb::PoolType::Block
                 } as i32,
+                rbd,
                 path: dir
                     .map(|d| std::path::absolute(&d).unwrap_or(d).display().to_string())
                     .unwrap_or_default(),

@@ -30,7 +30,7 @@
 //! Every key is optional. With no file at all the embedded default applies: one `dir`
 //! pool named `default` under the state directory, the socket under /run/vmblk.
 
-pub use crate::model::PoolKind;
+pub use crate::model::{PoolKind, RbdPoolConfig};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -74,6 +74,22 @@ pub struct Config {
     /// Following an Incus or LXD daemon on this host.
     #[serde(default)]
     pub incus: IncusConfig,
+    /// This host's name in pools other hosts share (rbd): who attached a volume. Default:
+    /// the host name.
+    pub node: Option<String>,
+}
+
+impl Config {
+    /// This host's name: `node`, else the kernel's host name.
+    pub fn node_name(&self) -> String {
+        self.node.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_owned())
+                .ok()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "localhost".into())
+        })
+    }
 }
 
 /// Following an Incus or LXD daemon (opt-in): Incus runs no host program when it
@@ -248,6 +264,18 @@ enum RawPool {
         name: String,
         devices: Vec<PathBuf>,
     },
+    Rbd {
+        name: String,
+        pool: String,
+        #[serde(default)]
+        namespace: String,
+        #[serde(default)]
+        conf: Option<PathBuf>,
+        #[serde(default)]
+        id: Option<String>,
+        #[serde(default)]
+        keyring: Option<PathBuf>,
+    },
 }
 
 impl From<RawPool> for PoolConfig {
@@ -267,6 +295,23 @@ impl From<RawPool> for PoolConfig {
             RawPool::Block { name, devices } => PoolConfig {
                 name,
                 kind: PoolKind::Block { devices },
+            },
+            RawPool::Rbd {
+                name,
+                pool,
+                namespace,
+                conf,
+                id,
+                keyring,
+            } => PoolConfig {
+                name,
+                kind: PoolKind::Rbd(RbdPoolConfig {
+                    pool,
+                    namespace,
+                    conf,
+                    id,
+                    keyring,
+                }),
             },
         }
     }
@@ -375,6 +420,11 @@ impl Config {
                             p.name,
                             d.display()
                         ));
+                    }
+                }
+                PoolKind::Rbd(r) => {
+                    if let Err(e) = crate::pool::check_rbd_config(r) {
+                        return bad(format!("pool {}: {e}", p.name));
                     }
                 }
                 _ => {}

@@ -67,6 +67,33 @@ pub enum Error {
     /// a block pool where a dir pool is needed.
     #[error("{0}")]
     PoolUnsuitable(String),
+    /// The pool's storage cannot be reached now (an RBD cluster that does not answer).
+    #[error("pool {pool:?} is unavailable: {reason}")]
+    PoolUnavailable {
+        /// The pool.
+        pool: String,
+        /// Why.
+        reason: String,
+    },
+    /// The volume is attached on another host (a shared pool).
+    #[error("volume {id} is attached on host {host:?}: {what}")]
+    AttachedElsewhere {
+        /// The volume.
+        id: VolumeId,
+        /// The host that attached it.
+        host: String,
+        /// What cannot be done (and how to force it, where that exists).
+        what: String,
+    },
+    /// A call to the Ceph cluster failed.
+    #[error("{step}")]
+    Cluster {
+        /// What was being done, on what.
+        step: String,
+        /// The librados/librbd error.
+        #[source]
+        source: rbd::RbdError,
+    },
     /// No space, quota or free device left.
     #[error("{0}")]
     NoSpace(String),

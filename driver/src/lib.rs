@@ -39,8 +39,8 @@ pub mod hook;
 
 pub use config::{
     AttachmentConfig, Config, ConfigError, ExportDefaults, HotplugConfig, IncusConfig, PoolConfig,
-    PoolKind, SocketAccess, DEFAULT_CONFIG_PATH, DEFAULT_IO_TIMEOUT_MS, DEFAULT_POOL,
-    DEFAULT_SOCKET, DEFAULT_STATE_DIR,
+    PoolKind, RbdPoolConfig, SocketAccess, DEFAULT_CONFIG_PATH, DEFAULT_IO_TIMEOUT_MS,
+    DEFAULT_POOL, DEFAULT_SOCKET, DEFAULT_STATE_DIR,
 };
 pub use driver::{Driver, DriverParams};
 pub use error::Error;

@@ -32,6 +32,28 @@ pub enum PoolKind {
         /// The devices, by stable path (/dev/disk/by-id/...).
         devices: Vec<PathBuf>,
     },
+    /// Ceph RBD images, one per volume, shared by every host configured with the pool.
+    Rbd(RbdPoolConfig),
+}
+
+/// Where an `rbd` pool's images are and how to reach the cluster.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RbdPoolConfig {
+    /// The RADOS pool.
+    pub pool: String,
+    /// The RADOS namespace within it ("" for the default).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    /// ceph.conf; None: librados' default search.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conf: Option<PathBuf>,
+    /// The cephx client id; None: admin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The client's keyring; None: what ceph.conf names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyring: Option<PathBuf>,
 }
 
 /// A volume's state on disk.
@@ -143,6 +165,8 @@ pub struct Pool {
     pub available_bytes: u64,
     /// Volumes in it.
     pub volume_count: u32,
+    /// Why its storage cannot be reached now (None: it can).
+    pub unavailable: Option<String>,
 }
 
 /// What to create a volume with.
@@ -195,6 +219,9 @@ pub struct AttachOptions {
     pub num_queues: u32,
     /// Largest queue size, a power of two up to 32768 (0: the default).
     pub queue_size: u32,
+    /// Shared pools: take the volume over from the host that has it attached (or any
+    /// other writer), fencing that host's client first.
+    pub force: bool,
 }
 
 /// Where an attached volume's export stands: one state, not several flags.

@@ -31,7 +31,11 @@ pub fn status_code(e: &Error) -> Code {
         }
         Error::AlreadyExists { .. } => Code::AlreadyExists,
         Error::Busy(_) => Code::Aborted,
+        Error::PoolUnavailable { .. } => Code::Unavailable,
+        Error::Cluster { source, .. } if source.is_not_found() => Code::NotFound,
+        Error::Cluster { source, .. } if source.is_timeout() => Code::Unavailable,
         Error::Attached { .. }
+        | Error::AttachedElsewhere { .. }
         | Error::NotReady(_)
         | Error::DeviceAbsent { .. }
         | Error::PoolUnsuitable(_) => Code::FailedPrecondition,
@@ -47,9 +51,11 @@ pub fn status_code(e: &Error) -> Code {
         {
             Code::InvalidArgument
         }
-        Error::Unpack { .. } | Error::Io { .. } | Error::Export { .. } | Error::Task(_) => {
-            Code::Internal
-        }
+        Error::Unpack { .. }
+        | Error::Io { .. }
+        | Error::Export { .. }
+        | Error::Task(_)
+        | Error::Cluster { .. } => Code::Internal,
     }
 }
 
@@ -80,6 +86,28 @@ fn pool_kind(r: &pb::CreatePoolRequest) -> Result<PoolKind> {
                 capacity_bytes: r.capacity_bytes,
             })
         }
+        Ok(pb::PoolType::Rbd) => {
+            let Some(c) = &r.rbd else {
+                return Err(Error::BadRequest(
+                    "rbd pools need rbd: { pool, ... }".into(),
+                ));
+            };
+            if !r.devices.is_empty() || !r.path.is_empty() || r.capacity_bytes != 0 {
+                return Err(Error::BadRequest(
+                    "rbd pools take rbd settings, and no path, devices or capacity".into(),
+                ));
+            }
+            let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+            let c = crate::model::RbdPoolConfig {
+                pool: c.pool.clone(),
+                namespace: c.namespace.clone(),
+                conf: opt(&c.conf).map(PathBuf::from),
+                id: opt(&c.id),
+                keyring: opt(&c.keyring).map(PathBuf::from),
+            };
+            crate::pool::check_rbd_config(&c).map_err(Error::BadRequest)?;
+            Ok(PoolKind::Rbd(c))
+        }
         Ok(pb::PoolType::Block) => {
             if r.devices.is_empty() || !r.path.is_empty() || r.capacity_bytes != 0 {
                 return Err(Error::BadRequest(
@@ -91,7 +119,7 @@ fn pool_kind(r: &pb::CreatePoolRequest) -> Result<PoolKind> {
             })
         }
         _ => Err(Error::BadRequest(
-            "pool type is required: dir or block".into(),
+            "pool type is required: dir, block or rbd".into(),
         )),
     }
 }
@@ -131,6 +159,8 @@ fn pool_pb(p: Pool) -> pb::Pool {
         volume_count: p.volume_count,
         capacity_bytes: p.capacity_bytes,
         available_bytes: p.available_bytes,
+        available: p.unavailable.is_none(),
+        unavailable_reason: p.unavailable.unwrap_or_default(),
         ..Default::default()
     };
     match p.kind {
@@ -141,6 +171,17 @@ fn pool_pb(p: Pool) -> pb::Pool {
         PoolKind::Block { devices } => {
             out.r#type = pb::PoolType::Block as i32;
             out.devices = devices.iter().map(|d| d.display().to_string()).collect();
+        }
+        PoolKind::Rbd(c) => {
+            out.r#type = pb::PoolType::Rbd as i32;
+            let show = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+            out.rbd = Some(pb::RbdPool {
+                pool: c.pool,
+                namespace: c.namespace,
+                conf: show(&c.conf).unwrap_or_default(),
+                id: c.id.unwrap_or_default(),
+                keyring: show(&c.keyring).unwrap_or_default(),
+            });
         }
     }
     out
@@ -418,6 +459,7 @@ impl StorageDriver for Service {
             read_only: r.read_only,
             num_queues: r.num_queues,
             queue_size: r.queue_size,
+            force: r.force,
         };
         let id = volume_id(r.pool, r.name);
         self.run(move |d| d.attach_volume(&id, o).map(attachment_pb))

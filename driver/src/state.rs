@@ -47,6 +47,10 @@ pub struct AttachRecord {
     pub queue_size: u16,
     /// When, ms since the epoch.
     pub attached_unix_ms: u64,
+    /// The host that attached it (its `node` name; "" in records of local pools made
+    /// before shared pools existed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
     /// Set when the export stopped on its own (its serving thread failed, its socket
     /// was removed): why. Such an attachment is not exported again at startup; a new
     /// Attach replaces it, Detach removes it.

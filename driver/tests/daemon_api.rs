@@ -51,6 +51,7 @@ async fn pool_rpcs_are_idempotent_and_validate() {
         path: extra.display().to_string(),
         devices: vec![],
         capacity_bytes: 0,
+        rbd: None,
     };
     let p = c.create_pool(req.clone()).await.unwrap().into_inner();
     assert_eq!(p.origin, pb::PoolOrigin::Api as i32);
@@ -92,6 +93,7 @@ async fn pool_rpcs_are_idempotent_and_validate() {
             path: String::new(),
             devices: vec![extra.display().to_string()],
             capacity_bytes: 0,
+            rbd: None,
         },
     ] {
         assert_code(c.create_pool(bad).await, Code::InvalidArgument);
@@ -507,6 +509,7 @@ async fn attach_detach_and_attached_volume_preconditions() {
         read_only: false,
         num_queues: 0,
         queue_size: 0,
+        force: false,
     };
     let a = c.attach_volume(att(0)).await.unwrap().into_inner();
     assert_eq!(a.logical_block_size, 512);
@@ -693,6 +696,7 @@ async fn operations_on_a_busy_volume_are_aborted() {
             read_only: false,
             num_queues: 0,
             queue_size: 0,
+            force: false,
         })
         .await,
         Code::Aborted,

@@ -53,6 +53,7 @@ async fn attached_volume_boots_grows_and_boots_again_then_detaches() {
         read_only: false,
         num_queues: 1,
         queue_size: 0,
+        force: false,
     };
     let a = c.attach_volume(attach.clone()).await.unwrap().into_inner();
     let first = tokio::task::spawn_blocking({

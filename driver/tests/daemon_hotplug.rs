@@ -112,6 +112,7 @@ async fn a_removed_device_that_comes_back_under_a_new_name_resumes_its_export() 
             read_only: false,
             num_queues: 0,
             queue_size: 0,
+            force: false,
         })
         .await
         .unwrap()
@@ -272,6 +273,7 @@ async fn another_device_at_the_old_path_is_not_exported_and_the_right_one_is_whe
                 read_only: false,
                 num_queues: 0,
                 queue_size: 0,
+                force: false,
             })
             .await
             .unwrap()

@@ -302,6 +302,7 @@ async fn block_pool_hands_out_devices_and_unpacks_through_the_bridge_on_4k() {
             read_only: false,
             num_queues: 0,
             queue_size: 0,
+            force: false,
         })
         .await
         .unwrap()

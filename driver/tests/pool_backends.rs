@@ -62,3 +62,24 @@ fn dir_pools_on_ext4_and_xfs_conform() {
         conformance::check_all(b.as_ref(), t.path());
     }
 }
+
+#[test]
+fn an_rbd_pool_of_a_one_node_ceph_cluster_conforms() {
+    let cluster = integration_tests::CephCluster::start().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let kind = PoolKind::Rbd(vmblkd::RbdPoolConfig {
+        pool: cluster.pool().into(),
+        namespace: String::new(),
+        conf: Some(cluster.conf_path()),
+        id: Some(cluster.client_id().into()),
+        keyring: Some(cluster.keyring_path()),
+    });
+    let b = backend(&kind);
+    b.prepare().unwrap();
+    assert_eq!(b.unavailable(), None);
+    conformance::check_all(b.as_ref(), t.path());
+    // Nothing left behind in the cluster.
+    let left = cluster.rbd(&["ls", "-p", cluster.pool()]).unwrap();
+    assert_eq!(left.trim(), "", "images left: {left}");
+    cluster.stop().unwrap();
+}

@@ -182,6 +182,20 @@ impl Cluster {
     pub fn describe(&self) -> &str {
         &self.what
     }
+
+    /// Total and available bytes of the cluster's storage.
+    pub fn capacity(&self) -> Result<(u64, u64), RbdError> {
+        // SAFETY: rados_cluster_stat_t is integers: all-zero is valid.
+        let mut st: ffi::rados_cluster_stat_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the cluster is connected; `st` is a writable struct of the right type.
+        let r = unsafe { ffi::rados_cluster_stat(self.handle, &mut st) };
+        check(
+            i64::from(r),
+            "read the capacity of the Ceph cluster",
+            || self.what.clone(),
+        )?;
+        Ok((st.kb.saturating_mul(1024), st.kb_avail.saturating_mul(1024)))
+    }
 }
 
 impl Drop for Cluster {

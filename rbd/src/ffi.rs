@@ -41,6 +41,34 @@ pub const RBD_FLAG_OBJECT_MAP_INVALID: u32 = 1;
 pub const RBD_FLAG_FAST_DIFF_INVALID: u32 = 2;
 pub type rados_t = *mut ::core::ffi::c_void;
 pub type rados_ioctx_t = *mut ::core::ffi::c_void;
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct rados_pool_stat_t {
+    pub num_bytes: u64,
+    pub num_kb: u64,
+    pub num_objects: u64,
+    pub num_object_clones: u64,
+    pub num_object_copies: u64,
+    pub num_objects_missing_on_primary: u64,
+    pub num_objects_unfound: u64,
+    pub num_objects_degraded: u64,
+    pub num_rd: u64,
+    pub num_rd_kb: u64,
+    pub num_wr: u64,
+    pub num_wr_kb: u64,
+    pub num_user_bytes: u64,
+    pub compressed_bytes_orig: u64,
+    pub compressed_bytes: u64,
+    pub compressed_bytes_alloc: u64,
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct rados_cluster_stat_t {
+    pub kb: u64,
+    pub kb_used: u64,
+    pub kb_avail: u64,
+    pub num_objects: u64,
+}
 unsafe extern "C" {
     pub fn rados_version(
         major: *mut ::core::ffi::c_int,
@@ -90,6 +118,12 @@ unsafe extern "C" {
     ) -> ::core::ffi::c_int;
 }
 unsafe extern "C" {
+    pub fn rados_cluster_stat(
+        cluster: rados_t,
+        result: *mut rados_cluster_stat_t,
+    ) -> ::core::ffi::c_int;
+}
+unsafe extern "C" {
     pub fn rados_cluster_fsid(
         cluster: rados_t,
         buf: *mut ::core::ffi::c_char,
@@ -114,6 +148,12 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn rados_ioctx_get_cluster(io: rados_ioctx_t) -> rados_t;
+}
+unsafe extern "C" {
+    pub fn rados_ioctx_pool_stat(
+        io: rados_ioctx_t,
+        stats: *mut rados_pool_stat_t,
+    ) -> ::core::ffi::c_int;
 }
 unsafe extern "C" {
     pub fn rados_pool_lookup(cluster: rados_t, pool_name: *const ::core::ffi::c_char) -> i64;
@@ -209,6 +249,15 @@ pub struct rbd_trash_image_info_t {
     pub source: rbd_trash_image_source_t,
     pub deletion_time: time_t,
     pub deferment_end_time: time_t,
+}
+unsafe extern "C" {
+    pub fn rbd_image_spec_list_cleanup(images: *mut rbd_image_spec_t, num_images: usize);
+}
+unsafe extern "C" {
+    pub fn rbd_linked_image_spec_list_cleanup(
+        images: *mut rbd_linked_image_spec_t,
+        num_images: usize,
+    );
 }
 unsafe extern "C" {
     pub fn rbd_list2(

@@ -94,6 +94,11 @@ impl Image {
         })
     }
 
+    /// The librbd handle, for this crate's other modules.
+    pub(crate) fn handle(&self) -> ffi::rbd_image_t {
+        self.handle
+    }
+
     /// `pool[/namespace]/image[@snap]`.
     pub fn path(&self) -> &str {
         &self.path

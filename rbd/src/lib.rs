@@ -23,12 +23,16 @@ mod error;
 )]
 mod ffi;
 mod image;
+mod lock;
+mod meta;
+mod snap;
 mod spec;
 
 pub use aio::{AioSink, Completion};
 pub use cluster::{Cluster, ClusterOptions, IoCtx, DEFAULT_CONNECT_TIMEOUT};
 pub use error::RbdError;
 pub use image::{Cursor, Image};
+pub use snap::{open_snapshot, Snapshot, DEFAULT_FEATURES};
 pub use spec::{RbdSpec, SpecError, PREFIX};
 
 /// Opens the image an address names: connects, opens the pool, opens the image (at its

@@ -73,15 +73,20 @@ impl Driver {
             num_queues: or_default(o.num_queues, self.export_defaults.num_queues, "queue count")?,
             queue_size: or_default(o.queue_size, self.export_defaults.queue_size, "queue size")?,
             attached_unix_ms: now_ms(),
+            host: self.node.clone(),
             failed: None,
         };
         // Every parameter checked before anything is looked at or changed.
         self.export_params(Path::new("/"), "", &a)?;
         let _g = self.begin_volume(id)?;
-        self.pool(&id.pool)?;
+        let pool_entry = self.pool(&id.pool)?;
+        self.refresh_shared(&id.pool)?;
         let mut rec = self
             .record(id)
             .ok_or_else(|| Error::VolumeNotFound(id.clone()))?;
+        if let Some(shared) = pool_entry.backend.shared() {
+            self.take_over(id, &mut rec, shared, o.force)?;
+        }
         let a = AttachRecord {
             socket: self.export_dir.join(format!("{}.sock", rec.uuid)),
             ..a
@@ -154,6 +159,52 @@ impl Driver {
         tracing::info!(pool = %id.pool, volume = %id.name, socket = %a.socket.display(),
             "volume attached");
         Ok(self.attachment_view(&rec, &a))
+    }
+
+    /// Before attaching a volume of a shared pool here: refused (naming the host) while
+    /// another host has it attached or another client holds its lock, unless `force`,
+    /// which fences that client first (blocklisted in the cluster: a write it still sends
+    /// is refused) and drops the other host's attachment record.
+    fn take_over(
+        &self,
+        id: &VolumeId,
+        rec: &mut VolumeRecord,
+        shared: &dyn crate::pool::SharedStorage,
+        force: bool,
+    ) -> Result<()> {
+        let elsewhere = rec
+            .attachment
+            .as_ref()
+            .filter(|a| a.failed.is_none() && !a.host.is_empty() && a.host != self.node)
+            .map(|a| a.host.clone());
+        let mine = rec.attachment.as_ref().is_some_and(|a| a.host == self.node);
+        let holders = if mine && self.lock().live.contains_key(id) {
+            // Our own export holds it.
+            Vec::new()
+        } else {
+            shared.lock_holders(&rec.path)?
+        };
+        if elsewhere.is_none() && holders.is_empty() {
+            return Ok(());
+        }
+        let host = elsewhere
+            .clone()
+            .unwrap_or_else(|| format!("unknown (lock held by {})", holders.join(", ")));
+        if !force {
+            return Err(Error::AttachedElsewhere {
+                id: id.clone(),
+                host,
+                what: "detach it there, or attach with force to take it over (the other                        host's client is fenced)"
+                    .into(),
+            });
+        }
+        let fenced = shared.fence(&rec.path)?;
+        tracing::warn!(pool = %id.pool, volume = %id.name, from = %host, fenced = ?fenced,
+            "taking the volume over: the other host's client is fenced");
+        if elsewhere.is_some() {
+            rec.attachment = None;
+        }
+        Ok(())
     }
 
     /// Starts `rec`'s export as attached by `a`; it is Serving once this returns.
@@ -264,9 +315,19 @@ impl Driver {
     pub fn detach_volume(&self, id: &VolumeId) -> Result<bool> {
         check_volume_id(id)?;
         let _g = self.begin_volume(id)?;
+        self.refresh_shared(&id.pool)?;
         let Some(mut rec) = self.record(id) else {
             return Ok(false);
         };
+        if let Some(a) = rec.attachment.as_ref() {
+            if !a.host.is_empty() && a.host != self.node && a.failed.is_none() {
+                return Err(Error::AttachedElsewhere {
+                    id: id.clone(),
+                    host: a.host.clone(),
+                    what: "detach it on that host".into(),
+                });
+            }
+        }
         let Some(a) = rec.attachment.take() else {
             return Ok(false);
         };
@@ -317,6 +378,7 @@ impl Driver {
                 read_only,
                 num_queues,
                 queue_size,
+                force: false,
             };
             match self.attach(&id, o, true) {
                 Ok(a) => tracing::info!(pool = %id.pool, volume = %id.name,

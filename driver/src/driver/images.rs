@@ -1,18 +1,18 @@
-//! The image cache: images unpacked once into a dir pool, cloned into volumes.
+//! The image cache: images unpacked once into a dir pool (a file) or an rbd pool (an
+//! image with a protected snapshot), cloned into volumes.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 
 use image_unpack::UnpackOptions;
 
 use super::*;
 use crate::model::{CachedImage, ImageImport, Imported};
 use crate::names::{check_fingerprint, check_image_path, check_name, round_up};
-use crate::state::TMP_PREFIX;
 
 impl Driver {
-    /// The pool images are cached in: `pool`, or ("") the default dir pool; and its
-    /// directory.
-    pub(super) fn image_pool(&self, pool: &str) -> Result<(String, PathBuf)> {
+    /// The pool images are cached in: `pool`, or ("") the default pool if it holds
+    /// images, else the first that does (dir and rbd pools).
+    pub(super) fn image_pool(&self, pool: &str) -> Result<(String, PoolEntry)> {
         let inner = self.lock();
         let holds_images = |e: &PoolEntry| e.backend.holds_images();
         let name = if pool.is_empty() {
@@ -24,7 +24,7 @@ impl Driver {
                     .find(|(_, e)| holds_images(e))
                     .map(|(n, _)| n.clone())
                     .ok_or_else(|| {
-                        Error::PoolUnsuitable("no dir pool to cache images in".into())
+                        Error::PoolUnsuitable("no dir or rbd pool to cache images in".into())
                     })?,
             }
         } else {
@@ -32,14 +32,26 @@ impl Driver {
             pool.to_owned()
         };
         match inner.pools.get(&name) {
-            Some(e) => match e.backend.kind() {
-                PoolKind::Dir { path, .. } => Ok((name, path.clone())),
-                PoolKind::Block { .. } => Err(Error::PoolUnsuitable(format!(
-                    "pool {name:?} is a block pool: images are cached in dir pools"
-                ))),
-            },
+            Some(e) if holds_images(e) => Ok((name, e.clone())),
+            Some(_) => Err(Error::PoolUnsuitable(format!(
+                "pool {name:?} is a block pool: images are cached in dir and rbd pools"
+            ))),
             None => Err(Error::PoolNotFound(name)),
         }
+    }
+
+    /// Records a cached image: with it in a shared pool, else in the state directory.
+    fn put_image_record(&self, pool_entry: &PoolEntry, rec: &ImageRecord) -> Result<()> {
+        match pool_entry.backend.shared() {
+            Some(shared) => {
+                let json = serde_json::to_string(rec)
+                    .map_err(|e| Error::BadRequest(format!("image record: {e}")))?;
+                shared.put_image_record(&rec.path, &json)?;
+            }
+            None => self.store.put_image(rec)?,
+        }
+        self.lock().images.insert(rec.id(), rec.clone());
+        Ok(())
     }
 
     /// ImportImage: unpacks the image into the cache once; again, it is found there.
@@ -49,17 +61,17 @@ impl Driver {
         if let Some(m) = &req.metadata {
             check_image_path("metadata tarball", m)?;
         }
-        let (pool, dir) = self.image_pool(&req.pool)?;
+        let (pool, pool_entry) = self.image_pool(&req.pool)?;
         let fp = req.fingerprint.as_str();
         let iid = ImageId::new(&pool, fp);
         let _g = self.begin(OpKey::Image(iid.clone()))?;
+        self.refresh_shared(&pool)?;
         if let Some(img) = self.lock().images.get(&iid) {
             return Ok(Imported {
                 image: img.view(),
                 unpacked: false,
             });
         }
-        let pool_entry = self.pool(&pool)?;
         let rep = image_unpack::inspect(&req.image).map_err(|source| Error::Unpack {
             step: "inspecting",
             path: req.image.clone(),
@@ -77,18 +89,26 @@ impl Driver {
                 image: iid.clone(),
             }
         };
-        let idir = dir.join("images");
-        let final_path = idir.join(format!("{fp}.img"));
-        let tmp = idir.join(format!("{TMP_PREFIX}{fp}-{}.img", uuid::Uuid::new_v4()));
+        let placed = pool_entry.backend.image_place(fp, size)?;
+        let rec = ImageRecord {
+            pool: pool.clone(),
+            fingerprint: fp.to_owned(),
+            size_bytes: size,
+            path: placed.path.clone(),
+            created_unix_ms: now_ms(),
+        };
+        if pool_entry.backend.image_exists(&placed)? {
+            // Complete already (a deleted image with clones, imported again; or made by
+            // another host whose record this one had not read).
+            self.put_image_record(&pool_entry, &rec)?;
+            return Ok(Imported {
+                image: rec.view(),
+                unpacked: false,
+            });
+        }
         let progress = EventProgress::new(self, &pool, fp, "import");
         let run = || -> Result<()> {
-            let f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .map_err(Error::io("creating", &tmp))?;
-            f.set_len(size).map_err(Error::io("sizing", &tmp))?;
-            drop(f);
+            pool_entry.backend.create(&placed)?;
             let scratch = self.state_dir.join("scratch");
             let _ = fs::create_dir_all(&scratch);
             let o = UnpackOptions {
@@ -96,34 +116,28 @@ impl Driver {
                 scratch_dir: Some(scratch),
                 ..UnpackOptions::default()
             };
-            image_unpack::unpack(&req.image, &tmp, &o, &progress).map_err(|source| {
+            let target = placed.target();
+            image_unpack::unpack(&req.image, target, &o, &progress).map_err(|source| {
                 Error::Unpack {
                     step: "unpacking image onto",
-                    path: tmp.clone(),
+                    path: target.to_owned(),
                     source: Box::new(source),
                 }
             })?;
-            File::options()
-                .write(true)
-                .open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(Error::io("syncing", &tmp))?;
-            fs::rename(&tmp, &final_path).map_err(Error::io("renaming", &tmp))?;
-            crate::sys::fsync_dir(&idir).map_err(Error::io("syncing", &idir))
+            if pool_entry.backend.shared().is_none() {
+                File::options()
+                    .write(true)
+                    .open(target)
+                    .and_then(|f| f.sync_all())
+                    .map_err(Error::io("syncing", target))?;
+            }
+            pool_entry.backend.image_commit(&placed)
         };
         if let Err(e) = run() {
-            let _ = fs::remove_file(&tmp);
+            pool_entry.backend.image_discard(&placed);
             return Err(e);
         }
-        let rec = ImageRecord {
-            pool: pool.clone(),
-            fingerprint: fp.to_owned(),
-            size_bytes: size,
-            path: final_path,
-            created_unix_ms: now_ms(),
-        };
-        self.store.put_image(&rec)?;
-        self.lock().images.insert(iid, rec.clone());
+        self.put_image_record(&pool_entry, &rec)?;
         tracing::info!(pool, fingerprint = fp, size, "image cached");
         Ok(Imported {
             image: rec.view(),
@@ -136,6 +150,7 @@ impl Driver {
         if !pool.is_empty() {
             check_name("pool", pool)?;
             self.pool(pool)?;
+            self.refresh_shared(pool)?;
         }
         Ok(self
             .lock()
@@ -146,18 +161,27 @@ impl Driver {
             .collect())
     }
 
-    /// DeleteImage: returns whether it existed.
+    /// DeleteImage: returns whether it existed. Volumes cloned from it keep working
+    /// (dir: reflinks and copies are independent; rbd: the image is hidden and removed
+    /// with its last clone).
     pub fn delete_image(&self, pool: &str, fp: &str) -> Result<bool> {
         check_fingerprint(fp)?;
-        let (pool, _) = self.image_pool(pool)?;
+        let (pool, pool_entry) = self.image_pool(pool)?;
         let iid = ImageId::new(&pool, fp);
         let _g = self.begin(OpKey::Image(iid.clone()))?;
+        self.refresh_shared(&pool)?;
         let Some(rec) = self.lock().images.get(&iid).cloned() else {
             return Ok(false);
         };
-        self.store.remove_image(&pool, fp)?;
+        if pool_entry.backend.shared().is_none() {
+            self.store.remove_image(&pool, fp)?;
+        }
         self.lock().images.remove(&iid);
-        let _ = fs::remove_file(&rec.path);
+        pool_entry.backend.image_discard(&crate::pool::Backing {
+            path: rec.path.clone(),
+            temp_path: None,
+            size_bytes: rec.size_bytes,
+        });
         Ok(true)
     }
 }

@@ -145,6 +145,8 @@ pub struct Driver {
     taints: Taints,
     /// The attachments the configuration lists.
     config_attachments: Vec<AttachmentConfig>,
+    /// This host's name in shared pools (who attached a volume).
+    node: String,
 }
 
 /// Space held in a pool's quota for an import under way; released on drop.
@@ -205,6 +207,7 @@ impl Driver {
             sysfs: Sysfs::default(),
             taints: Taints::default(),
             config_attachments: p.config.attachments.clone(),
+            node: p.config.node_name(),
         });
         let mut pools = p.config.pools.clone();
         if pools.is_empty() {
@@ -234,6 +237,7 @@ impl Driver {
         }
         d.recover_volumes()?;
         d.recover_images()?;
+        d.recover_shared();
         Ok(d)
     }
 
@@ -288,8 +292,25 @@ impl Driver {
         self.lock().volumes.get(id).cloned()
     }
 
+    /// Records a volume: in its pool when the pool is shared and the volume complete
+    /// (every host reads it there), else in this host's state directory (a volume being
+    /// created, grown or deleted is this host's business until it is done).
     fn put_record(&self, r: &VolumeRecord) -> Result<()> {
-        self.store.put_volume(r)?;
+        let shared = self
+            .pool(&r.pool)
+            .ok()
+            .filter(|e| e.backend.shared().is_some());
+        match shared {
+            Some(e) if r.state == VolState::Ready => {
+                let json = serde_json::to_string(r)
+                    .map_err(|e| Error::BadRequest(format!("volume record: {e}")))?;
+                if let Some(s) = e.backend.shared() {
+                    s.put_volume_record(&r.path, &json)?;
+                }
+                self.store.remove_volume(&r.pool, &r.name)?;
+            }
+            _ => self.store.put_volume(r)?,
+        }
         self.lock().volumes.insert(r.id(), r.clone());
         Ok(())
     }
@@ -297,6 +318,65 @@ impl Driver {
     fn drop_record(&self, id: &VolumeId) -> Result<()> {
         self.store.remove_volume(&id.pool, &id.name)?;
         self.lock().volumes.remove(id);
+        Ok(())
+    }
+
+    /// Reads the records a shared pool keeps (volumes and cached images made or changed
+    /// by other hosts) into the driver's view; a volume this host is creating, growing or
+    /// deleting keeps its local record. Nothing to do for local pools.
+    fn refresh_shared(&self, pool: &str) -> Result<()> {
+        let Ok(e) = self.pool(pool) else {
+            return Ok(());
+        };
+        let Some(shared) = e.backend.shared() else {
+            return Ok(());
+        };
+        let mut volumes = Vec::new();
+        for json in shared.volume_records()? {
+            match serde_json::from_str::<VolumeRecord>(&json) {
+                Ok(r) if r.pool == pool => volumes.push(r),
+                Ok(r) => tracing::warn!(pool, other = %r.pool, volume = %r.name,
+                    "a record of another pool's volume in this pool: ignored"),
+                Err(err) => tracing::warn!(pool, error = %err, "unreadable volume record: ignored"),
+            }
+        }
+        let mut images = Vec::new();
+        for json in shared.image_records()? {
+            match serde_json::from_str::<ImageRecord>(&json) {
+                Ok(r) if r.pool == pool => images.push(r),
+                Ok(_) => {}
+                Err(err) => tracing::warn!(pool, error = %err, "unreadable image record: ignored"),
+            }
+        }
+        let mut inner = self.lock();
+        let busy = |inner: &Inner, id: &VolumeId| {
+            inner.busy.contains(&OpKey::Volume(id.clone()))
+                || inner
+                    .volumes
+                    .get(id)
+                    .is_some_and(|r| r.state != VolState::Ready)
+        };
+        let seen: HashSet<VolumeId> = volumes.iter().map(VolumeRecord::id).collect();
+        let gone: Vec<VolumeId> = inner
+            .volumes
+            .keys()
+            .filter(|id| id.pool == pool && !seen.contains(*id))
+            .filter(|id| !busy(&inner, id))
+            .cloned()
+            .collect();
+        for id in gone {
+            inner.volumes.remove(&id);
+        }
+        for r in volumes {
+            let id = r.id();
+            if !busy(&inner, &id) {
+                inner.volumes.insert(id, r);
+            }
+        }
+        inner.images.retain(|id, _| id.pool != pool);
+        for r in images {
+            inner.images.insert(r.id(), r);
+        }
         Ok(())
     }
 

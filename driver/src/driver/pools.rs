@@ -49,6 +49,7 @@ impl Driver {
             capacity_bytes: space.capacity_bytes,
             available_bytes: space.available_bytes,
             volume_count: inner.volumes.keys().filter(|v| v.pool == name).count() as u32,
+            unavailable: e.backend.unavailable(),
         }
     }
 
@@ -79,6 +80,9 @@ impl Driver {
                         "pool path {s:?} is not an absolute path"
                     )));
                 }
+            }
+            PoolKind::Rbd(c) => {
+                crate::pool::check_rbd_config(c).map_err(Error::BadRequest)?;
             }
             PoolKind::Block { devices } => {
                 if devices.is_empty() {

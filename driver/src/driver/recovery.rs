@@ -88,4 +88,65 @@ impl Driver {
         }
         Ok(())
     }
+
+    /// Shared pools: their records read, and the volumes this host had attached exported
+    /// again. This host's previous process held their locks; it is gone, so they are
+    /// taken back (fenced first). A pool that is unavailable now is read when it is used.
+    pub(super) fn recover_shared(&self) {
+        let pools: Vec<String> = self
+            .lock()
+            .pools
+            .iter()
+            .filter(|(_, e)| e.backend.shared().is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for pool in pools {
+            if let Err(e) = self.refresh_shared(&pool) {
+                tracing::warn!(pool, error = %e.chain(), "shared pool not read at startup");
+                continue;
+            }
+            let mine: Vec<VolumeRecord> = self
+                .lock()
+                .volumes
+                .values()
+                .filter(|r| r.pool == pool)
+                .filter(|r| {
+                    r.attachment
+                        .as_ref()
+                        .is_some_and(|a| a.host == self.node && a.failed.is_none())
+                })
+                .cloned()
+                .collect();
+            for mut rec in mine {
+                let Some(a) = rec.attachment.clone() else {
+                    continue;
+                };
+                if let Ok(e) = self.pool(&pool) {
+                    if let Some(shared) = e.backend.shared() {
+                        match shared.fence(&rec.path) {
+                            Ok(old) if !old.is_empty() => tracing::warn!(pool, volume = %rec.name,
+                                fenced = ?old, "lock of this host's previous process broken"),
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(pool, volume = %rec.name, error = %e.chain(),
+                                "breaking the lock of this host's previous process"),
+                        }
+                    }
+                }
+                match self.start_export(&rec, &a) {
+                    Ok(()) => {
+                        tracing::info!(pool, volume = %rec.name, "re-exported attached volume")
+                    }
+                    Err(e) => {
+                        tracing::error!(pool, volume = %rec.name, error = %e.chain(),
+                            "re-exporting an attached volume failed; marking it detached");
+                        rec.attachment = None;
+                        if let Err(e) = self.put_record(&rec) {
+                            tracing::error!(pool, volume = %rec.name, error = %e.chain(),
+                                "recording the detach");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -39,6 +39,7 @@ fn attach(_name: &str) -> AttachOptions {
         read_only: true,
         num_queues: 2,
         queue_size: 0,
+        force: false,
     }
 }
 

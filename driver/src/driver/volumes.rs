@@ -16,6 +16,7 @@ impl Driver {
     pub fn get_volume(&self, id: &VolumeId) -> Result<Volume> {
         check_volume_id(id)?;
         self.pool(&id.pool)?;
+        self.refresh_shared(&id.pool)?;
         let r = self
             .record(id)
             .ok_or_else(|| Error::VolumeNotFound(id.clone()))?;
@@ -27,6 +28,15 @@ impl Driver {
         if !pool.is_empty() {
             check_name("pool", pool)?;
             self.pool(pool)?;
+            self.refresh_shared(pool)?;
+        } else {
+            let names: Vec<String> = self.lock().pools.keys().cloned().collect();
+            for p in names {
+                // Every pool: one that cannot be read now is listed as last read.
+                if let Err(e) = self.refresh_shared(&p) {
+                    tracing::warn!(pool = %p, error = %e.chain(), "listing a shared pool");
+                }
+            }
         }
         let recs: Vec<VolumeRecord> = self
             .lock()
@@ -70,6 +80,7 @@ impl Driver {
         }
         let _g = self.begin_volume(id)?;
         let pool_entry = self.pool(&id.pool)?;
+        self.refresh_shared(&id.pool)?;
         if let Some(rec) = self.record(id) {
             let same_size =
                 req.size_bytes == rec.requested_bytes || req.size_bytes == rec.size_bytes;
@@ -248,11 +259,15 @@ impl Driver {
             (Origin::Fingerprint(fp), None) => return Err(Error::ImageNotFound(fp.clone())),
         }
         self.pause("filled");
-        let f = File::options()
-            .write(true)
-            .open(target)
-            .map_err(Error::io("opening", target))?;
-        f.sync_all().map_err(Error::io("syncing", target))?;
+        if pool_entry.backend.shared().is_none() {
+            // Files and devices: durable before the volume is READY (librbd's writes are
+            // durable when they complete, and unpack flushed).
+            let f = File::options()
+                .write(true)
+                .open(target)
+                .map_err(Error::io("opening", target))?;
+            f.sync_all().map_err(Error::io("syncing", target))?;
+        }
         Ok(reflinked)
     }
 
@@ -263,6 +278,7 @@ impl Driver {
         check_volume_id(id)?;
         let _g = self.begin_volume(id)?;
         let pool_entry = self.pool(&id.pool)?;
+        self.refresh_shared(&id.pool)?;
         let mut rec = self
             .record(id)
             .ok_or_else(|| Error::VolumeNotFound(id.clone()))?;
@@ -305,11 +321,13 @@ impl Driver {
             self.put_record(&rec)?;
         }
         self.emit_state(id, Some(VolState::Ready), Some(VolState::Growing));
+        let mut new_size = None;
         let grown = pool_entry
             .backend
             .grow(&rec.path, req.size_bytes)
             .and_then(|size| {
                 rec.size_bytes = size;
+                new_size = Some(size);
                 if rec.attachment.is_some() {
                     return Ok((
                         false,
@@ -321,7 +339,9 @@ impl Driver {
                 self.repair_table(&rec, req.grow_last_partition)
             });
         // The storage has its new size whether or not the repair succeeded.
-        rec.size_bytes = fs::metadata(&rec.path).map(|m| m.len()).unwrap_or(old);
+        rec.size_bytes = new_size
+            .or_else(|| fs::metadata(&rec.path).ok().map(|m| m.len()))
+            .unwrap_or(old);
         rec.state = VolState::Ready;
         self.put_record(&rec)?;
         self.emit_state(id, Some(VolState::Growing), Some(VolState::Ready));
@@ -374,9 +394,22 @@ impl Driver {
         check_volume_id(id)?;
         let _g = self.begin_volume(id)?;
         let pool_entry = self.pool(&id.pool)?;
+        self.refresh_shared(&id.pool)?;
         let Some(mut rec) = self.record(id) else {
             return Ok(false);
         };
+        if let Some(host) = rec
+            .attachment
+            .as_ref()
+            .filter(|a| a.failed.is_none() && !a.host.is_empty() && a.host != self.node)
+            .map(|a| a.host.clone())
+        {
+            return Err(Error::AttachedElsewhere {
+                id: id.clone(),
+                host,
+                what: "detach it on that host first".into(),
+            });
+        }
         if rec.attachment.is_some() {
             return Err(Error::Attached {
                 id: id.clone(),

@@ -28,7 +28,7 @@ impl BlockPool {
     pub(crate) fn new(kind: PoolKind) -> BlockPool {
         let devices = match &kind {
             PoolKind::Block { devices } => devices.clone(),
-            PoolKind::Dir { .. } => Vec::new(),
+            PoolKind::Dir { .. } | PoolKind::Rbd(_) => Vec::new(),
         };
         BlockPool {
             kind,

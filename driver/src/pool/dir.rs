@@ -25,7 +25,7 @@ impl DirPool {
     pub(crate) fn new(kind: PoolKind) -> DirPool {
         let dir = match &kind {
             PoolKind::Dir { path, .. } => path.clone(),
-            PoolKind::Block { .. } => PathBuf::new(),
+            PoolKind::Block { .. } | PoolKind::Rbd(_) => PathBuf::new(),
         };
         DirPool {
             kind,
@@ -88,8 +88,21 @@ impl PoolBackend for DirPool {
         false
     }
 
+    /// Reflinks (or copies) the image, then gives the volume its own size: a clone
+    /// takes the image's length, and a volume may be larger.
     fn clone_image(&self, image: &Path, b: &Backing) -> Result<Cloned> {
-        clone_file(image, b.target())
+        let target = b.target();
+        let how = clone_file(image, target)?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(target)
+            .map_err(Error::io("opening", target))?;
+        let len = f.metadata().map_err(Error::io("inspecting", target))?.len();
+        if len < b.size_bytes {
+            f.set_len(b.size_bytes)
+                .map_err(Error::io("sizing", target))?;
+        }
+        Ok(how)
     }
 
     fn commit(&self, b: &Backing) -> Result<()> {
@@ -133,7 +146,7 @@ impl PoolBackend for DirPool {
     fn space(&self, _taken: &[PathBuf]) -> Space {
         let capacity_bytes = match &self.kind {
             PoolKind::Dir { capacity_bytes, .. } => *capacity_bytes,
-            PoolKind::Block { .. } => 0,
+            PoolKind::Block { .. } | PoolKind::Rbd(_) => 0,
         };
         Space {
             capacity_bytes,
@@ -143,6 +156,22 @@ impl PoolBackend for DirPool {
 
     fn identity(&self, _path: &Path) -> Option<DeviceIdentity> {
         None
+    }
+
+    fn image_place(&self, fingerprint: &str, size: u64) -> Result<Backing> {
+        let idir = self.dir.join("images");
+        Ok(Backing {
+            path: idir.join(format!("{fingerprint}.img")),
+            temp_path: Some(idir.join(format!(
+                "{TMP_PREFIX}{fingerprint}-{}.img",
+                uuid::Uuid::new_v4()
+            ))),
+            size_bytes: size,
+        })
+    }
+
+    fn image_exists(&self, b: &Backing) -> Result<bool> {
+        Ok(b.path.is_file())
     }
 }
 

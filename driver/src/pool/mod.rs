@@ -29,9 +29,12 @@ mod block;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod conformance;
 mod dir;
+pub(crate) mod rbd;
 
 pub(crate) use block::BlockPool;
 pub(crate) use dir::DirPool;
+pub use rbd::check_rbd_config;
+pub(crate) use rbd::RbdPool;
 
 /// Where a volume's data is: its final place, and where it is written first when that
 /// differs (a new file is filled under a temporary name, then renamed).
@@ -85,8 +88,19 @@ pub trait PoolBackend: Send + Sync + fmt::Debug {
     fn kind(&self) -> &PoolKind;
 
     /// Makes the pool's storage ready (at startup and at creation): directories,
-    /// leftovers of a crash removed.
+    /// leftovers of a crash removed, a cluster connected.
     fn prepare(&self) -> Result<()>;
+
+    /// Why the pool's storage cannot be reached now (None: it can).
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
+
+    /// Storage other hosts use too (an RBD pool): what the driver knows of a volume is
+    /// kept with it there, not in this host's state directory.
+    fn shared(&self) -> Option<&dyn SharedStorage> {
+        None
+    }
 
     /// Whether clones of cached images share their blocks.
     fn reflink(&self) -> bool {
@@ -149,6 +163,48 @@ pub trait PoolBackend: Send + Sync + fmt::Debug {
     fn export_source(&self, path: &Path) -> ExportSource {
         ExportSource::Path(path.to_owned())
     }
+
+    /// Where the cached image `fingerprint` of `size` bytes goes (see
+    /// [`PoolBackend::holds_images`]); made with [`PoolBackend::create`].
+    fn image_place(&self, fingerprint: &str, _size: u64) -> Result<Backing> {
+        Err(crate::error::Error::PoolUnsuitable(format!(
+            "this pool does not cache images (image {fingerprint})"
+        )))
+    }
+
+    /// Whether a complete cached image is at `b` (one imported by another host).
+    fn image_exists(&self, _b: &Backing) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Makes the unpacked image at `b` a cached image volumes can be made from.
+    fn image_commit(&self, b: &Backing) -> Result<()> {
+        self.commit(b)
+    }
+
+    /// Removes a cached image (one with clones only once its last clone is gone).
+    fn image_discard(&self, b: &Backing) {
+        self.discard(b)
+    }
+}
+
+/// Storage several hosts use (rbd pools): the records of complete volumes and cached
+/// images are kept with them, so every host lists the same ones, and a writer that
+/// another host must take over from is fenced.
+pub trait SharedStorage: Send + Sync + fmt::Debug {
+    /// The volume records kept in the pool (JSON).
+    fn volume_records(&self) -> Result<Vec<String>>;
+    /// Stores the record of the volume at `path` (JSON).
+    fn put_volume_record(&self, path: &Path, record: &str) -> Result<()>;
+    /// The cached image records kept in the pool (JSON).
+    fn image_records(&self) -> Result<Vec<String>>;
+    /// Stores the record of the cached image at `path` (JSON).
+    fn put_image_record(&self, path: &Path, record: &str) -> Result<()>;
+    /// The clients holding the exclusive lock of the volume at `path`.
+    fn lock_holders(&self, path: &Path) -> Result<Vec<String>>;
+    /// Removes every holder of the volume's lock and fences it (its later writes are
+    /// refused by the storage); returns the holders.
+    fn fence(&self, path: &Path) -> Result<Vec<String>>;
 }
 
 /// The backend of a pool of `kind`.
@@ -156,6 +212,7 @@ pub fn backend(kind: &PoolKind) -> Box<dyn PoolBackend> {
     match kind {
         PoolKind::Dir { .. } => Box::new(DirPool::new(kind.clone())),
         PoolKind::Block { .. } => Box::new(BlockPool::new(kind.clone())),
+        PoolKind::Rbd(_) => Box::new(RbdPool::new(kind.clone())),
     }
 }
 

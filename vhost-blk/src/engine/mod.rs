@@ -479,12 +479,39 @@ impl Drop for Inner {
         let spawned = std::thread::Builder::new()
             .name("vhost-blk-reaper".into())
             .spawn(move || held.release());
-        if let Err(e) = spawned {
-            // The closure, dropped unrun, leaked the slots (waiting here would wait for a
-            // ring that closes only after this returns).
-            tracing::error!(error = %e, requests, "cannot start a thread for requests in flight; leaking their buffers");
+        match spawned {
+            Ok(h) => REAPERS
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(h),
+            Err(e) => {
+                // The closure, dropped unrun, leaked the slots (waiting here would wait for a
+                // ring that closes only after this returns).
+                tracing::error!(error = %e, requests, "cannot start a thread for requests in flight; leaking their buffers");
+            }
         }
     }
+}
+
+/// Threads holding the requests of closed sessions until the kernel or librbd is done
+/// with them.
+static REAPERS: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+
+/// Waits up to `timeout` for the requests closed sessions left in flight (a process
+/// about to exit: an RBD image is closed, and its lock released, only once librbd is
+/// done with them). Returns how many threads still hold some.
+pub fn settle_requests_in_flight(timeout: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    let mut reapers = std::mem::take(&mut *REAPERS.lock().unwrap_or_else(PoisonError::into_inner));
+    while !reapers.is_empty() && Instant::now() < deadline {
+        reapers.retain(|h| !h.is_finished());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let left = reapers.len();
+    for h in reapers.drain(..).filter(|h| h.is_finished()) {
+        let _ = h.join();
+    }
+    left
 }
 
 /// The slots of a closed ring's requests: freed by [`InFlight::release`] once the kernel

@@ -46,6 +46,36 @@ fn iovecs(slices: &[VolatileSlice<'_, ()>]) -> Vec<libc::iovec> {
         .collect()
 }
 
+/// Takes the image's exclusive lock for as long as it is open: no second writer, on this
+/// host or another, until this export ends (or is fenced). An image without the
+/// exclusive-lock feature cannot be locked; it is served, with a warning.
+fn take_lock(image: &::rbd::Image) -> Result<(), ::rbd::RbdError> {
+    match image.lock_exclusive() {
+        Ok(()) => Ok(()),
+        Err(e) if e.errno() == Some(libc::EINVAL) => {
+            tracing::warn!(image = %image.path(), "RBD image without the exclusive-lock feature: another client could write it too");
+            Ok(())
+        }
+        Err(e) if matches!(e.errno(), Some(libc::EBUSY | libc::EROFS | libc::EAGAIN)) => {
+            let holders = image.lock_owners().unwrap_or_default();
+            Err(::rbd::RbdError::Call {
+                op: "take the exclusive lock of RBD image",
+                what: format!(
+                    "{}: held by {} (another export writes it; fence it to take over)",
+                    image.path(),
+                    if holders.is_empty() {
+                        "another client".to_owned()
+                    } else {
+                        holders.join(", ")
+                    }
+                ),
+                source: std::io::Error::from_raw_os_error(libc::EBUSY),
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
 impl RbdVolume {
     /// Connects to the cluster and opens the image (read-only at a snapshot, or if asked).
     pub(crate) fn open(
@@ -60,6 +90,12 @@ impl RbdVolume {
         let mut opts = ::rbd::ClusterOptions::from_spec(spec);
         opts.op_timeout = params.op_timeout;
         let image = ::rbd::open(spec, &opts, params.read_only).map_err(err)?;
+        if !image.is_read_only() {
+            take_lock(&image).map_err(|source| VolumeError::Rbd {
+                address: address.clone(),
+                source,
+            })?;
+        }
         let raw_size = image.size().map_err(err)?;
         let object_size = image.object_size().map_err(err)?;
         tracing::info!(

@@ -104,6 +104,13 @@ impl Scan {
                 expected,
             });
         }
+        let pmbr_start = self
+            .ee_entry()
+            .map(|i| self.mbr.partitions[i].starting_lba.get());
+        if let Some(found) = pmbr_start.filter(|&s| self.mbr_kind == MbrKind::Protective && s != 1)
+        {
+            problems.push(Problem::PmbrStartWrong { found });
+        }
         let partitions = self.partitions();
         if let Some((_, h)) = trusted {
             problems.extend(partition_problems(

@@ -72,6 +72,8 @@ pub enum Problem {
     HeadersDisagree { what: String },
     /// The protective MBR's 0xEE entry does not cover the device.
     PmbrSizeMismatch { found: u32, expected: u32 },
+    /// The protective MBR's 0xEE entry does not start at LBA 1 (UEFI 2.10, 5.2.3).
+    PmbrStartWrong { found: u32 },
     /// A GPT without an MBR boot signature in LBA 0.
     MbrMissing,
     /// A GPT next to an MBR with partitions but no 0xEE entry.
@@ -139,6 +141,9 @@ impl std::fmt::Display for Problem {
                     f,
                     "protective MBR covers {found} sectors, expected {expected}"
                 )
+            }
+            Self::PmbrStartWrong { found } => {
+                write!(f, "protective MBR entry starts at LBA {found}, not 1")
             }
             Self::MbrMissing => write!(f, "no MBR boot signature in front of the GPT"),
             Self::MbrWithoutProtectiveEntry => {
@@ -301,6 +306,7 @@ impl Problem {
                 | Problem::AlternateLbaWrong { .. }
                 | Problem::LastUsableNotAtEnd { .. }
                 | Problem::PmbrSizeMismatch { .. }
+                | Problem::PmbrStartWrong { .. }
                 | Problem::MbrMissing
                 | Problem::ForeignGpt { partitions: 0, .. }
         )

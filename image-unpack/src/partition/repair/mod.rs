@@ -17,7 +17,7 @@
 //! |-------------|------------------------------------------------------------|
 //! | `mod.rs`    | [`RepairOptions`] and the entry point [`repair`]            |
 //! | `report.rs` | [`RepairAction`], [`RepairOutcome`], [`RepairReport`]       |
-//! | `plan.rs`   | deciding what to write, and every refusal                  |
+//! | `plan/`     | deciding what to write, and every refusal (pure; tested on byte buffers) |
 //! | `apply.rs`  | performing the planned writes                              |
 
 use std::io::{Read, Seek, Write};

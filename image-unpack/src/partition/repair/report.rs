@@ -35,6 +35,8 @@ pub enum RepairAction {
     },
     /// The 0xEE entry's size field corrected.
     FixProtectiveMbrSize { from: u32, to: u32 },
+    /// The 0xEE entry made to start at LBA 1.
+    FixProtectiveMbrStart { from: u32 },
     /// A protective MBR written where LBA 0 had none.
     WriteProtectiveMbr { size: u32 },
     /// A GPT header laid out for another sector size removed.
@@ -89,6 +91,9 @@ impl std::fmt::Display for RepairAction {
             ),
             Self::FixProtectiveMbrSize { from, to } => {
                 write!(f, "set the protective MBR size {from} -> {to} sectors")
+            }
+            Self::FixProtectiveMbrStart { from } => {
+                write!(f, "start the protective MBR entry at LBA 1 (was {from})")
             }
             Self::WriteProtectiveMbr { size } => {
                 write!(f, "write a protective MBR covering {size} sectors")

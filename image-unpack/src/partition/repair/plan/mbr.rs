@@ -29,12 +29,18 @@ pub(super) fn plan_protective_mbr(
         MbrKind::Protective => {
             let i = scan.ee_entry().ok_or(Error::Overflow)?;
             let e = &mut mbr.partitions[i];
-            if e.size_in_lba.get() != expected || e.starting_lba.get() != 1 {
+            if e.starting_lba.get() != 1 {
+                plan.actions.push(RepairAction::FixProtectiveMbrStart {
+                    from: e.starting_lba.get(),
+                });
+                e.starting_lba = U32::new(1);
+                mbr_changed = true;
+            }
+            if e.size_in_lba.get() != expected {
                 plan.actions.push(RepairAction::FixProtectiveMbrSize {
                     from: e.size_in_lba.get(),
                     to: expected,
                 });
-                e.starting_lba = U32::new(1);
                 e.size_in_lba = U32::new(expected);
                 mbr_changed = true;
             }
