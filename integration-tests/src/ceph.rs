@@ -113,6 +113,7 @@ pub struct CephCluster {
     fsid: String,
     osd_uuid: String,
     osd_starts: u32,
+    mon_starts: u32,
     commands: AtomicU32,
     started_in: Duration,
     dir: tempfile::TempDir,
@@ -145,6 +146,7 @@ impl CephCluster {
             fsid: new_uuid()?,
             osd_uuid: new_uuid()?,
             osd_starts: 0,
+            mon_starts: 1,
             commands: AtomicU32::new(0),
             started_in: Duration::ZERO,
             dir,
@@ -500,6 +502,38 @@ impl CephCluster {
                 self.log_tails()
             );
         }
+        Ok(t0.elapsed())
+    }
+
+    /// Stops the monitor (SIGTERM, SIGKILL after 10 s): the cluster is down for every
+    /// client (connects time out; I/O to the OSD goes on until a map is needed).
+    pub fn stop_mon(&mut self) -> Result<()> {
+        let mut mon = self.mon.take().context("the mon is not running")?;
+        mon.terminate(Duration::from_secs(10))?;
+        tracing::info!(pid = mon.pid(), "ceph mon stopped");
+        Ok(())
+    }
+
+    /// Starts the monitor again (same data and address) and waits until it leads its
+    /// quorum again; returns how long that took.
+    pub fn start_mon(&mut self) -> Result<Duration> {
+        if self.mon.is_some() {
+            bail!("the mon is already running");
+        }
+        let t0 = Instant::now();
+        let deadline = t0 + CEPH_OSD_TIMEOUT;
+        let mut cmd = Command::new("ceph-mon");
+        cmd.arg("-c")
+            .arg(self.conf_path())
+            .args(["-i", MON_ID, "-f"]);
+        self.mon_starts += 1;
+        let name = format!("mon-{}", self.mon_starts);
+        self.mon = Some(ManagedProcess::spawn(
+            &name,
+            cmd,
+            &self.dir.path().join("log"),
+        )?);
+        self.wait_mon_leader(deadline)?;
         Ok(t0.elapsed())
     }
 

@@ -194,7 +194,8 @@ impl Driver {
             return Err(Error::AttachedElsewhere {
                 id: id.clone(),
                 host,
-                what: "detach it there, or attach with force to take it over (the other                        host's client is fenced)"
+                what: "detach it there, or attach with force to take it over (the other host's \
+                       client is fenced)"
                     .into(),
             });
         }

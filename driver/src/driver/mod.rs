@@ -349,12 +349,13 @@ impl Driver {
             }
         }
         let mut inner = self.lock();
+        // A volume this host is creating, growing or deleting has its record here; every
+        // complete one is as the pool says (this host writes its changes there first).
         let busy = |inner: &Inner, id: &VolumeId| {
-            inner.busy.contains(&OpKey::Volume(id.clone()))
-                || inner
-                    .volumes
-                    .get(id)
-                    .is_some_and(|r| r.state != VolState::Ready)
+            inner
+                .volumes
+                .get(id)
+                .is_some_and(|r| r.state != VolState::Ready)
         };
         let seen: HashSet<VolumeId> = volumes.iter().map(VolumeRecord::id).collect();
         let gone: Vec<VolumeId> = inner

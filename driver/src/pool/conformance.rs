@@ -262,7 +262,10 @@ pub fn check_space(b: &dyn PoolBackend) {
         "{before:?}"
     );
     if b.shared().is_some() {
-        assert!(before.available_bytes <= before.capacity_bytes, "{before:?}");
+        assert!(
+            before.available_bytes <= before.capacity_bytes,
+            "{before:?}"
+        );
     }
     if b.follows_devices() {
         assert_eq!(before.available_bytes, before.capacity_bytes, "{before:?}");

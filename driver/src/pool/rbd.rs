@@ -339,7 +339,9 @@ impl SharedStorage for RbdPool {
     /// The clients holding the exclusive lock of the image at `path`.
     fn lock_holders(&self, path: &Path) -> Result<Vec<String>> {
         let name = Self::image_name(path)?;
-        self.open(&name, true)?
+        // librbd answers lock questions only on an image opened for writing (opening
+        // takes no lock; only a write would).
+        self.open(&name, false)?
             .lock_owners()
             .map_err(cluster_err(format!(
                 "listing the lock holders of RBD image {name}"
