@@ -254,6 +254,7 @@ fn unpack(a: UnpackArgs) -> i32 {
         grow_last_partition: a.grow_last_partition,
         zero_tail: a.zero_tail,
         create_size: a.size,
+        target_is_new: false,
         copy: CopyOptions {
             threads: a.threads,
             ..CopyOptions::default()

@@ -108,6 +108,51 @@ pub enum VolumeCommand {
     },
     /// Stop a volume's export.
     Detach(VolumeName),
+    /// Snapshots of a volume: create, list, delete, restore.
+    Snapshot {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: SnapshotCommand,
+    },
+}
+
+/// `vmblk volume snapshot ...`.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot (an attached volume's export pauses for it: crash-consistent).
+    Create {
+        /// The volume.
+        #[command(flatten)]
+        vol: VolumeName,
+        /// The snapshot's name (unique in the pool).
+        #[arg(long)]
+        snapshot: String,
+    },
+    /// List the snapshots of a volume (or, without a name, of the pool).
+    List {
+        /// The volume ("" for every volume of the pool).
+        #[arg(default_value = "")]
+        name: String,
+        /// The pool.
+        #[arg(long, default_value = vmblkd::DEFAULT_POOL)]
+        pool: String,
+    },
+    /// Delete a snapshot (succeeds if it does not exist).
+    Delete {
+        /// The snapshot.
+        snapshot: String,
+        /// The pool.
+        #[arg(long, default_value = vmblkd::DEFAULT_POOL)]
+        pool: String,
+    },
+    /// Put its volume back as the snapshot has it (the volume must be detached).
+    Restore {
+        /// The snapshot.
+        snapshot: String,
+        /// The pool.
+        #[arg(long, default_value = vmblkd::DEFAULT_POOL)]
+        pool: String,
+    },
 }
 
 /// `vmblk pool`.
@@ -514,6 +559,100 @@ pub fn run_volume(a: VolumeArgs) -> i32 {
                             "was not attached"
                         }
                     );
+                }
+            },
+        ),
+        VolumeCommand::Snapshot { cmd } => run_snapshot(&conn, cmd),
+    }
+}
+
+fn snapshot_json(s: &pb::Snapshot) -> Value {
+    json!({
+        "pool": s.pool,
+        "volume": s.volume,
+        "name": s.name,
+        "size_bytes": s.size_bytes,
+        "created_unix_ms": s.created_unix_ms,
+        "taken_attached": s.taken_attached,
+    })
+}
+
+fn run_snapshot(conn: &Conn, cmd: SnapshotCommand) -> i32 {
+    match cmd {
+        SnapshotCommand::Create { vol, snapshot } => with_client(
+            conn,
+            |b, mut c| {
+                b.block_on(c.create_snapshot(pb::CreateSnapshotRequest {
+                    pool: vol.pool,
+                    volume: vol.name,
+                    name: snapshot,
+                }))
+                .map(|r| r.into_inner())
+            },
+            |s, j| {
+                if j {
+                    print_json(&snapshot_json(s));
+                } else {
+                    println!("snapshot {} of {}/{} taken", s.name, s.pool, s.volume);
+                }
+            },
+        ),
+        SnapshotCommand::List { name, pool } => with_client(
+            conn,
+            |b, mut c| {
+                b.block_on(c.list_snapshots(pb::ListSnapshotsRequest { pool, volume: name }))
+                    .map(|r| r.into_inner())
+            },
+            |l, j| {
+                if j {
+                    print_json(&Value::Array(
+                        l.snapshots.iter().map(snapshot_json).collect(),
+                    ));
+                } else {
+                    for s in &l.snapshots {
+                        println!("{}/{}@{}  {} bytes", s.pool, s.volume, s.name, s.size_bytes);
+                    }
+                }
+            },
+        ),
+        SnapshotCommand::Delete { snapshot, pool } => with_client(
+            conn,
+            |b, mut c| {
+                b.block_on(c.delete_snapshot(pb::DeleteSnapshotRequest {
+                    pool,
+                    name: snapshot,
+                }))
+                .map(|r| r.into_inner())
+            },
+            |r, j| {
+                if j {
+                    print_json(&json!({ "existed": r.existed }));
+                } else {
+                    println!(
+                        "{}",
+                        if r.existed {
+                            "deleted"
+                        } else {
+                            "did not exist"
+                        }
+                    );
+                }
+            },
+        ),
+        SnapshotCommand::Restore { snapshot, pool } => with_client(
+            conn,
+            |b, mut c| {
+                b.block_on(c.restore_snapshot(pb::RestoreSnapshotRequest {
+                    pool,
+                    name: snapshot,
+                }))
+                .map(|r| r.into_inner())
+            },
+            |v, j| {
+                if j {
+                    print_json(&json!({ "restored": v.name, "size_bytes": v.size_bytes }));
+                } else {
+                    println!("volume {} restored", v.name);
                 }
             },
         ),

@@ -94,6 +94,17 @@ pub enum Error {
         #[source]
         source: rbd::RbdError,
     },
+    /// The pool type cannot do it, and why.
+    #[error("{0}")]
+    Unimplemented(String),
+    /// No snapshot of that name in the pool.
+    #[error("no snapshot {name:?} in pool {pool:?}")]
+    SnapshotNotFound {
+        /// The pool.
+        pool: String,
+        /// The snapshot's name.
+        name: String,
+    },
     /// No space, quota or free device left.
     #[error("{0}")]
     NoSpace(String),

@@ -45,6 +45,12 @@ pub trait ExportHandle: Send + Sync + std::fmt::Debug {
     fn state(&self) -> BackendState;
     /// The path of the volume served (or last served).
     fn volume_path(&self) -> PathBuf;
+    /// The volume grew: the guest is shown its new size now. Returns the capacity in
+    /// bytes.
+    fn grow(&self) -> anyhow::Result<u64>;
+    /// Pauses the export (nothing taken, everything in flight completed) until the
+    /// returned guard is dropped: a crash-consistent point for a snapshot.
+    fn pause(&self, timeout: std::time::Duration) -> anyhow::Result<Box<dyn std::any::Any + Send>>;
 }
 
 /// Starts exports.
@@ -96,6 +102,14 @@ impl ExportHandle for VhostHandle {
 
     fn volume_path(&self) -> PathBuf {
         self.control.volume_path()
+    }
+
+    fn grow(&self) -> anyhow::Result<u64> {
+        Ok(self.control.grow()?)
+    }
+
+    fn pause(&self, timeout: std::time::Duration) -> anyhow::Result<Box<dyn std::any::Any + Send>> {
+        Ok(Box::new(self.control.pause(timeout)?))
     }
 }
 
@@ -269,6 +283,18 @@ impl ExportHandle for FakeHandle {
 
     fn volume_path(&self) -> PathBuf {
         self.export.backend().1
+    }
+
+    fn grow(&self) -> anyhow::Result<u64> {
+        let path = self.export.backend().1;
+        Ok(crate::sys::size_and_sector(&path).map(|s| s.0).unwrap_or(0))
+    }
+
+    fn pause(
+        &self,
+        _timeout: std::time::Duration,
+    ) -> anyhow::Result<Box<dyn std::any::Any + Send>> {
+        Ok(Box::new(()))
     }
 }
 

@@ -169,6 +169,21 @@ pub struct Pool {
     pub unavailable: Option<String>,
 }
 
+/// A snapshot of a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The volume it is of.
+    pub volume: VolumeId,
+    /// Its name (unique in the pool).
+    pub name: String,
+    /// The volume's size when it was taken.
+    pub size_bytes: u64,
+    /// When, ms since the epoch.
+    pub created_unix_ms: u64,
+    /// Taken while the volume was attached (its export paused).
+    pub taken_attached: bool,
+}
+
 /// What to create a volume with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewVolume {

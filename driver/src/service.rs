@@ -18,7 +18,7 @@ use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::model::{
     AttachOptions, Attachment, Backend, CachedImage, Event, EventKind, GrowVolume, ImageImport,
-    NewVolume, Pool, PoolOrigin, Volume, VolumeId,
+    NewVolume, Pool, PoolOrigin, Snapshot, Volume, VolumeId,
 };
 use crate::state::{Origin, VolState};
 
@@ -26,9 +26,11 @@ use crate::state::{Origin, VolState};
 pub fn status_code(e: &Error) -> Code {
     match e {
         Error::InvalidName { .. } | Error::BadRequest(_) => Code::InvalidArgument,
-        Error::PoolNotFound(_) | Error::VolumeNotFound(_) | Error::ImageNotFound(_) => {
-            Code::NotFound
-        }
+        Error::PoolNotFound(_)
+        | Error::VolumeNotFound(_)
+        | Error::ImageNotFound(_)
+        | Error::SnapshotNotFound { .. } => Code::NotFound,
+        Error::Unimplemented(_) => Code::Unimplemented,
         Error::AlreadyExists { .. } => Code::AlreadyExists,
         Error::Busy(_) => Code::Aborted,
         Error::PoolUnavailable { .. } => Code::Unavailable,
@@ -185,6 +187,17 @@ fn pool_pb(p: Pool) -> pb::Pool {
         }
     }
     out
+}
+
+fn snapshot_pb(s: Snapshot) -> pb::Snapshot {
+    pb::Snapshot {
+        pool: s.volume.pool,
+        volume: s.volume.name,
+        name: s.name,
+        size_bytes: s.size_bytes,
+        created_unix_ms: s.created_unix_ms,
+        taken_attached: s.taken_attached,
+    }
 }
 
 fn attachment_pb(a: Attachment) -> pb::Attachment {
@@ -525,6 +538,51 @@ impl StorageDriver for Service {
                 .map(|existed| pb::DeleteImageResponse { existed })
         })
         .await
+    }
+
+    async fn create_snapshot(
+        &self,
+        r: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
+        let r = r.into_inner();
+        let id = volume_id(r.pool, r.volume);
+        self.run(move |d| d.create_snapshot(&id, &r.name).map(snapshot_pb))
+            .await
+    }
+
+    async fn list_snapshots(
+        &self,
+        r: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let r = r.into_inner();
+        self.run(move |d| {
+            d.list_snapshots(&r.pool, &r.volume)
+                .map(|l| pb::ListSnapshotsResponse {
+                    snapshots: l.into_iter().map(snapshot_pb).collect(),
+                })
+        })
+        .await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        r: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        self.run(move |d| {
+            d.delete_snapshot(&r.pool, &r.name)
+                .map(|existed| pb::DeleteSnapshotResponse { existed })
+        })
+        .await
+    }
+
+    async fn restore_snapshot(
+        &self,
+        r: Request<pb::RestoreSnapshotRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = r.into_inner();
+        self.run(move |d| d.restore_snapshot(&r.pool, &r.name).map(volume_pb))
+            .await
     }
 
     type WatchStream = EventStream;

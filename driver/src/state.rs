@@ -93,6 +93,25 @@ pub struct VolumeRecord {
     /// same path is not taken for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<crate::identity::DeviceIdentity>,
+    /// Its snapshots, oldest first (they follow the volume: a rename, a delete).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotRecord>,
+}
+
+/// A snapshot of a volume.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    /// Its name (unique in the pool).
+    pub name: String,
+    /// Where its data is: a file (dir pools) or an `rbd:...@SNAP` address.
+    pub path: PathBuf,
+    /// The volume's size when it was taken.
+    pub size_bytes: u64,
+    /// When, ms since the epoch.
+    pub created_unix_ms: u64,
+    /// Taken while the volume was attached (its export paused).
+    #[serde(default)]
+    pub taken_attached: bool,
 }
 
 /// A cached image.
@@ -342,6 +361,7 @@ mod tests {
             reflinked: false,
             requested_bytes: 4096,
             identity: None,
+            snapshots: Vec::new(),
         }
     }
 

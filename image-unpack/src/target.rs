@@ -158,6 +158,8 @@ pub struct Target {
     io: TargetIo,
     info: TargetInfo,
     zero_methods: std::sync::Mutex<Vec<ZeroMethod>>,
+    /// Reads as zeros wherever nothing was written (just created): zeroing is a no-op.
+    zeroed: bool,
 }
 
 #[derive(Debug)]
@@ -257,6 +259,7 @@ impl Target {
             io: TargetIo::Rbd { image, created },
             info,
             zero_methods: Default::default(),
+            zeroed: false,
         })
     }
 
@@ -344,7 +347,14 @@ impl Target {
             io: TargetIo::File { file, buffered },
             info,
             zero_methods: Default::default(),
+            zeroed: false,
         })
+    }
+
+    /// The caller created the target just now: it reads as zeros wherever nothing was
+    /// written, so zero ranges are not written (never zeros into a thin image).
+    pub fn assume_zeroed(&mut self) {
+        self.zeroed = true;
     }
 
     /// What the kernel says about the target.
@@ -413,6 +423,9 @@ impl Target {
     pub fn zero_range(&self, offset: u64, len: u64) -> Result<ZeroMethod, TargetError> {
         if len == 0 {
             return Ok(ZeroMethod::Write);
+        }
+        if self.zeroed {
+            return Ok(ZeroMethod::AlreadyZero);
         }
         let file = match &self.io {
             TargetIo::File { file, .. } => file,

@@ -54,6 +54,9 @@ pub struct UnpackOptions {
     pub zero_tail: bool,
     /// An RBD target that does not exist is created with this many bytes.
     pub create_size: Option<u64>,
+    /// The target was just created and reads as zeros everywhere (a new sparse file, a
+    /// new thin RBD image): zero ranges are not written at all.
+    pub target_is_new: bool,
     /// Copy tuning.
     pub copy: CopyOptions,
 }
@@ -331,7 +334,10 @@ pub fn unpack(
             needed: vsize,
         });
     }
-    let target = Target::open_or_create(target_path, opts.create_size)?;
+    let mut target = Target::open_or_create(target_path, opts.create_size)?;
+    if opts.target_is_new {
+        target.assume_zeroed();
+    }
     let info = target.info().clone();
     if info.size < vsize {
         return Err(UnpackError::TooSmall {

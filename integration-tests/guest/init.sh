@@ -40,6 +40,8 @@
 #        check `verify:NAME` (passed when no block differs; blocks whose last write failed
 #        or was cut short are skipped).
 #   probe DEV          one 4 KiB O_DIRECT read; prints `VMBLK-IO probe dev= ok= t0= t1=`.
+#   size DEV           prints `VMBLK-IO size dev= sectors=` (/sys/block/DEV/size: what the
+#        guest's driver sees now, grown online without a reboot).
 #   sleep SECS | poweroff | reboot
 # poweroff/reboot (or the end of the commands) shut the jobs down as an init system
 # does: `VMBLK-SHUTDOWN begin`, SIGTERM to every job's process group, SIGKILL after 2 s,
@@ -413,6 +415,10 @@ run_cmd() { # id command args...
             check "verify:$1" "$(bool test $rc = 0)" "$(echo "$out" | tail -n 1 | sed 's/^VMBLK-IO //')"
             ;;
         probe) sh /init vmblk-job probe "$(resolve_dev "$1")" || rc=1 ;;
+        size)
+            d=$(resolve_dev "$1")
+            echo "VMBLK-IO size dev=$d sectors=$(cat /sys/block/$d/size 2>/dev/null) t=$(now)"
+            ;;
         sleep) sleep "$1" ;;
         poweroff | reboot) ACTION=$cmd ;;
         '') ;;

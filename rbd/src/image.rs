@@ -9,6 +9,18 @@ use crate::cluster::IoCtx;
 use crate::error::{check, cstring, RbdError};
 use crate::ffi;
 
+/// Largest discard or write-zeroes librbd takes in one call (its results are `int`s:
+/// lengths past INT_MAX are refused).
+const MAX_RANGE: u64 = 1 << 30;
+
+/// `[offset, offset + len)` in pieces of at most [`MAX_RANGE`] bytes.
+fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+    let end = offset.saturating_add(len);
+    (offset..end)
+        .step_by(MAX_RANGE as usize)
+        .map(move |at| (at, MAX_RANGE.min(end - at)))
+}
+
 /// An open RBD image. Keeps its pool context (and so its cluster) open.
 #[derive(Debug)]
 pub struct Image {
@@ -36,16 +48,25 @@ impl Image {
         p.replace(" namespace ", "/")
     }
 
-    /// Creates image `name` of `size` bytes with the cluster's default format and
-    /// features (`rbd_default_features`: layering, exclusive-lock, object-map, fast-diff,
-    /// deep-flatten unless configured otherwise).
+    /// Creates image `name` of `size` bytes (format 2) with the features `rbd create`
+    /// gives by default ([`crate::DEFAULT_FEATURES`]: layering, exclusive-lock,
+    /// object-map, fast-diff, deep-flatten), whatever `rbd_default_features` says: its
+    /// exports hold the exclusive lock.
     pub fn create(ioctx: &Arc<IoCtx>, name: &str, size: u64) -> Result<(), RbdError> {
         let path = Self::path_of(ioctx, name, None);
         let c_name = cstring(name, || format!("image name {name:?}"))?;
         let mut order: libc::c_int = 0;
         // SAFETY: the context is open; the name is NUL-terminated; `order` is a valid
         // in/out pointer (0: the default object size).
-        let r = unsafe { ffi::rbd_create(ioctx.handle, c_name.as_ptr(), size, &mut order) };
+        let r = unsafe {
+            ffi::rbd_create2(
+                ioctx.handle,
+                c_name.as_ptr(),
+                size,
+                crate::DEFAULT_FEATURES,
+                &mut order,
+            )
+        };
         check(i64::from(r), "create RBD image", || path)?;
         Ok(())
     }
@@ -189,25 +210,25 @@ impl Image {
 
     /// Deallocates `[offset, offset + len)`: reads back as zeros.
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), RbdError> {
-        // SAFETY: the image is open.
-        let r = unsafe { ffi::rbd_discard(self.handle, offset, len) };
-        check(i64::from(r), "discard RBD image", || {
-            format!("{} at {offset}+{len}", self.path)
-        })?;
+        for (at, n) in pieces(offset, len) {
+            // SAFETY: the image is open.
+            let r = unsafe { ffi::rbd_discard(self.handle, at, n) };
+            check(i64::from(r), "discard RBD image", || {
+                format!("{} at {at}+{n}", self.path)
+            })?;
+        }
         Ok(())
     }
 
     /// Zeroes `[offset, offset + len)` (deallocating where whole objects are covered).
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), RbdError> {
-        let what = || format!("{} at {offset}+{len}", self.path);
-        let len = usize::try_from(len).map_err(|_| RbdError::Call {
-            op: "zero RBD image",
-            what: what(),
-            source: std::io::Error::from_raw_os_error(libc::EINVAL),
-        })?;
-        // SAFETY: the image is open.
-        let r = unsafe { ffi::rbd_write_zeroes(self.handle, offset, len, 0, 0) };
-        check(r as i64, "zero RBD image", what)?;
+        for (at, n) in pieces(offset, len) {
+            // SAFETY: the image is open.
+            let r = unsafe { ffi::rbd_write_zeroes(self.handle, at, n as usize, 0, 0) };
+            check(r as i64, "zero RBD image", || {
+                format!("{} at {at}+{n}", self.path)
+            })?;
+        }
         Ok(())
     }
 

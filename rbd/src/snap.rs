@@ -56,6 +56,11 @@ impl Image {
         self.snap_call("unprotect snapshot", name, ffi::rbd_snap_unprotect)
     }
 
+    /// Rolls the image back to snapshot `name` (its data and size).
+    pub fn snap_rollback(&self, name: &str) -> Result<(), RbdError> {
+        self.snap_call("roll back to snapshot", name, ffi::rbd_snap_rollback)
+    }
+
     /// Removes snapshot `name`.
     pub fn snap_remove(&self, name: &str) -> Result<(), RbdError> {
         self.snap_call("remove snapshot", name, ffi::rbd_snap_remove)

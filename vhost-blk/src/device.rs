@@ -15,7 +15,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, Weak};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
@@ -62,6 +63,48 @@ pub enum ExportEvent {
     Disconnected,
 }
 
+/// What the device asks of the session serving the frontend now.
+pub(crate) trait LiveSession: Send + Sync {
+    /// Waits until no request is in flight, or `deadline`; whether none is.
+    fn drain(&self, deadline: Instant) -> bool;
+    /// Makes every queue look at its ring again (after a pause).
+    fn wake(&self);
+    /// Tells the frontend the configuration space changed (the capacity).
+    fn config_changed(&self) -> std::io::Result<()>;
+}
+
+/// Why [`ExportControl::pause`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    /// Another pause holds the export.
+    #[error("the export is paused already")]
+    AlreadyPaused,
+    /// Requests still in flight after the timeout (a stalled volume): the export went on.
+    #[error("requests still in flight after {0:?}: not paused")]
+    InFlight(Duration),
+}
+
+/// Why [`ExportControl::grow`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GrowError {
+    /// The volume's size could not be read.
+    #[error("cannot read the volume's size")]
+    Volume(#[source] VolumeError),
+    /// The frontend could not be told (it did not set up the backend channel).
+    #[error("cannot tell the frontend of the new capacity")]
+    Notify(#[source] std::io::Error),
+}
+
+/// Keeps an export paused; it takes requests again when this is dropped.
+#[derive(Debug)]
+pub struct PauseGuard(Arc<Device>);
+
+impl Drop for PauseGuard {
+    fn drop(&mut self) {
+        self.0.unpause();
+    }
+}
+
 /// Receives an export's events; called on the thread where the event happened, so it must
 /// not block.
 pub type EventSink = Arc<dyn Fn(&ExportEvent) + Send + Sync>;
@@ -75,8 +118,18 @@ pub(crate) struct Device {
     /// Where the current volume was opened from.
     path: Mutex<PathBuf>,
     params: VolumeParams,
-    /// Capacity shown to the guest, in 512-byte sectors.
-    pub capacity: u64,
+    /// Capacity shown to the guest, in 512-byte sectors (grows with the volume).
+    capacity: AtomicU64,
+    /// The capacity's granularity in bytes: the guest's sector or the volume's block,
+    /// whichever is larger.
+    unit: AtomicU64,
+    /// Set while the export is paused (a snapshot): no request is taken.
+    paused: AtomicBool,
+    /// Held (shared) by a queue thread while it takes a chain, and (exclusive) by a pause
+    /// while it sets `paused`: after that, nothing is being taken.
+    takers: RwLock<()>,
+    /// The session serving the frontend now, if any.
+    live: Mutex<Option<Weak<dyn LiveSession>>>,
     pub metrics: Arc<Metrics>,
     pub serial: [u8; SERIAL_LEN],
     /// Write cache enabled (writeback); when false every write is followed by a flush.
@@ -89,7 +142,7 @@ impl std::fmt::Debug for Device {
         f.debug_struct("Device")
             .field("volume", &self.volume.load())
             .field("removed", &self.removed)
-            .field("capacity", &self.capacity)
+            .field("capacity", &self.capacity())
             .finish_non_exhaustive()
     }
 }
@@ -136,12 +189,93 @@ impl Device {
             removed: AtomicBool::new(false),
             path: Mutex::new(path),
             params,
-            capacity,
+            capacity: AtomicU64::new(capacity),
+            unit: AtomicU64::new(SECTOR_SIZE),
+            paused: AtomicBool::new(false),
+            takers: RwLock::new(()),
+            live: Mutex::new(None),
             metrics: Arc::new(Metrics::default()),
             serial,
             wce: AtomicBool::new(true),
             sink: Mutex::new(None),
         }
+    }
+
+    /// Capacity shown to the guest, in 512-byte sectors.
+    pub(crate) fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    /// Sets the capacity's granularity (at export creation).
+    pub(crate) fn set_unit(&self, unit: u64) {
+        self.unit.store(unit.max(SECTOR_SIZE), Ordering::Release);
+    }
+
+    /// The session serving the frontend from now on.
+    pub(crate) fn set_live(&self, session: Weak<dyn LiveSession>) {
+        *self.live.lock().unwrap_or_else(PoisonError::into_inner) = Some(session);
+    }
+
+    fn live(&self) -> Option<Arc<dyn LiveSession>> {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(Weak::upgrade)
+    }
+
+    /// Whether a chain may be taken now: while the guard is held a pause waits. `None`
+    /// while paused.
+    pub(crate) fn take_guard(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        let g = self.takers.read().unwrap_or_else(PoisonError::into_inner);
+        (!self.paused.load(Ordering::Acquire)).then_some(g)
+    }
+
+    /// Stops taking requests and waits up to `timeout` for those in flight. On timeout
+    /// the export takes requests again and the pause fails.
+    fn pause(&self, timeout: Duration) -> Result<(), PauseError> {
+        let deadline = Instant::now() + timeout;
+        {
+            let _w = self.takers.write().unwrap_or_else(PoisonError::into_inner);
+            if self.paused.swap(true, Ordering::AcqRel) {
+                return Err(PauseError::AlreadyPaused);
+            }
+        }
+        let drained = self.live().is_none_or(|s| s.drain(deadline));
+        if !drained {
+            self.unpause();
+            return Err(PauseError::InFlight(timeout));
+        }
+        Ok(())
+    }
+
+    fn unpause(&self) {
+        self.paused.store(false, Ordering::Release);
+        if let Some(s) = self.live() {
+            s.wake();
+        }
+    }
+
+    /// Reads the volume's size again; a larger one becomes the capacity the guest is
+    /// shown, and the frontend is told (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG). Returns
+    /// the capacity in bytes.
+    fn grow(&self) -> Result<u64, GrowError> {
+        let size = self.volume().refresh_size().map_err(GrowError::Volume)?;
+        let unit = self.unit.load(Ordering::Acquire);
+        let sectors = (size - size % unit) / SECTOR_SIZE;
+        let old = self.capacity.fetch_max(sectors, Ordering::AcqRel);
+        if sectors <= old {
+            return Ok(old * SECTOR_SIZE);
+        }
+        tracing::info!(
+            old_sectors = old,
+            new_sectors = sectors,
+            "volume grew: capacity raised"
+        );
+        if let Some(s) = self.live() {
+            s.config_changed().map_err(GrowError::Notify)?;
+        }
+        Ok(sectors * SECTOR_SIZE)
     }
 
     /// The volume requests go to now. Requests keep the `Arc` until they complete, so a
@@ -225,7 +359,7 @@ impl Device {
                 expected: old.block_size(),
             });
         }
-        let shown = self.capacity * SECTOR_SIZE;
+        let shown = self.capacity() * SECTOR_SIZE;
         if vol.size() < shown {
             return Err(ResumeError::TooSmall {
                 path: path.to_owned(),
@@ -287,6 +421,22 @@ impl ExportControl {
     /// the capacity the guest was shown. Also valid while active (a path change).
     pub fn resume(&self, volume: &Path) -> Result<(), ResumeError> {
         self.0.resume(volume)
+    }
+
+    /// Pauses the export for a crash-consistent snapshot: no new request is taken (the
+    /// guest's stay in its rings), and every request in flight has completed when this
+    /// returns (within `timeout`, else the export goes on and this fails). The guest sees
+    /// a delay, no error. Requests resume when the guard is dropped.
+    pub fn pause(&self, timeout: Duration) -> Result<PauseGuard, PauseError> {
+        self.0.pause(timeout)?;
+        Ok(PauseGuard(self.0.clone()))
+    }
+
+    /// The volume grew: its new size becomes the capacity the guest sees, and a
+    /// connected frontend is told (QEMU re-reads the configuration and the guest's
+    /// driver resizes the disk). Returns the capacity in bytes.
+    pub fn grow(&self) -> Result<u64, GrowError> {
+        self.0.grow()
     }
 
     /// Sends the export's events to `sink` (replacing an earlier one).

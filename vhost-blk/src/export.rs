@@ -402,6 +402,7 @@ impl Export {
             capacity,
             serial,
         ));
+        dev.set_unit(unit);
         let listener = Listener::new(&cfg.socket, true).map_err(|source| ExportError::Listen {
             path: cfg.socket.clone(),
             source,
@@ -414,7 +415,6 @@ impl Export {
         Ok(Export {
             socket_id,
             geometry: Geometry {
-                capacity,
                 logical_block_size: cfg.logical_block_size,
                 num_queues: cfg.num_queues,
                 queue_size: cfg.queue_size,
@@ -433,7 +433,7 @@ impl Export {
 
     /// Capacity shown to the guest, in 512-byte sectors.
     pub fn capacity_sectors(&self) -> u64 {
-        self.geometry.capacity
+        self.dev.capacity()
     }
 
     /// Removes and resumes the volume, and delivers the export's events.
@@ -512,6 +512,8 @@ impl Export {
         )
         .map_err(ExportError::Threads)?;
         let session = Arc::new(session);
+        let live: Arc<dyn crate::device::LiveSession> = session.clone();
+        self.dev.set_live(Arc::downgrade(&live));
         let fds = session.extra_fds();
         let mut daemon = VhostUserDaemon::new("vhost-blk".to_string(), session.clone(), mem)
             .map_err(|e| ExportError::Session(e.to_string()))?;

@@ -35,7 +35,10 @@ mod sys;
 mod volume;
 mod wire;
 
-pub use device::{EventSink, ExportControl, ExportEvent, ResumeError, VolumeState};
+pub use device::{
+    EventSink, ExportControl, ExportEvent, GrowError, PauseError, PauseGuard, ResumeError,
+    VolumeState,
+};
 pub use engine::{settle_requests_in_flight, DEFAULT_POLL_US};
 pub use export::{
     run, Export, ExportConfig, ExportError, StopHandle, DEFAULT_IO_THREADS, DEFAULT_IO_TIMEOUT_MS,

@@ -268,7 +268,7 @@ fn parse<'m>(
 }
 
 fn check_range(dev: &Device, sector: u64, count: u64) -> Result<(u64, u64), RequestError> {
-    let capacity = dev.capacity;
+    let capacity = dev.capacity();
     let err = RequestError::OutOfRange {
         sector,
         count,
@@ -297,7 +297,7 @@ fn execute_on(dev: &Device, volume: &Volume, req: &Request<'_>) -> Result<u64, R
         .ok_or(RequestError::OutOfRange {
             sector: req.sector,
             count: 0,
-            capacity: dev.capacity,
+            capacity: dev.capacity(),
         })?;
     match req.kind {
         RequestType::In => {

@@ -332,7 +332,7 @@ fn length_not_multiple_of_512_is_an_io_error() {
 #[test]
 fn sectors_past_the_end_and_overflowing_offsets_are_io_errors() {
     let f = fixture();
-    let cap = f.dev.capacity;
+    let cap = f.dev.capacity();
     assert_eq!(
         f.io(VIRTIO_BLK_T_IN, cap, wr(DATA, 512)).status,
         Some(STATUS_IOERR)
@@ -861,7 +861,6 @@ fn concurrent_rmw_on_a_4096_sector_loop_device_keeps_every_write() {
 fn config_space_shows_512_byte_sectors_and_4k_physical_blocks() {
     let f = fixture_with(1 << 20, params());
     let g = crate::backend::Geometry {
-        capacity: f.dev.capacity,
         logical_block_size: 512,
         num_queues: 4,
         queue_size: 1024,
@@ -966,7 +965,6 @@ fn sessions_serve_queues_through_io_uring_where_the_kernel_allows() {
     let Fixture { dev, _file, .. } = fixture();
     let dev = Arc::new(dev);
     let geometry = Geometry {
-        capacity: dev.capacity,
         logical_block_size: 512,
         num_queues: 2,
         queue_size: 64,

@@ -107,6 +107,13 @@ impl Driver {
                 && have.num_queues == a.num_queues
                 && have.queue_size == a.queue_size
             {
+                // Recorded attached here but nothing runs for it (a shared pool that was
+                // unavailable when this host started): export it now.
+                let mine = have.host.is_empty() || have.host == self.node;
+                let running = self.lock().live.contains_key(id);
+                if mine && !running && !self.is_block_pool(&id.pool) {
+                    self.start_export(&rec, have)?;
+                }
                 return Ok(self.attachment_view(&rec, have));
             }
             return Err(Error::AlreadyExists {
@@ -136,6 +143,8 @@ impl Driver {
                 }
             }
         }
+        // An export of this host's left from before a takeover (fenced): gone first.
+        self.stop_export(id);
         if missing {
             tracing::warn!(pool = %id.pool, volume = %id.name,
                 "backing device absent: attached, the export waits for it");
@@ -286,8 +295,16 @@ impl Driver {
         }
         tracing::error!(pool = %id.pool, volume = %id.name, reason = message,
             "export stopped on its own");
+        if let Err(e) = self.refresh_shared(&id.pool) {
+            tracing::warn!(pool = %id.pool, error = %e.chain(), "reading a shared pool");
+        }
         if let Some(mut rec) = self.record(id) {
-            if let Some(a) = rec.attachment.as_mut() {
+            // Another host's attachment now (it took the volume over): not ours to mark.
+            let mine = rec
+                .attachment
+                .as_ref()
+                .is_some_and(|a| a.host.is_empty() || a.host == self.node);
+            if let Some(a) = rec.attachment.as_mut().filter(|_| mine) {
                 a.failed = Some(message.to_owned());
                 if let Err(e) = self.put_record(&rec) {
                     tracing::error!(pool = %id.pool, volume = %id.name, error = %e.chain(),
@@ -322,6 +339,14 @@ impl Driver {
         };
         if let Some(a) = rec.attachment.as_ref() {
             if !a.host.is_empty() && a.host != self.node && a.failed.is_none() {
+                // Taken over by that host: an export still running here (fenced) stops;
+                // the record is that host's.
+                if self.lock().live.contains_key(id) {
+                    self.stop_export(id);
+                    tracing::warn!(pool = %id.pool, volume = %id.name, host = %a.host,
+                        "detached here: the volume was taken over by another host");
+                    return Ok(true);
+                }
                 return Err(Error::AttachedElsewhere {
                     id: id.clone(),
                     host: a.host.clone(),

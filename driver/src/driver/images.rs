@@ -107,13 +107,16 @@ impl Driver {
             });
         }
         let progress = EventProgress::new(self, &pool, fp, "import");
+        // Nothing was made if this fails (another host importing the same image): it is
+        // not ours to remove.
+        pool_entry.backend.create(&placed)?;
         let run = || -> Result<()> {
-            pool_entry.backend.create(&placed)?;
             let scratch = self.state_dir.join("scratch");
             let _ = fs::create_dir_all(&scratch);
             let o = UnpackOptions {
                 metadata: req.metadata.clone(),
                 scratch_dir: Some(scratch),
+                target_is_new: true,
                 ..UnpackOptions::default()
             };
             let target = placed.target();

@@ -41,6 +41,7 @@ mod images;
 mod pools;
 mod progress;
 mod recovery;
+mod snapshots;
 mod volumes;
 
 use progress::EventProgress;

@@ -17,6 +17,10 @@ impl Driver {
                         let _ = fs::remove_file(&rec.path);
                     }
                     match self.pool(&rec.pool) {
+                        Ok(pool_entry) if self.made_elsewhere(&pool_entry, &rec) => {
+                            tracing::warn!(pool = %rec.pool, volume = %rec.name,
+                                "another host made a volume of that name: left alone");
+                        }
                         Ok(pool_entry) => pool_entry.backend.discard(&backing(&rec)),
                         Err(_) => tracing::warn!(pool = %rec.pool, volume = %rec.name,
                             "its pool is gone: only the record is removed"),
@@ -121,6 +125,9 @@ impl Driver {
                 let Some(a) = rec.attachment.clone() else {
                     continue;
                 };
+                if self.lock().live.contains_key(&rec.id()) {
+                    continue;
+                }
                 if let Ok(e) = self.pool(&pool) {
                     if let Some(shared) = e.backend.shared() {
                         match shared.fence(&rec.path) {
@@ -148,5 +155,18 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Whether a shared pool holds a complete volume named as `rec` with another UUID
+    /// (this host crashed before making its own): then it is not this host's to remove.
+    fn made_elsewhere(&self, pool_entry: &PoolEntry, rec: &VolumeRecord) -> bool {
+        let Some(shared) = pool_entry.backend.shared() else {
+            return false;
+        };
+        shared.volume_records().is_ok_and(|all| {
+            all.iter()
+                .filter_map(|j| serde_json::from_str::<VolumeRecord>(j).ok())
+                .any(|r| r.name == rec.name && r.pool == rec.pool && r.uuid != rec.uuid)
+        })
     }
 }

@@ -140,6 +140,7 @@ impl Driver {
             reflinked: false,
             requested_bytes: req.size_bytes,
             identity: None,
+            snapshots: Vec::new(),
         };
         if pool_entry.backend.follows_devices() {
             rec.identity = pool_entry.backend.identity(&rec.path);
@@ -154,6 +155,15 @@ impl Driver {
         self.emit_state(id, None, Some(VolState::Creating));
         self.pause("record-written");
         let progress = EventProgress::new(self, &id.pool, &id.name, "create");
+        // Nothing was made if this fails (a shared pool's image of that name made by
+        // another host, say): only the record goes.
+        if let Err(e) = pool_entry.backend.create(&backing(&rec)) {
+            if let Err(e2) = self.drop_record(id) {
+                tracing::error!(error = %e2.chain(), "removing the failed volume's record");
+            }
+            self.emit_state(id, Some(VolState::Creating), None);
+            return Err(e);
+        }
         let filled = self.fill(
             &pool_entry,
             &rec,
@@ -200,7 +210,6 @@ impl Driver {
         progress: &EventProgress<'_>,
     ) -> Result<bool> {
         let placed = backing(rec);
-        pool_entry.backend.create(&placed)?;
         let target = placed.target();
         let unpack = |img: &Path, metadata: Option<PathBuf>| -> Result<()> {
             let scratch = self.state_dir.join("scratch");
@@ -210,6 +219,8 @@ impl Driver {
                 scratch_dir: Some(scratch),
                 grow_last_partition,
                 zero_tail: pool_entry.backend.needs_zeroing(),
+                // Just created, holes everywhere: zero ranges are not written.
+                target_is_new: !pool_entry.backend.needs_zeroing(),
                 ..UnpackOptions::default()
             };
             image_unpack::unpack(img, target, &o, progress)
@@ -329,12 +340,7 @@ impl Driver {
                 rec.size_bytes = size;
                 new_size = Some(size);
                 if rec.attachment.is_some() {
-                    return Ok((
-                        false,
-                        "attached: the guest owns the partition table; repair it in the guest \
-                         or grow to this size again once detached"
-                            .into(),
-                    ));
+                    return Ok((false, self.grow_online(id)));
                 }
                 self.repair_table(&rec, req.grow_last_partition)
             });
@@ -353,6 +359,34 @@ impl Driver {
             table_repaired,
             note,
         })
+    }
+
+    /// An attached volume grew: its export shows the guest the new capacity now
+    /// (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG); the partition table is the guest's to grow.
+    /// Returns the note for the reply.
+    fn grow_online(&self, id: &VolumeId) -> String {
+        let export = self
+            .lock()
+            .live
+            .get(id)
+            .and_then(Live::export)
+            .map(|(e, _)| e.clone());
+        let told = match export {
+            Some(e) => match e.grow() {
+                Ok(bytes) => format!("the running guest sees {bytes} bytes now"),
+                Err(err) => {
+                    tracing::warn!(pool = %id.pool, volume = %id.name, error = %format!("{err:#}"),
+                        "telling the frontend of the new size");
+                    format!("the guest sees the new size when it reconnects or reboots ({err:#})")
+                }
+            },
+            None => "the guest sees the new size when its export starts".into(),
+        };
+        format!(
+            "attached: {told}; the partition table is at the image's sector size inside the \
+             guest: grow it there (growpart, sgdisk -e), or grow to this size again once \
+             detached"
+        )
     }
 
     /// Repairs a volume's GPT for its size (backup header to the end); returns whether
@@ -420,7 +454,14 @@ impl Driver {
         rec.state = VolState::Deleting;
         self.put_record(&rec)?;
         self.emit_state(id, Some(old), Some(VolState::Deleting));
-        pool_entry.backend.discard(&backing(&rec));
+        self.drop_snapshots(&pool_entry, &rec);
+        if let Err(e) = pool_entry.backend.remove(&backing(&rec)) {
+            // Still there (in use by another client, say): the volume stays.
+            rec.state = old;
+            self.put_record(&rec)?;
+            self.emit_state(id, Some(VolState::Deleting), Some(old));
+            return Err(e);
+        }
         self.drop_record(id)?;
         self.emit_state(id, Some(VolState::Deleting), None);
         Ok(true)

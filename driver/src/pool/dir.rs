@@ -173,6 +173,66 @@ impl PoolBackend for DirPool {
     fn image_exists(&self, b: &Backing) -> Result<bool> {
         Ok(b.path.is_file())
     }
+
+    /// A reflink copy of the volume's file where the filesystem has reflink, a sparse
+    /// copy elsewhere, under `snapshots/`.
+    fn snapshot(&self, volume: &Path, uuid: &str, name: &str) -> Result<PathBuf> {
+        let sdir = self.dir.join("snapshots");
+        fs::create_dir_all(&sdir).map_err(Error::io("creating", &sdir))?;
+        let path = sdir.join(format!("{uuid}@{name}.img"));
+        let tmp = sdir.join(format!("{TMP_PREFIX}{uuid}@{name}.img"));
+        let run = || -> Result<()> {
+            File::create(&tmp).map_err(Error::io("creating", &tmp))?;
+            clone_file(volume, &tmp)?;
+            File::options()
+                .write(true)
+                .open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(Error::io("syncing", &tmp))?;
+            fs::rename(&tmp, &path).map_err(Error::io("renaming", &tmp))?;
+            sys::fsync_dir(&sdir).map_err(Error::io("syncing", &sdir))
+        };
+        if let Err(e) = run() {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        Ok(path)
+    }
+
+    fn delete_snapshot(&self, _volume: &Path, snapshot: &Path) {
+        if let Err(e) = fs::remove_file(snapshot) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(snapshot = %snapshot.display(), error = %e, "removing a snapshot");
+            }
+        }
+    }
+
+    /// The snapshot cloned (reflink or sparse copy) to a temporary file that then
+    /// replaces the volume's: the volume is either as it was or as the snapshot.
+    fn restore_snapshot(&self, volume: &Path, snapshot: &Path) -> Result<()> {
+        let dir = volume.parent().unwrap_or(Path::new("/"));
+        let name = volume
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.join(format!("{TMP_PREFIX}restore-{name}"));
+        let run = || -> Result<()> {
+            File::create(&tmp).map_err(Error::io("creating", &tmp))?;
+            clone_file(snapshot, &tmp)?;
+            File::options()
+                .write(true)
+                .open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(Error::io("syncing", &tmp))?;
+            fs::rename(&tmp, volume).map_err(Error::io("renaming", &tmp))?;
+            sys::fsync_dir(dir).map_err(Error::io("syncing", dir))
+        };
+        if let Err(e) = run() {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        Ok(())
+    }
 }
 
 /// Clones `src` into the new file `dst` by reflink, or copies it (skipping zero

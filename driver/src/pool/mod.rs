@@ -150,6 +150,12 @@ pub trait PoolBackend: Send + Sync + fmt::Debug {
     /// Removes a volume's data (its temporary file too); best effort, logged.
     fn discard(&self, b: &Backing);
 
+    /// Removes a complete volume's data, saying why if it could not (DeleteVolume).
+    fn remove(&self, b: &Backing) -> Result<()> {
+        self.discard(b);
+        Ok(())
+    }
+
     /// Bytes the volume at `path` uses (`size`: its provisioned size).
     fn allocated(&self, path: &Path, size: u64) -> Result<u64>;
 
@@ -162,6 +168,29 @@ pub trait PoolBackend: Send + Sync + fmt::Debug {
     /// What an export of the volume at `path` opens.
     fn export_source(&self, path: &Path) -> ExportSource {
         ExportSource::Path(path.to_owned())
+    }
+
+    /// Takes snapshot `name` of the volume at `volume` (UUID `uuid`); returns where its
+    /// data is. The volume is quiet meanwhile (detached, or its export paused).
+    fn snapshot(&self, volume: &Path, _uuid: &str, name: &str) -> Result<PathBuf> {
+        Err(crate::error::Error::Unimplemented(format!(
+            "this pool type keeps no snapshots (volume {}, snapshot {name}): a block pool \
+             holds one volume per device; use a dir or rbd pool",
+            volume.display()
+        )))
+    }
+
+    /// Removes the snapshot at `snapshot` of the volume at `volume`; best effort, logged.
+    fn delete_snapshot(&self, _volume: &Path, _snapshot: &Path) {}
+
+    /// Puts the volume at `volume` back as the snapshot at `snapshot` has it (its size
+    /// too). The volume is detached.
+    fn restore_snapshot(&self, volume: &Path, snapshot: &Path) -> Result<()> {
+        Err(crate::error::Error::Unimplemented(format!(
+            "this pool type keeps no snapshots (volume {}, snapshot {})",
+            volume.display(),
+            snapshot.display()
+        )))
     }
 
     /// Where the cached image `fingerprint` of `size` bytes goes (see

@@ -35,6 +35,8 @@ pub const IMAGE_PREFIX: &str = "img-";
 pub const ZOMBIE_PREFIX: &str = "zombie-img-";
 /// The snapshot of a cached image its volumes are cloned from.
 pub const BASE_SNAPSHOT: &str = "vmblk-base";
+/// Prefix of a volume snapshot's RBD snapshot name.
+pub const SNAPSHOT_PREFIX: &str = "snap-";
 /// Metadata key of a volume's record.
 pub const RECORD_KEY: &str = "vmblk.volume";
 /// Metadata key of a cached image's record.
@@ -492,6 +494,22 @@ impl PoolBackend for RbdPool {
         self.reap_zombies(&io);
     }
 
+    /// The image removed, or why not (EBUSY: another client has it open).
+    fn remove(&self, b: &Backing) -> Result<()> {
+        let name = Self::image_name(&b.path)?;
+        let io = self.ioctx()?;
+        match self.remove_image(&io, &name) {
+            Ok(()) => {
+                self.reap_zombies(&io);
+                Ok(())
+            }
+            Err(e) if e.errno() == Some(libc::EBUSY) => Err(Error::Busy(format!(
+                "RBD image {name}: another client has it open"
+            ))),
+            Err(e) => Err(cluster_err(format!("removing RBD image {name}"))(e)),
+        }
+    }
+
     fn allocated(&self, path: &Path, _size: u64) -> Result<u64> {
         let name = Self::image_name(path)?;
         self.open(&name, true)?
@@ -518,6 +536,62 @@ impl PoolBackend for RbdPool {
 
     fn identity(&self, _path: &Path) -> Option<DeviceIdentity> {
         None
+    }
+
+    /// An RBD snapshot `snap-NAME` of the volume's image.
+    fn snapshot(&self, volume: &Path, _uuid: &str, name: &str) -> Result<PathBuf> {
+        let image = Self::image_name(volume)?;
+        let snap = format!("{SNAPSHOT_PREFIX}{name}");
+        let img = self.open(&image, false)?;
+        img.flush()
+            .and_then(|()| img.snap_create(&snap))
+            .map_err(cluster_err(format!("snapshotting RBD image {image}")))?;
+        let spec = volume
+            .to_str()
+            .and_then(|s| RbdSpec::parse(s).ok())
+            .ok_or_else(|| {
+                Error::BadRequest(format!("{} is not an RBD address", volume.display()))
+            })?;
+        Ok(PathBuf::from(spec.at_snapshot(Some(&snap)).to_string()))
+    }
+
+    fn delete_snapshot(&self, volume: &Path, snapshot: &Path) {
+        let (Ok(image), Some(snap)) = (
+            Self::image_name(volume),
+            snapshot
+                .to_str()
+                .and_then(|s| RbdSpec::parse(s).ok())
+                .and_then(|s| s.snapshot),
+        ) else {
+            return;
+        };
+        match self.open(&image, false) {
+            Ok(img) => {
+                if let Err(e) = img.snap_remove(&snap) {
+                    if !e.is_not_found() {
+                        tracing::warn!(image = %image, snapshot = %snap, error = %e, "removing a snapshot");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(image = %image, error = %e.chain(), "removing a snapshot"),
+        }
+    }
+
+    /// `rbd snap rollback`: the image's data and size as the snapshot has them.
+    fn restore_snapshot(&self, volume: &Path, snapshot: &Path) -> Result<()> {
+        let image = Self::image_name(volume)?;
+        let snap = snapshot
+            .to_str()
+            .and_then(|s| RbdSpec::parse(s).ok())
+            .and_then(|s| s.snapshot)
+            .ok_or_else(|| {
+                Error::BadRequest(format!("{} names no snapshot", snapshot.display()))
+            })?;
+        self.open(&image, false)?
+            .snap_rollback(&snap)
+            .map_err(cluster_err(format!(
+                "rolling RBD image {image} back to {snap}"
+            )))
     }
 
     fn image_place(&self, fingerprint: &str, size: u64) -> Result<Backing> {

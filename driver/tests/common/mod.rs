@@ -411,20 +411,31 @@ impl Drop for Loop {
     }
 }
 
-/// A mount, unmounted (lazily if busy) on drop.
+/// A mount, unmounted on drop: retried for a few seconds while busy (a killed
+/// process's io_uring releases its files asynchronously), lazily after that.
 pub struct Mount {
     pub dir: PathBuf,
 }
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            let ok = Command::new("umount")
+                .arg(&self.dir)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
+        eprintln!(
+            "{}: still busy after 5 s, unmounting lazily",
+            self.dir.display()
+        );
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
     }
 }
 

@@ -465,6 +465,85 @@ pub struct DeleteImageResponse {
     #[prost(bool, tag = "1")]
     pub existed: bool,
 }
+/// A snapshot of a volume.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Snapshot {
+    /// Pool name.
+    #[prost(string, tag = "1")]
+    pub pool: ::prost::alloc::string::String,
+    /// The volume it is of.
+    #[prost(string, tag = "2")]
+    pub volume: ::prost::alloc::string::String,
+    /// Its name (unique in the pool).
+    #[prost(string, tag = "3")]
+    pub name: ::prost::alloc::string::String,
+    /// The volume's size when it was taken.
+    #[prost(uint64, tag = "4")]
+    pub size_bytes: u64,
+    /// When it was taken, ms since the epoch.
+    #[prost(uint64, tag = "5")]
+    pub created_unix_ms: u64,
+    /// Whether the volume was attached (its export paused for it).
+    #[prost(bool, tag = "6")]
+    pub taken_attached: bool,
+}
+/// CreateSnapshot's request.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CreateSnapshotRequest {
+    /// Pool name.
+    #[prost(string, tag = "1")]
+    pub pool: ::prost::alloc::string::String,
+    /// The volume.
+    #[prost(string, tag = "2")]
+    pub volume: ::prost::alloc::string::String,
+    /// The snapshot's name.
+    #[prost(string, tag = "3")]
+    pub name: ::prost::alloc::string::String,
+}
+/// ListSnapshots' request.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListSnapshotsRequest {
+    /// Pool name.
+    #[prost(string, tag = "1")]
+    pub pool: ::prost::alloc::string::String,
+    /// Only this volume's ("" for every volume of the pool).
+    #[prost(string, tag = "2")]
+    pub volume: ::prost::alloc::string::String,
+}
+/// ListSnapshots' response.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListSnapshotsResponse {
+    /// Sorted by volume, then time taken.
+    #[prost(message, repeated, tag = "1")]
+    pub snapshots: ::prost::alloc::vec::Vec<Snapshot>,
+}
+/// DeleteSnapshot's request.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct DeleteSnapshotRequest {
+    /// Pool name.
+    #[prost(string, tag = "1")]
+    pub pool: ::prost::alloc::string::String,
+    /// The snapshot's name.
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+}
+/// DeleteSnapshot's response.
+#[derive(Clone, Copy, PartialEq, ::prost::Message)]
+pub struct DeleteSnapshotResponse {
+    /// False when there was no such snapshot.
+    #[prost(bool, tag = "1")]
+    pub existed: bool,
+}
+/// RestoreSnapshot's request.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RestoreSnapshotRequest {
+    /// Pool name.
+    #[prost(string, tag = "1")]
+    pub pool: ::prost::alloc::string::String,
+    /// The snapshot's name.
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+}
 /// Watch's request.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct WatchRequest {
@@ -1209,6 +1288,106 @@ pub mod storage_driver_client {
                 .insert(GrpcMethod::new("vmblk.v1.StorageDriver", "DeleteImage"));
             self.inner.unary(req, path, codec).await
         }
+        /// Takes a snapshot of a volume (CSI's rules: idempotent by name; a name a snapshot of
+        /// another volume of the pool has is ALREADY_EXISTS). An attached volume's export is
+        /// paused for it: every write the guest was told was complete is in the snapshot, no
+        /// request is torn, and the guest sees a delay, not an error. dir pools: a reflink copy
+        /// where the filesystem has reflink (xfs, btrfs), a sparse copy elsewhere; rbd pools: an
+        /// RBD snapshot; block pools: UNIMPLEMENTED (a device holds one volume).
+        pub async fn create_snapshot(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CreateSnapshotRequest>,
+        ) -> std::result::Result<tonic::Response<super::Snapshot>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic::codec::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/vmblk.v1.StorageDriver/CreateSnapshot",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("vmblk.v1.StorageDriver", "CreateSnapshot"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Lists the snapshots of a volume, or of every volume of a pool.
+        pub async fn list_snapshots(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListSnapshotsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListSnapshotsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic::codec::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/vmblk.v1.StorageDriver/ListSnapshots",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("vmblk.v1.StorageDriver", "ListSnapshots"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Deletes a snapshot (idempotent).
+        pub async fn delete_snapshot(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DeleteSnapshotRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeleteSnapshotResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic::codec::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/vmblk.v1.StorageDriver/DeleteSnapshot",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("vmblk.v1.StorageDriver", "DeleteSnapshot"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Puts a volume back as it was when the snapshot was taken (its size too).
+        /// FAILED_PRECONDITION while the volume is attached.
+        pub async fn restore_snapshot(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RestoreSnapshotRequest>,
+        ) -> std::result::Result<tonic::Response<super::Volume>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic::codec::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/vmblk.v1.StorageDriver/RestoreSnapshot",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("vmblk.v1.StorageDriver", "RestoreSnapshot"));
+            self.inner.unary(req, path, codec).await
+        }
         /// Streams events until the client goes away: volume state changes, progress of long
         /// operations, attach/detach (hotplug) and export errors. Events that happen before
         /// the call are not replayed.
@@ -1361,6 +1540,38 @@ pub mod storage_driver_server {
             tonic::Response<super::DeleteImageResponse>,
             tonic::Status,
         >;
+        /// Takes a snapshot of a volume (CSI's rules: idempotent by name; a name a snapshot of
+        /// another volume of the pool has is ALREADY_EXISTS). An attached volume's export is
+        /// paused for it: every write the guest was told was complete is in the snapshot, no
+        /// request is torn, and the guest sees a delay, not an error. dir pools: a reflink copy
+        /// where the filesystem has reflink (xfs, btrfs), a sparse copy elsewhere; rbd pools: an
+        /// RBD snapshot; block pools: UNIMPLEMENTED (a device holds one volume).
+        async fn create_snapshot(
+            &self,
+            request: tonic::Request<super::CreateSnapshotRequest>,
+        ) -> std::result::Result<tonic::Response<super::Snapshot>, tonic::Status>;
+        /// Lists the snapshots of a volume, or of every volume of a pool.
+        async fn list_snapshots(
+            &self,
+            request: tonic::Request<super::ListSnapshotsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListSnapshotsResponse>,
+            tonic::Status,
+        >;
+        /// Deletes a snapshot (idempotent).
+        async fn delete_snapshot(
+            &self,
+            request: tonic::Request<super::DeleteSnapshotRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeleteSnapshotResponse>,
+            tonic::Status,
+        >;
+        /// Puts a volume back as it was when the snapshot was taken (its size too).
+        /// FAILED_PRECONDITION while the volume is attached.
+        async fn restore_snapshot(
+            &self,
+            request: tonic::Request<super::RestoreSnapshotRequest>,
+        ) -> std::result::Result<tonic::Response<super::Volume>, tonic::Status>;
         /// Server streaming response type for the Watch method.
         type WatchStream: tonic::codegen::tokio_stream::Stream<
                 Item = std::result::Result<super::Event, tonic::Status>,
@@ -2113,6 +2324,187 @@ pub mod storage_driver_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = DeleteImageSvc(inner);
+                        let codec = tonic::codec::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/vmblk.v1.StorageDriver/CreateSnapshot" => {
+                    #[allow(non_camel_case_types)]
+                    struct CreateSnapshotSvc<T: StorageDriver>(pub Arc<T>);
+                    impl<
+                        T: StorageDriver,
+                    > tonic::server::UnaryService<super::CreateSnapshotRequest>
+                    for CreateSnapshotSvc<T> {
+                        type Response = super::Snapshot;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CreateSnapshotRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as StorageDriver>::create_snapshot(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CreateSnapshotSvc(inner);
+                        let codec = tonic::codec::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/vmblk.v1.StorageDriver/ListSnapshots" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListSnapshotsSvc<T: StorageDriver>(pub Arc<T>);
+                    impl<
+                        T: StorageDriver,
+                    > tonic::server::UnaryService<super::ListSnapshotsRequest>
+                    for ListSnapshotsSvc<T> {
+                        type Response = super::ListSnapshotsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListSnapshotsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as StorageDriver>::list_snapshots(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListSnapshotsSvc(inner);
+                        let codec = tonic::codec::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/vmblk.v1.StorageDriver/DeleteSnapshot" => {
+                    #[allow(non_camel_case_types)]
+                    struct DeleteSnapshotSvc<T: StorageDriver>(pub Arc<T>);
+                    impl<
+                        T: StorageDriver,
+                    > tonic::server::UnaryService<super::DeleteSnapshotRequest>
+                    for DeleteSnapshotSvc<T> {
+                        type Response = super::DeleteSnapshotResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DeleteSnapshotRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as StorageDriver>::delete_snapshot(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DeleteSnapshotSvc(inner);
+                        let codec = tonic::codec::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/vmblk.v1.StorageDriver/RestoreSnapshot" => {
+                    #[allow(non_camel_case_types)]
+                    struct RestoreSnapshotSvc<T: StorageDriver>(pub Arc<T>);
+                    impl<
+                        T: StorageDriver,
+                    > tonic::server::UnaryService<super::RestoreSnapshotRequest>
+                    for RestoreSnapshotSvc<T> {
+                        type Response = super::Volume;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RestoreSnapshotRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as StorageDriver>::restore_snapshot(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RestoreSnapshotSvc(inner);
                         let codec = tonic::codec::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -14,8 +14,6 @@ use crate::volume::SECTOR_SIZE;
 /// Geometry the guest is shown.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Geometry {
-    /// Capacity in 512-byte sectors.
-    pub capacity: u64,
     /// Guest logical block size in bytes.
     pub logical_block_size: u32,
     pub num_queues: u16,
@@ -74,7 +72,7 @@ pub(crate) fn config_space(dev: &Device, g: &Geometry) -> VirtioBlkConfig {
     let volume_sectors = (vol.block_size() / SECTOR_SIZE) as u32;
     let max_sectors: u32 = (u32::MAX / 2) & !(volume_sectors - 1);
     VirtioBlkConfig {
-        capacity: g.capacity.into(),
+        capacity: dev.capacity().into(),
         seg_max: u32::from(g.queue_size.saturating_sub(2).max(1)).into(),
         blk_size: g.logical_block_size.into(),
         physical_block_exp: u8::try_from((phys / lbs).trailing_zeros()).unwrap_or(0),

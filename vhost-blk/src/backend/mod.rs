@@ -67,7 +67,21 @@ pub(crate) struct Session {
     inflight: Arc<Inflight>,
     /// Set when the export stops: no new request is taken.
     quiesced: AtomicBool,
+    /// The channel to the frontend (VHOST_USER_PROTOCOL_F_BACKEND_REQ), once it set one:
+    /// configuration changes are announced there.
+    backend_req: BackendChannel,
     watchdog: Option<Watchdog>,
+}
+
+/// The frontend's channel for the backend's own messages (a configuration change).
+#[derive(Default)]
+struct BackendChannel(std::sync::Mutex<Option<vhost::vhost_user::Backend>>);
+
+impl std::fmt::Debug for BackendChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = self.0.lock().map(|g| g.is_some()).unwrap_or(false);
+        f.debug_struct("BackendChannel").field("set", &set).finish()
+    }
 }
 
 /// How a session serves its queues.
@@ -150,6 +164,7 @@ impl Session {
             resubmit,
             inflight,
             quiesced: AtomicBool::new(false),
+            backend_req: BackendChannel::default(),
             watchdog: Some(watchdog),
         })
     }
@@ -202,6 +217,34 @@ impl Session {
     }
 }
 
+impl crate::device::LiveSession for Session {
+    fn drain(&self, deadline: Instant) -> bool {
+        self.queues
+            .iter()
+            .all(|q| q.wait_drained(deadline.saturating_duration_since(Instant::now())))
+    }
+
+    fn wake(&self) {
+        for ev in &self.resubmit {
+            if let Err(e) = ev.write(1) {
+                tracing::warn!(error = %e, "waking a queue after a pause");
+            }
+        }
+    }
+
+    fn config_changed(&self) -> io::Result<()> {
+        use vhost::vhost_user::VhostUserFrontendReqHandler;
+        let backend = self
+            .backend_req
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOTCONN))?;
+        backend.handle_config_change().map(|_| ())
+    }
+}
+
 impl Drop for Session {
     fn drop(&mut self) {
         if let Some(w) = self.watchdog.take() {
@@ -244,6 +287,14 @@ impl VhostUserBackend for Session {
             self.dev.wce.store(wce, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {
+        *self
+            .backend_req
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(backend);
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {

@@ -70,6 +70,8 @@ impl Session {
         resubmit: &mut Vec<u16>,
         now: Instant,
     ) -> Option<(RawChain, Taken)> {
+        // Nothing is taken while the export is paused; a pause waits for a take under way.
+        let _taking = self.dev.take_guard()?;
         if let Some(head) = resubmit.pop() {
             let (table, size) = {
                 let v = vring.get_ref();

@@ -377,7 +377,16 @@ impl Inner {
             };
             let op = self.ring.op(io.pending.write);
             let outcome = if res >= 0 && self.ring.completes_whole() {
-                Some(Ok(()))
+                // librbd reads return the bytes read (fewer past the image's end: a
+                // shrunk image), writes 0.
+                if !io.pending.write && (res.unsigned_abs() as u64) < io.left {
+                    Some(Err(VolumeError::Short {
+                        op,
+                        offset: io.offset,
+                    }))
+                } else {
+                    Some(Ok(()))
+                }
             } else if res == -libc::EAGAIN || res == -libc::EINTR {
                 None
             } else if res < 0 {

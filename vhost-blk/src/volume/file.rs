@@ -40,8 +40,9 @@ pub(crate) struct FileVolume {
     memory_backed: bool,
     /// A file on FUSE or a network filesystem: its I/O may wait for a server.
     waits_for_a_server: bool,
-    /// Usable size in bytes: a multiple of `block_size` and of the guest sector.
-    size: u64,
+    /// Usable size in bytes: a multiple of `block_size` and of the guest sector (read
+    /// again when the volume grows).
+    size: std::sync::atomic::AtomicU64,
     /// Offset and length granularity of I/O to the volume.
     block_size: u64,
     /// Alignment of memory buffer addresses the volume needs (1 for buffered I/O).
@@ -262,7 +263,7 @@ impl FileVolume {
             is_block_device,
             memory_backed,
             waits_for_a_server,
-            size: align_down(raw_size, block_size),
+            size: align_down(raw_size, block_size).into(),
             block_size,
             mem_align,
             seg_align,
@@ -277,7 +278,24 @@ impl FileVolume {
 
     /// Usable size in bytes.
     pub(crate) fn size(&self) -> u64 {
-        self.size
+        self.size.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Reads the size again (the file or device grew); returns it.
+    pub(crate) fn refresh_size(&self) -> Result<u64, VolumeError> {
+        let err = |source| VolumeError::Io {
+            op: "reading the size",
+            offset: 0,
+            source,
+        };
+        let raw = if self.is_block_device {
+            blockdev::size(&self.file).map_err(err)?
+        } else {
+            self.file.metadata().map_err(err)?.len()
+        };
+        let size = align_down(raw, self.block_size);
+        self.size.store(size, std::sync::atomic::Ordering::Release);
+        Ok(size)
     }
 
     /// Granularity of I/O to the volume, in bytes.

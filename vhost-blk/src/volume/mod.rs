@@ -192,6 +192,11 @@ impl Volume {
         each_kind!(self, v => v.size())
     }
 
+    /// Reads the size again (the volume grew); returns it.
+    pub(crate) fn refresh_size(&self) -> Result<u64, VolumeError> {
+        each_kind!(self, v => v.refresh_size())
+    }
+
     /// Granularity of I/O to the volume, in bytes.
     pub(crate) fn block_size(&self) -> u64 {
         match &self.kind {

@@ -25,6 +25,10 @@ impl NullVolume {
         self.size
     }
 
+    pub(crate) fn refresh_size(&self) -> Result<u64, VolumeError> {
+        Ok(self.size)
+    }
+
     pub(crate) fn read(
         &self,
         _offset: u64,

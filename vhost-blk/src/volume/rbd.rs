@@ -19,8 +19,8 @@ use crate::sys::IOV_MAX;
 #[derive(Debug)]
 pub(crate) struct RbdVolume {
     image: Arc<::rbd::Image>,
-    /// Image size, in whole sectors.
-    size: u64,
+    /// Image size, in whole sectors (read again when the image grows).
+    size: std::sync::atomic::AtomicU64,
     /// Object size of the image (its optimal I/O size).
     object_size: u32,
     max_iovecs: usize,
@@ -107,14 +107,22 @@ impl RbdVolume {
         );
         Ok(RbdVolume {
             image: Arc::new(image),
-            size: raw_size - raw_size % SECTOR_SIZE,
+            size: (raw_size - raw_size % SECTOR_SIZE).into(),
             object_size: u32::try_from(object_size).unwrap_or(0),
             max_iovecs: params.max_iovecs.clamp(1, IOV_MAX),
         })
     }
 
     pub(crate) fn size(&self) -> u64 {
-        self.size
+        self.size.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Reads the image's size again (it was resized); returns it.
+    pub(crate) fn refresh_size(&self) -> Result<u64, VolumeError> {
+        let raw = self.image.size().map_err(rbd_err("rbd size", 0))?;
+        let size = raw - raw % SECTOR_SIZE;
+        self.size.store(size, std::sync::atomic::Ordering::Release);
+        Ok(size)
     }
 
     pub(crate) fn io_sizes(&self) -> (u32, u32) {

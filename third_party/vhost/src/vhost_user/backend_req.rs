@@ -146,6 +146,14 @@ impl Backend {
 }
 
 impl VhostUserFrontendReqHandler for Backend {
+    /// vmblk: forward a configuration change notice to the frontend (the capacity of a
+    /// grown volume). The message has no payload; a zero u64 is sent as its body, which
+    /// the frontend ignores.
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        let mut guard = self.inner.lock().unwrap();
+        Ok(guard.send_message(BackendReq::CONFIG_CHANGE_MSG, &VhostUserU64::new(0), None)?)
+    }
+
     /// Forward vhost-user shared-object add request to the frontend.
     fn shared_object_add(&self, uuid: &VhostUserSharedMsg) -> HandlerResult<u64> {
         let mut guard = self.inner.lock().unwrap();
