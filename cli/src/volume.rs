@@ -44,7 +44,8 @@ pub struct VolumeName {
 /// Volume subcommands.
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
-    /// Create a volume: empty, from an image file, or from a cached image's fingerprint.
+    /// Create a volume: empty, from an image file, from a cached image's fingerprint, or
+    /// as a copy of another volume of the pool or of one of its snapshots.
     Create {
         /// The volume.
         #[command(flatten)]
@@ -59,8 +60,11 @@ pub enum VolumeCommand {
         #[arg(long, requires = "image")]
         metadata: Option<PathBuf>,
         /// Clone the cached image with this fingerprint.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "image")]
         fingerprint: Option<String>,
+        /// Clone volume VOL of the same pool (detached), or its snapshot SNAP (VOL@SNAP).
+        #[arg(long, value_name = "VOL[@SNAP]", conflicts_with_all = ["image", "fingerprint"])]
+        from: Option<String>,
         /// Extend the last partition to the end of the volume.
         #[arg(long)]
         grow_last_partition: bool,
@@ -84,6 +88,14 @@ pub enum VolumeCommand {
         /// Extend the last partition too.
         #[arg(long)]
         grow_last_partition: bool,
+    },
+    /// Rename a detached volume; its snapshots follow it.
+    Rename {
+        /// The volume.
+        #[command(flatten)]
+        vol: VolumeName,
+        /// Its new name.
+        new_name: String,
     },
     /// Delete a volume (succeeds if it does not exist).
     Delete(VolumeName),
@@ -302,6 +314,9 @@ fn volume_json(v: &pb::Volume) -> Value {
             json!({ "image": f.path, "metadata": f.metadata_path })
         }
         Some(pb::volume_origin::Source::ImageFingerprint(fp)) => json!({ "fingerprint": fp }),
+        Some(pb::volume_origin::Source::Volume(s)) => {
+            json!({ "volume": s.name, "snapshot": s.snapshot })
+        }
         _ => json!("empty"),
     };
     json!({
@@ -392,9 +407,19 @@ pub fn run_volume(a: VolumeArgs) -> i32 {
             image,
             metadata,
             fingerprint,
+            from,
             grow_last_partition,
         } => {
-            let source = if let Some(fp) = fingerprint {
+            let source = if let Some(from) = from {
+                let (name, snapshot) = match from.split_once('@') {
+                    Some((v, s)) => (v.to_owned(), s.to_owned()),
+                    None => (from, String::new()),
+                };
+                Some(pb::volume_origin::Source::Volume(pb::VolumeSource {
+                    name,
+                    snapshot,
+                }))
+            } else if let Some(fp) = fingerprint {
                 Some(pb::volume_origin::Source::ImageFingerprint(fp))
             } else if let Some(img) = image {
                 let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p).display().to_string();
@@ -485,6 +510,24 @@ pub fn run_volume(a: VolumeArgs) -> i32 {
                 },
             )
         }
+        VolumeCommand::Rename { vol, new_name } => with_client(
+            &conn,
+            |b, mut c| {
+                b.block_on(c.rename_volume(pb::RenameVolumeRequest {
+                    pool: vol.pool,
+                    name: vol.name,
+                    new_name,
+                }))
+                .map(|r| r.into_inner())
+            },
+            |v, j| {
+                if j {
+                    print_json(&volume_json(v))
+                } else {
+                    show_volume(v)
+                }
+            },
+        ),
         VolumeCommand::Delete(v) => with_client(
             &conn,
             |b, mut c| {

@@ -85,6 +85,13 @@ pub enum Origin {
     },
     /// Cloned from a cached image.
     Fingerprint(String),
+    /// Cloned from a volume of the same pool, or from one of its snapshots.
+    Volume {
+        /// The source volume.
+        name: String,
+        /// Its snapshot (none: the volume's own data).
+        snapshot: Option<String>,
+    },
 }
 
 /// A volume's identity: its pool and its name in that pool.

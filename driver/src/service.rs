@@ -134,6 +134,10 @@ fn origin(o: Option<pb::VolumeOrigin>) -> Origin {
             metadata: (!f.metadata_path.is_empty()).then(|| PathBuf::from(f.metadata_path)),
         },
         Some(pb::volume_origin::Source::ImageFingerprint(fp)) => Origin::Fingerprint(fp),
+        Some(pb::volume_origin::Source::Volume(v)) => Origin::Volume {
+            name: v.name,
+            snapshot: (!v.snapshot.is_empty()).then_some(v.snapshot),
+        },
     }
 }
 
@@ -233,6 +237,10 @@ fn volume_pb(v: Volume) -> pb::Volume {
                 .unwrap_or_default(),
         }),
         Origin::Fingerprint(f) => pb::volume_origin::Source::ImageFingerprint(f),
+        Origin::Volume { name, snapshot } => pb::volume_origin::Source::Volume(pb::VolumeSource {
+            name,
+            snapshot: snapshot.unwrap_or_default(),
+        }),
     };
     pb::Volume {
         pool: v.id.pool,
@@ -432,6 +440,16 @@ impl StorageDriver for Service {
             })
         })
         .await
+    }
+
+    async fn rename_volume(
+        &self,
+        r: Request<pb::RenameVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = r.into_inner();
+        let id = volume_id(r.pool, r.name);
+        self.run(move |d| d.rename_volume(&id, &r.new_name).map(volume_pb))
+            .await
     }
 
     async fn delete_volume(

@@ -2,7 +2,8 @@
 //! (`integration_tests::CephCluster`): the API on an rbd pool, the image cache (imported
 //! once, cloned per volume, deleted while clones live), two daemons sharing one pool as
 //! two hosts would (listing, refusal naming the other host, take-over with fencing after
-//! a crash), and a cluster that is down when vmblkd starts. Root only.
+//! a crash), a cluster that is down when vmblkd starts, and snapshots, clones and
+//! renames done the RBD way (snapshots, flattened clones, `rbd rename`). Root only.
 
 mod common;
 
@@ -80,6 +81,168 @@ fn images_in(cluster: &CephCluster) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// Inside the test image's root partition.
+const MARK: u64 = 30 << 20;
+
+fn rbd_image(address: &str) -> rbd::Image {
+    let spec = rbd::RbdSpec::parse(address).unwrap();
+    rbd::open(&spec, &rbd::ClusterOptions::from_spec(&spec), false).unwrap()
+}
+
+/// Writes a block of `byte` at MARK of the volume at `address`.
+fn rbd_mark(address: &str, byte: u8) {
+    let img = rbd_image(address);
+    img.write_at(&[byte; 4096], MARK).unwrap();
+    img.flush().unwrap();
+}
+
+/// The first byte at MARK of the volume at `address`.
+fn rbd_marked(address: &str) -> u8 {
+    let mut b = [0u8; 4096];
+    rbd_image(address).read_at(&mut b, MARK).unwrap();
+    b[0]
+}
+
+fn clone_req(name: &str, from: &str, snapshot: &str, size: u64) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        pool: POOL.into(),
+        name: name.into(),
+        size_bytes: size,
+        origin: Some(pb::VolumeOrigin {
+            source: Some(pb::volume_origin::Source::Volume(pb::VolumeSource {
+                name: from.into(),
+                snapshot: snapshot.into(),
+            })),
+        }),
+        grow_last_partition: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_clones_and_renames_on_an_rbd_pool_are_done_by_ceph() {
+    let cluster = CephCluster::start().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let d = daemon(&cluster, "host-a", t.path());
+    let mut c = d.client().await;
+    let snaps_of = |image: &str| {
+        cluster
+            .rbd(&["snap", "ls", &format!("vmblk/{image}")])
+            .unwrap()
+    };
+
+    let src = c
+        .create_volume(image_request(POOL, "src", &images().qcow2, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    rbd_mark(&src.path, 0xA1);
+    let s1 = c
+        .create_snapshot(snap(POOL, "src", "s1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s1.size_bytes, src.size_bytes);
+    assert!(
+        snaps_of("vol-src").contains("snap-s1"),
+        "{}",
+        snaps_of("vol-src")
+    );
+    rbd_mark(&src.path, 0xB2);
+
+    // A clone of the snapshot, larger: flattened (no parent), its data, GPT at its end.
+    let big = src.size_bytes + (64 << 20);
+    let c1 = c
+        .create_volume(clone_req("c1", "src", "s1", big))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c1.size_bytes, big);
+    assert_eq!(rbd_marked(&c1.path), 0xA1);
+    let info = cluster.rbd(&["info", "vmblk/vol-c1"]).unwrap();
+    assert!(!info.contains("parent:"), "{info}");
+    let out = std::process::Command::new(vmblk_bin())
+        .args(["inspect", &c1.path, "--json"])
+        .output()
+        .unwrap();
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rep["table"]["backup_at_end"], true, "{rep:#}");
+    // A clone of the detached volume: its data now; the temporary snapshot gone.
+    let c2 = c
+        .create_volume(clone_req("c2", "src", "", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rbd_marked(&c2.path), 0xB2);
+    let left = snaps_of("vol-src");
+    assert!(!left.contains("vmblk-clone-"), "{left}");
+    assert_code(
+        c.create_volume(clone_req("c3", "src", "nosuch", 0)).await,
+        Code::NotFound,
+    );
+
+    // Rename: the image and its snapshots; restore and delete work under the new name.
+    c.attach_volume(attach_req("src", false)).await.unwrap();
+    assert_code(
+        c.rename_volume(pb::RenameVolumeRequest {
+            pool: POOL.into(),
+            name: "src".into(),
+            new_name: "moved".into(),
+        })
+        .await,
+        Code::FailedPrecondition,
+    );
+    c.detach_volume(pb::DetachVolumeRequest {
+        pool: POOL.into(),
+        name: "src".into(),
+    })
+    .await
+    .unwrap();
+    let moved = c
+        .rename_volume(pb::RenameVolumeRequest {
+            pool: POOL.into(),
+            name: "src".into(),
+            new_name: "moved".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        moved.path.starts_with("rbd:vmblk/vol-moved:"),
+        "{}",
+        moved.path
+    );
+    assert_eq!(images_in(&cluster), ["vol-c1", "vol-c2", "vol-moved"]);
+    assert!(snaps_of("vol-moved").contains("snap-s1"));
+    c.restore_snapshot(restore(POOL, "s1")).await.unwrap();
+    assert_eq!(rbd_marked(&moved.path), 0xA1);
+    // A second host reads the renamed record from the cluster.
+    let d2 = daemon(&cluster, "host-b", &t.path().join("b"));
+    let mut c2h = d2.client().await;
+    let seen = c2h
+        .get_volume(pb::GetVolumeRequest {
+            pool: POOL.into(),
+            name: "moved".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seen.uuid, src.uuid);
+    drop(d2);
+
+    // The source gone (its snapshots with it), the clones keep their data.
+    let del = |n: &str| pb::DeleteVolumeRequest {
+        pool: POOL.into(),
+        name: n.into(),
+    };
+    c.delete_volume(del("moved")).await.unwrap();
+    assert_eq!(rbd_marked(&c1.path), 0xA1);
+    assert_eq!(rbd_marked(&c2.path), 0xB2);
+    c.delete_volume(del("c1")).await.unwrap();
+    c.delete_volume(del("c2")).await.unwrap();
+    assert!(images_in(&cluster).is_empty(), "{:?}", images_in(&cluster));
+    cluster.stop().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,6 +41,15 @@ impl Image {
         Ok(())
     }
 
+    /// Copies the parent's data into this clone and detaches it from its parent (after
+    /// which the parent's snapshot may go). Blocking; takes as long as the data.
+    pub fn flatten(&self) -> Result<(), RbdError> {
+        // SAFETY: the image is open (read-write for the call to succeed).
+        let r = unsafe { ffi::rbd_flatten(self.handle()) };
+        check(i64::from(r), "flatten RBD image", || self.path().to_owned())?;
+        Ok(())
+    }
+
     /// Takes snapshot `name` of the image as it is now.
     pub fn snap_create(&self, name: &str) -> Result<(), RbdError> {
         self.snap_call("create snapshot", name, ffi::rbd_snap_create)

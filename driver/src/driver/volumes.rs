@@ -1,5 +1,6 @@
-//! Volumes: create (empty, from an image, cloned from a cached image), grow with the
-//! partition-table repair, delete, and what they are filled with.
+//! Volumes: create (empty, from an image, cloned from a cached image, a volume or a
+//! snapshot), grow with the partition-table repair, rename, delete, and what they are
+//! filled with.
 
 use std::fs::File;
 
@@ -92,9 +93,19 @@ impl Driver {
                 how: "with another size or origin".into(),
             });
         }
-        // The size: the request's, or the image's.
+        // The size: the request's, or the image's (the source volume's or snapshot's).
+        let mut clone_from = None;
+        let mut _source_guard = None;
         let (min_size, image) = match &req.origin {
             Origin::Empty => (req.size_bytes, None),
+            Origin::Volume { name, snapshot } => {
+                let src = VolumeId::new(&id.pool, name);
+                // The source stays as it is (not grown, restored, deleted) while copied.
+                _source_guard = Some(self.begin_volume(&src)?);
+                let (path, len) = self.clone_source(&src, snapshot.as_deref())?;
+                clone_from = Some((path, len));
+                (len, None)
+            }
             Origin::Image { path, .. } => {
                 let rep = image_unpack::inspect(path).map_err(|source| Error::Unpack {
                     step: "inspecting",
@@ -168,6 +179,7 @@ impl Driver {
             &pool_entry,
             &rec,
             image.as_ref(),
+            clone_from.as_ref().map(|(p, len)| (p.as_path(), *len)),
             req.grow_last_partition,
             &progress,
         );
@@ -200,12 +212,41 @@ impl Driver {
         }
     }
 
+    /// Where a clone's data comes from: the snapshot's or the (detached) volume's, and
+    /// its length.
+    fn clone_source(&self, src: &VolumeId, snapshot: Option<&str>) -> Result<(PathBuf, u64)> {
+        let rec = self
+            .record(src)
+            .ok_or_else(|| Error::VolumeNotFound(src.clone()))?;
+        if rec.state != VolState::Ready {
+            return Err(Error::NotReady(src.clone()));
+        }
+        match snapshot {
+            Some(name) => rec
+                .snapshots
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| (s.path.clone(), s.size_bytes))
+                .ok_or_else(|| Error::SnapshotNotFound {
+                    pool: src.pool.clone(),
+                    name: format!("{name} (of volume {})", src.name),
+                }),
+            None if rec.attachment.is_some() => Err(Error::Attached {
+                id: src.clone(),
+                what: "a volume in use is cloned from a snapshot of it: snapshot it, \
+                       clone the snapshot",
+            }),
+            None => Ok((rec.path.clone(), rec.size_bytes)),
+        }
+    }
+
     /// Fills a CREATING volume's data; returns whether it was reflinked.
     fn fill(
         &self,
         pool_entry: &PoolEntry,
         rec: &VolumeRecord,
         image: Option<&ImageRecord>,
+        clone_from: Option<(&Path, u64)>,
         grow_last_partition: bool,
         progress: &EventProgress<'_>,
     ) -> Result<bool> {
@@ -231,8 +272,40 @@ impl Driver {
                     source: Box::new(source),
                 })
         };
+        // A clone larger than its source (or asked to): the backup GPT to the new end.
+        let repair_clone = |source_len: u64| -> Result<()> {
+            if (rec.size_bytes > source_len || grow_last_partition) && has_gpt(target) {
+                let o = RepairCommandOptions {
+                    grow_last_partition,
+                    ..Default::default()
+                };
+                image_unpack::repair(target, &o, progress).map_err(|source| Error::Unpack {
+                    step: "repairing",
+                    path: target.to_owned(),
+                    source: Box::new(source),
+                })?;
+            }
+            Ok(())
+        };
         let mut reflinked = false;
         match (&rec.origin, image) {
+            (Origin::Volume { name, .. }, _) => {
+                let (src, len) = clone_from.ok_or_else(|| {
+                    Error::BadRequest(format!("volume {name} to clone is not known"))
+                })?;
+                progress.phase("clone", Some(len));
+                match pool_entry.backend.clone_volume(src, len, &placed)? {
+                    Cloned::Unpack => {
+                        return Err(Error::Unimplemented(format!(
+                            "pool {} does not clone volumes",
+                            rec.pool
+                        )))
+                    }
+                    how => reflinked = how == Cloned::Reflinked,
+                }
+                progress.advance(len);
+                repair_clone(len)?;
+            }
             (Origin::Empty, _) if pool_entry.backend.needs_zeroing() => {
                 progress.phase("zero", Some(rec.size_bytes));
                 let t = image_unpack::Target::open(target)
@@ -249,21 +322,7 @@ impl Driver {
                     how => {
                         reflinked = how == Cloned::Reflinked;
                         progress.advance(img.size_bytes);
-                        if (rec.size_bytes > img.size_bytes || grow_last_partition)
-                            && has_gpt(target)
-                        {
-                            let o = RepairCommandOptions {
-                                grow_last_partition,
-                                ..Default::default()
-                            };
-                            image_unpack::repair(target, &o, progress).map_err(|source| {
-                                Error::Unpack {
-                                    step: "repairing",
-                                    path: target.to_owned(),
-                                    source: Box::new(source),
-                                }
-                            })?;
-                        }
+                        repair_clone(img.size_bytes)?;
                     }
                 }
             }
@@ -423,6 +482,55 @@ impl Driver {
         Ok((repaired, note))
     }
 
+    /// RenameVolume of a detached volume; its snapshots follow it. Once renamed, the
+    /// same call again returns the renamed volume.
+    pub fn rename_volume(&self, id: &VolumeId, new_name: &str) -> Result<Volume> {
+        check_volume_id(id)?;
+        check_name("new volume", new_name)?;
+        let to = VolumeId::new(&id.pool, new_name);
+        if *id == to {
+            return self.get_volume(id);
+        }
+        let _g = self.begin_volume(id)?;
+        let _g2 = self.begin_volume(&to)?;
+        let pool_entry = self.pool(&id.pool)?;
+        self.refresh_shared(&id.pool)?;
+        let Some(mut rec) = self.record(id) else {
+            return match self.record(&to) {
+                Some(r) => Ok(self.view(&r)),
+                None => Err(Error::VolumeNotFound(id.clone())),
+            };
+        };
+        if self.record(&to).is_some() {
+            return Err(Error::AlreadyExists {
+                what: format!("volume {to}"),
+                how: format!("(renaming {id})"),
+            });
+        }
+        if rec.attachment.is_some() {
+            return Err(Error::Attached {
+                id: id.clone(),
+                what: "detach it before renaming",
+            });
+        }
+        if rec.state != VolState::Ready {
+            return Err(Error::NotReady(id.clone()));
+        }
+        let snapshots: Vec<PathBuf> = rec.snapshots.iter().map(|s| s.path.clone()).collect();
+        let (path, moved) = pool_entry.backend.rename(&rec.path, &to, &snapshots)?;
+        rec.name = to.name.clone();
+        rec.path = path;
+        for (s, p) in rec.snapshots.iter_mut().zip(moved) {
+            s.path = p;
+        }
+        self.put_record(&rec)?;
+        self.drop_record(id)?;
+        self.emit_state(id, Some(VolState::Ready), None);
+        self.emit_state(&to, None, Some(VolState::Ready));
+        tracing::info!(pool = %id.pool, volume = %id.name, new_name, "volume renamed");
+        Ok(self.view(&rec))
+    }
+
     /// DeleteVolume: returns whether it existed.
     pub fn delete_volume(&self, id: &VolumeId) -> Result<bool> {
         check_volume_id(id)?;
@@ -486,5 +594,12 @@ fn check_origin(o: &Origin) -> Result<()> {
             }
         }
         Origin::Fingerprint(fp) => check_fingerprint(fp),
+        Origin::Volume { name, snapshot } => {
+            check_name("source volume", name)?;
+            match snapshot {
+                Some(s) => check_name("source snapshot", s),
+                None => Ok(()),
+            }
+        }
     }
 }

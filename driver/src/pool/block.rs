@@ -3,7 +3,7 @@
 //! image, wiped at its head and tail when the volume is deleted, and followed by its
 //! stable identity when it goes away and comes back (hotplug).
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
 use super::{device_number, Backing, Cloned, PoolBackend, Space};
@@ -99,6 +99,13 @@ impl PoolBackend for BlockPool {
         Ok(Cloned::Unpack)
     }
 
+    /// Copies the source device onto the volume's, zero runs written as zeroes
+    /// (BLKZEROOUT), the rest of a larger device zeroed.
+    fn clone_volume(&self, source: &Path, len: u64, b: &Backing) -> Result<Cloned> {
+        copy_device(source, len, &b.path)?;
+        Ok(Cloned::Copied)
+    }
+
     fn commit(&self, _b: &Backing) -> Result<()> {
         Ok(())
     }
@@ -136,6 +143,38 @@ impl PoolBackend for BlockPool {
     fn identity(&self, path: &Path) -> Option<DeviceIdentity> {
         self.sysfs.identity_of_path(path)
     }
+}
+
+/// Copies `len` bytes of device `src` onto device `dst` and zeroes the rest of `dst`.
+fn copy_device(src: &Path, len: u64, dst: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 1 << 20;
+    let s = File::open(src).map_err(Error::io("opening", src))?;
+    let io =
+        |e: image_unpack::TargetError| Error::io("copying onto", dst)(std::io::Error::other(e));
+    let t = image_unpack::Target::open(dst).map_err(io)?;
+    let size = t.info().size;
+    if size < len {
+        return Err(Error::NoSpace(format!(
+            "device {} has {size} bytes, the source {len}",
+            dst.display()
+        )));
+    }
+    let mut buf = vec![0u8; CHUNK];
+    let mut off = 0;
+    while off < len {
+        let n = CHUNK.min((len - off) as usize);
+        s.read_exact_at(&mut buf[..n], off)
+            .map_err(Error::io("reading", src))?;
+        if buf[..n].iter().all(|&b| b == 0) {
+            t.zero_range(off, n as u64).map_err(io)?;
+        } else {
+            t.write_at(&buf[..n], off).map_err(io)?;
+        }
+        off += n as u64;
+    }
+    t.zero_range(len, size - len).map_err(io)?;
+    t.sync().map_err(io)
 }
 
 /// Zeroes the first and last MiB of a device (partition tables, signatures).

@@ -105,6 +105,31 @@ impl PoolBackend for DirPool {
         Ok(how)
     }
 
+    /// `volumes/<new name>.img`, linked then unlinked (never over another volume's file);
+    /// snapshots are named by the volume's UUID and stay.
+    fn rename(
+        &self,
+        path: &Path,
+        to: &VolumeId,
+        snapshots: &[PathBuf],
+    ) -> Result<(PathBuf, Vec<PathBuf>)> {
+        let vdir = self.dir.join("volumes");
+        let new = vdir.join(format!("{}.img", to.name));
+        fs::hard_link(path, &new).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::AlreadyExists {
+                    what: format!("file {}", new.display()),
+                    how: "in the pool's directory".into(),
+                }
+            } else {
+                Error::io("linking", &new)(e)
+            }
+        })?;
+        fs::remove_file(path).map_err(Error::io("removing", path))?;
+        sys::fsync_dir(&vdir).map_err(Error::io("syncing", &vdir))?;
+        Ok((new, snapshots.to_vec()))
+    }
+
     fn commit(&self, b: &Backing) -> Result<()> {
         let Some(tmp) = &b.temp_path else {
             return Ok(());

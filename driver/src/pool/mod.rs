@@ -135,6 +135,24 @@ pub trait PoolBackend: Send + Sync + fmt::Debug {
     /// Fills the created volume with the cached image at `image` if this pool clones.
     fn clone_image(&self, image: &Path, b: &Backing) -> Result<Cloned>;
 
+    /// Fills the created volume with a copy of the volume or snapshot at `source`
+    /// (`len` bytes, this pool's): shared blocks where the pool can, an independent
+    /// copy in any case (the source may be deleted after).
+    fn clone_volume(&self, source: &Path, _len: u64, b: &Backing) -> Result<Cloned> {
+        self.clone_image(source, b)
+    }
+
+    /// Gives the detached volume at `path` the name of `to`; returns its new place and
+    /// the new places of its snapshots (same order). Refuses a name taken here.
+    fn rename(
+        &self,
+        path: &Path,
+        _to: &VolumeId,
+        snapshots: &[PathBuf],
+    ) -> Result<(PathBuf, Vec<PathBuf>)> {
+        Ok((path.to_owned(), snapshots.to_vec()))
+    }
+
     /// Makes the filled volume durable and visible at its final place.
     fn commit(&self, b: &Backing) -> Result<()>;
 

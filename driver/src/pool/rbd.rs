@@ -37,6 +37,8 @@ pub const ZOMBIE_PREFIX: &str = "zombie-img-";
 pub const BASE_SNAPSHOT: &str = "vmblk-base";
 /// Prefix of a volume snapshot's RBD snapshot name.
 pub const SNAPSHOT_PREFIX: &str = "snap-";
+/// Prefix of the temporary snapshot a volume is cloned from.
+pub const CLONE_SNAPSHOT_PREFIX: &str = "vmblk-clone-";
 /// Metadata key of a volume's record.
 pub const RECORD_KEY: &str = "vmblk.volume";
 /// Metadata key of a cached image's record.
@@ -46,6 +48,13 @@ pub const IMAGE_RECORD_KEY: &str = "vmblk.image";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a retry thread waits between attempts while the cluster does not answer.
 const RETRY_EVERY: Duration = Duration::from_secs(5);
+
+/// The address `path` holds.
+fn parse_address(path: &Path) -> Result<RbdSpec> {
+    path.to_str()
+        .and_then(|s| RbdSpec::parse(s).ok())
+        .ok_or_else(|| Error::BadRequest(format!("{} is not an RBD address", path.display())))
+}
 
 /// Checks an `rbd` pool's settings (before anything is connected).
 pub fn check_rbd_config(c: &RbdPoolConfig) -> std::result::Result<(), String> {
@@ -465,6 +474,90 @@ impl PoolBackend for RbdPool {
                 .map_err(cluster_err(format!("growing RBD image {child}")))?;
         }
         Ok(Cloned::Reflinked)
+    }
+
+    /// A clone of the source's snapshot (of a temporary one for a volume), flattened:
+    /// the copy shares nothing with its source after, so either may be deleted.
+    fn clone_volume(&self, source: &Path, _len: u64, b: &Backing) -> Result<Cloned> {
+        let spec = parse_address(source)?;
+        let child = Self::image_name(&b.path)?;
+        let io = self.ioctx()?;
+        let parent = self.open(&spec.image, false)?;
+        let (snap, temporary) = match &spec.snapshot {
+            Some(s) => (s.clone(), false),
+            None => {
+                let s = format!("{CLONE_SNAPSHOT_PREFIX}{child}");
+                // A failed clone's leftover goes first.
+                let _ = parent.snap_unprotect(&s);
+                let _ = parent.snap_remove(&s);
+                parent.snap_create(&s).map_err(cluster_err(format!(
+                    "snapshotting RBD image {}",
+                    spec.image
+                )))?;
+                (s, true)
+            }
+        };
+        let what = format!("{}@{snap} to {child}", spec.image);
+        let run = || -> std::result::Result<(), RbdError> {
+            match parent.snap_protect(&snap) {
+                // Already protected (another clone of it under way).
+                Err(e) if e.errno() == Some(libc::EBUSY) => {}
+                r => r?,
+            }
+            Image::remove(&io, &child)?;
+            io.clone_image(&io, &spec.image, &snap, &child)?;
+            let img = Image::open(&io, &child, None, false)?;
+            img.flatten()?;
+            if img.size()? < b.size_bytes {
+                img.resize(b.size_bytes)?;
+            }
+            Ok(())
+        };
+        let r = run();
+        // EBUSY while another clone of it is under way: that one unprotects it.
+        let _ = parent.snap_unprotect(&snap);
+        if temporary {
+            if let Err(e) = parent.snap_remove(&snap) {
+                tracing::warn!(image = %spec.image, snapshot = %snap, error = %e,
+                    "removing a clone's temporary snapshot");
+            }
+        }
+        r.map_err(cluster_err(format!("cloning {what}")))?;
+        Ok(Cloned::Copied)
+    }
+
+    /// `rbd rename`: the image, its snapshots and its record (metadata) go together.
+    fn rename(
+        &self,
+        path: &Path,
+        to: &VolumeId,
+        snapshots: &[PathBuf],
+    ) -> Result<(PathBuf, Vec<PathBuf>)> {
+        let from = Self::image_name(path)?;
+        let name = format!("{VOLUME_PREFIX}{}", to.name);
+        let io = self.ioctx()?;
+        io.rename_image(&from, &name).map_err(|e| {
+            if e.errno() == Some(libc::EEXIST) {
+                Error::AlreadyExists {
+                    what: format!("RBD image {name}"),
+                    how: "in the cluster".into(),
+                }
+            } else {
+                cluster_err(format!("renaming RBD image {from} to {name}"))(e)
+            }
+        })?;
+        let new_path = self.address(&name);
+        let new_spec = parse_address(&new_path)?;
+        let snaps = snapshots
+            .iter()
+            .map(|s| {
+                let snap = parse_address(s)?.snapshot;
+                Ok(PathBuf::from(
+                    new_spec.at_snapshot(snap.as_deref()).to_string(),
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((new_path, snaps))
     }
 
     fn commit(&self, _b: &Backing) -> Result<()> {

@@ -462,3 +462,82 @@ pub fn vmblk_bin() -> PathBuf {
     );
     p
 }
+
+// ---------------------------------------------------------- requests and pools
+
+pub fn snap(pool: &str, volume: &str, name: &str) -> pb::CreateSnapshotRequest {
+    pb::CreateSnapshotRequest {
+        pool: pool.into(),
+        volume: volume.into(),
+        name: name.into(),
+    }
+}
+
+pub fn restore(pool: &str, name: &str) -> pb::RestoreSnapshotRequest {
+    pb::RestoreSnapshotRequest {
+        pool: pool.into(),
+        name: name.into(),
+    }
+}
+
+pub fn attach(pool: &str, name: &str) -> pb::AttachVolumeRequest {
+    pb::AttachVolumeRequest {
+        pool: pool.into(),
+        name: name.into(),
+        logical_block_size: 512,
+        read_only: false,
+        num_queues: 1,
+        queue_size: 0,
+        force: false,
+    }
+}
+
+pub fn write(path: &Path, off: u64, byte: u8, len: usize) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&vec![byte; len], off).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// A dir pool on a new file system of `fs` on a loop device, served by a daemon.
+pub struct DirPool {
+    pub daemon: Daemon,
+    pub dir: PathBuf,
+    _mount: Mount,
+    _loop: Loop,
+}
+
+pub fn dir_pool(t: &Path, fs: &str) -> DirPool {
+    let img = t.join(format!("{fs}.img"));
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let l = Loop::attach(&img, 512);
+    run(std::process::Command::new(format!("mkfs.{fs}"))
+        .arg("-q")
+        .arg(&l.dev));
+    let mnt = t.join(format!("{fs}-mnt"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    run(std::process::Command::new("mount").arg(&l.dev).arg(&mnt));
+    let mount = Mount { dir: mnt.clone() };
+    let dir = mnt.join("pool");
+    let ddir = t.join(format!("{fs}-daemon"));
+    std::fs::create_dir_all(&ddir).unwrap();
+    let daemon = Daemon::start(
+        &ddir,
+        DaemonOpts {
+            config: Some(format!(
+                "pools:\n  - name: p\n    type: dir\n    path: {}\n",
+                dir.display()
+            )),
+            ..DaemonOpts::default()
+        },
+    );
+    DirPool {
+        daemon,
+        dir,
+        _mount: mount,
+        _loop: l,
+    }
+}

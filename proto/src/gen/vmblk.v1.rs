@@ -130,7 +130,7 @@ pub struct ImageFile {
 /// What a volume was created from.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct VolumeOrigin {
-    #[prost(oneof = "volume_origin::Source", tags = "1, 2, 3")]
+    #[prost(oneof = "volume_origin::Source", tags = "1, 2, 3, 4")]
     pub source: ::core::option::Option<volume_origin::Source>,
 }
 /// Nested message and enum types in `VolumeOrigin`.
@@ -146,7 +146,23 @@ pub mod volume_origin {
         /// Cloned from the cached image with this fingerprint.
         #[prost(string, tag = "3")]
         ImageFingerprint(::prost::alloc::string::String),
+        /// Cloned from a volume of the same pool, or from one of its snapshots.
+        #[prost(message, tag = "4")]
+        Volume(super::VolumeSource),
     }
+}
+/// A volume (or a snapshot of it) a new volume is cloned from. The clone is a copy:
+/// the source may be deleted afterwards. A clone larger than its source has its backup
+/// GPT moved to its end.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct VolumeSource {
+    /// The source volume's name (same pool). Without a snapshot it must be detached
+    /// (FAILED_PRECONDITION otherwise: snapshot it and clone the snapshot).
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// One of its snapshots ("" for the volume's own data).
+    #[prost(string, tag = "2")]
+    pub snapshot: ::prost::alloc::string::String,
 }
 /// Marker for an empty volume.
 #[derive(Clone, Copy, PartialEq, ::prost::Message)]
@@ -232,6 +248,19 @@ pub struct ListVolumesResponse {
     /// Volumes sorted by pool, then name.
     #[prost(message, repeated, tag = "1")]
     pub volumes: ::prost::alloc::vec::Vec<Volume>,
+}
+/// RenameVolume's request.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RenameVolumeRequest {
+    /// Pool name.
+    #[prost(string, tag = "1")]
+    pub pool: ::prost::alloc::string::String,
+    /// The volume's name.
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    /// Its new name.
+    #[prost(string, tag = "3")]
+    pub new_name: ::prost::alloc::string::String,
 }
 /// GrowVolume's request.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -1019,8 +1048,10 @@ pub mod storage_driver_client {
                 .insert(GrpcMethod::new("vmblk.v1.StorageDriver", "DeletePool"));
             self.inner.unary(req, path, codec).await
         }
-        /// Creates a volume: empty, unpacked from an image file, or cloned from a cached
-        /// image. Returns once the volume is READY (unpacked, repaired, verified, synced).
+        /// Creates a volume: empty, unpacked from an image file, cloned from a cached image,
+        /// or cloned from another volume of the pool or one of its snapshots (CSI's volume
+        /// content source). Returns once the volume is READY (unpacked, repaired, verified,
+        /// synced).
         pub async fn create_volume(
             &mut self,
             request: impl tonic::IntoRequest<super::CreateVolumeRequest>,
@@ -1114,6 +1145,30 @@ pub mod storage_driver_client {
             let mut req = request.into_request();
             req.extensions_mut()
                 .insert(GrpcMethod::new("vmblk.v1.StorageDriver", "GrowVolume"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Renames a detached volume; its snapshots follow it. FAILED_PRECONDITION while it is
+        /// attached, ALREADY_EXISTS if the new name is taken; renaming again once done returns
+        /// the renamed volume.
+        pub async fn rename_volume(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RenameVolumeRequest>,
+        ) -> std::result::Result<tonic::Response<super::Volume>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic::codec::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/vmblk.v1.StorageDriver/RenameVolume",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("vmblk.v1.StorageDriver", "RenameVolume"));
             self.inner.unary(req, path, codec).await
         }
         /// Deletes a volume (idempotent). FAILED_PRECONDITION while it is attached.
@@ -1458,8 +1513,10 @@ pub mod storage_driver_server {
             tonic::Response<super::DeletePoolResponse>,
             tonic::Status,
         >;
-        /// Creates a volume: empty, unpacked from an image file, or cloned from a cached
-        /// image. Returns once the volume is READY (unpacked, repaired, verified, synced).
+        /// Creates a volume: empty, unpacked from an image file, cloned from a cached image,
+        /// or cloned from another volume of the pool or one of its snapshots (CSI's volume
+        /// content source). Returns once the volume is READY (unpacked, repaired, verified,
+        /// synced).
         async fn create_volume(
             &self,
             request: tonic::Request<super::CreateVolumeRequest>,
@@ -1487,6 +1544,13 @@ pub mod storage_driver_server {
             tonic::Response<super::GrowVolumeResponse>,
             tonic::Status,
         >;
+        /// Renames a detached volume; its snapshots follow it. FAILED_PRECONDITION while it is
+        /// attached, ALREADY_EXISTS if the new name is taken; renaming again once done returns
+        /// the renamed volume.
+        async fn rename_volume(
+            &self,
+            request: tonic::Request<super::RenameVolumeRequest>,
+        ) -> std::result::Result<tonic::Response<super::Volume>, tonic::Status>;
         /// Deletes a volume (idempotent). FAILED_PRECONDITION while it is attached.
         async fn delete_volume(
             &self,
@@ -2008,6 +2072,51 @@ pub mod storage_driver_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GrowVolumeSvc(inner);
+                        let codec = tonic::codec::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/vmblk.v1.StorageDriver/RenameVolume" => {
+                    #[allow(non_camel_case_types)]
+                    struct RenameVolumeSvc<T: StorageDriver>(pub Arc<T>);
+                    impl<
+                        T: StorageDriver,
+                    > tonic::server::UnaryService<super::RenameVolumeRequest>
+                    for RenameVolumeSvc<T> {
+                        type Response = super::Volume;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RenameVolumeRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as StorageDriver>::rename_volume(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RenameVolumeSvc(inner);
                         let codec = tonic::codec::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
