@@ -157,3 +157,23 @@ pub fn inspect(r: &InspectReport) {
         }
     }
 }
+
+/// `vmblk pack`'s report.
+pub fn pack(r: &image_unpack::PackReport) {
+    let total = r.compressed_clusters + r.raw_clusters + r.zero_clusters;
+    println!(
+        "packed {} ({} bytes) into {} ({} bytes, {:?}): {} of {} clusters compressed, {} raw, \
+         {} zero left out; {} threads, {} ms",
+        r.source.display(),
+        r.virtual_size,
+        r.output.display(),
+        r.file_bytes,
+        r.compression,
+        r.compressed_clusters,
+        total,
+        r.raw_clusters,
+        r.zero_clusters,
+        r.threads,
+        r.elapsed_ms
+    );
+}

@@ -62,6 +62,9 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Repair a volume's partition table in place (also after the volume grew).
     Repair(RepairArgs),
+    /// Write a volume (or a snapshot) as a compressed qcow2 image that Incus and
+    /// qemu-img read: zero clusters left out, clusters compressed in parallel.
+    Pack(PackArgs),
     /// Serve a volume to QEMU over vhost-user-blk until interrupted.
     Export(export::ExportArgs),
     /// Manage volumes served by vmblkd.
@@ -101,6 +104,25 @@ pub struct UnpackArgs {
     #[arg(long)]
     pub zero_tail: bool,
     /// Worker threads for decompression and writes (0: twice the CPUs, at least 4).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `vmblk pack`.
+#[derive(Debug, Args)]
+pub struct PackArgs {
+    /// The volume: a file, a block device, or an RBD image or snapshot
+    /// (`rbd:POOL/IMAGE[@SNAP]...`).
+    pub volume: PathBuf,
+    /// The qcow2 image to write (must not exist).
+    pub image: PathBuf,
+    /// Cluster compression: zlib (any qemu-img) or zstd (QEMU 5.1 and later).
+    #[arg(long, default_value = "zlib", value_parser = ["zlib", "zstd"])]
+    pub compress: String,
+    /// Compressing threads (0: one per CPU).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Print the report as JSON.
@@ -161,6 +183,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Unpack(a) => unpack(a),
         Command::Inspect(a) => inspect(a),
         Command::Repair(a) => repair(a),
+        Command::Pack(a) => pack(a),
         Command::Export(a) => export::run(a),
         Command::Volume(a) => volume::run_volume(a),
         Command::Pool(a) => volume::run_pool(a),
@@ -273,6 +296,43 @@ fn unpack(a: UnpackArgs) -> i32 {
             0
         }
         Err(e) => fail(a.json, &e),
+    }
+}
+
+fn pack(a: PackArgs) -> i32 {
+    let opts = image_unpack::PackOptions {
+        compression: image_unpack::Compression::parse(&a.compress)
+            .unwrap_or(image_unpack::Compression::Zlib),
+        threads: a.threads,
+    };
+    let bar = Bar::new(!a.json);
+    let r = image_unpack::pack(&a.volume, &a.image, &opts, &bar);
+    bar.finish();
+    match r {
+        Ok(rep) => {
+            if a.json {
+                print_json(&rep);
+            } else {
+                human::pack(&rep);
+            }
+            0
+        }
+        Err(e) => {
+            // A source that cannot be used is a bad target (4), like unpack's.
+            let code = match &e {
+                image_unpack::PackError::Source(_) => 4,
+                _ => 1,
+            };
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": human::error_chain(&e), "exit_code": code })
+                );
+            } else {
+                eprintln!("vmblk: {}", human::error_chain(&e));
+            }
+            code
+        }
     }
 }
 

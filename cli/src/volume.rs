@@ -97,6 +97,21 @@ pub enum VolumeCommand {
         /// Its new name.
         new_name: String,
     },
+    /// Write a volume (detached) or a snapshot of it (VOL@SNAP) as a compressed qcow2
+    /// image on the daemon's host.
+    Publish {
+        /// VOL or VOL@SNAP.
+        #[arg(value_name = "VOL[@SNAP]")]
+        source: String,
+        /// The image to write (absolute, must not exist).
+        image: PathBuf,
+        /// The pool.
+        #[arg(long, default_value = vmblkd::DEFAULT_POOL)]
+        pool: String,
+        /// Cluster compression.
+        #[arg(long, default_value = "zlib", value_parser = ["zlib", "zstd"])]
+        compress: String,
+    },
     /// Delete a volume (succeeds if it does not exist).
     Delete(VolumeName),
     /// Export a volume over vhost-user-blk; prints the QEMU arguments.
@@ -528,6 +543,53 @@ pub fn run_volume(a: VolumeArgs) -> i32 {
                 }
             },
         ),
+        VolumeCommand::Publish {
+            source,
+            image,
+            pool,
+            compress,
+        } => {
+            let (name, snapshot) = match source.split_once('@') {
+                Some((v, s)) => (v.to_owned(), s.to_owned()),
+                None => (source, String::new()),
+            };
+            let compression = if compress == "zstd" {
+                pb::ImageCompression::Zstd
+            } else {
+                pb::ImageCompression::Zlib
+            };
+            let req = pb::PublishVolumeRequest {
+                pool,
+                name,
+                snapshot,
+                path: std::path::absolute(&image)
+                    .unwrap_or(image)
+                    .display()
+                    .to_string(),
+                compression: compression as i32,
+            };
+            with_client(
+                &conn,
+                |b, mut c| b.block_on(c.publish_volume(req)).map(|r| r.into_inner()),
+                |r, j| {
+                    if j {
+                        print_json(&json!({
+                            "path": r.path,
+                            "virtual_size": r.virtual_size,
+                            "file_bytes": r.file_bytes,
+                            "compressed_clusters": r.compressed_clusters,
+                            "raw_clusters": r.raw_clusters,
+                            "zero_clusters": r.zero_clusters,
+                        }));
+                    } else {
+                        println!(
+                            "published {} ({} bytes of a {}-byte volume)",
+                            r.path, r.file_bytes, r.virtual_size
+                        );
+                    }
+                },
+            )
+        }
         VolumeCommand::Delete(v) => with_client(
             &conn,
             |b, mut c| {

@@ -119,6 +119,15 @@ pub enum Error {
         #[source]
         source: Box<UnpackError>,
     },
+    /// Packing a volume into an image failed (PublishVolume); no image was left.
+    #[error("publishing {path}")]
+    Pack {
+        /// The volume or snapshot.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: Box<image_unpack::PackError>,
+    },
     /// A file-system or device operation failed.
     #[error("{step} {path}")]
     Io {

@@ -53,7 +53,13 @@ pub fn status_code(e: &Error) -> Code {
         {
             Code::InvalidArgument
         }
+        Error::Pack { source, .. }
+            if matches!(**source, image_unpack::PackError::OutputExists(_)) =>
+        {
+            Code::AlreadyExists
+        }
         Error::Unpack { .. }
+        | Error::Pack { .. }
         | Error::Io { .. }
         | Error::Export { .. }
         | Error::Task(_)
@@ -450,6 +456,39 @@ impl StorageDriver for Service {
         let id = volume_id(r.pool, r.name);
         self.run(move |d| d.rename_volume(&id, &r.new_name).map(volume_pb))
             .await
+    }
+
+    async fn publish_volume(
+        &self,
+        r: Request<pb::PublishVolumeRequest>,
+    ) -> Result<Response<pb::PublishVolumeResponse>, Status> {
+        let r = r.into_inner();
+        let compression = match pb::ImageCompression::try_from(r.compression) {
+            Ok(pb::ImageCompression::Zlib) => image_unpack::Compression::Zlib,
+            Ok(pb::ImageCompression::Zstd) => image_unpack::Compression::Zstd,
+            Err(_) => {
+                return Err(Error::BadRequest(format!(
+                    "unknown image compression {}",
+                    r.compression
+                ))
+                .into())
+            }
+        };
+        let id = volume_id(r.pool, r.name);
+        let snapshot = (!r.snapshot.is_empty()).then_some(r.snapshot);
+        let path = PathBuf::from(r.path);
+        self.run(move |d| {
+            d.publish_volume(&id, snapshot.as_deref(), &path, compression)
+                .map(|rep| pb::PublishVolumeResponse {
+                    path: rep.output.display().to_string(),
+                    virtual_size: rep.virtual_size,
+                    file_bytes: rep.file_bytes,
+                    compressed_clusters: rep.compressed_clusters,
+                    raw_clusters: rep.raw_clusters,
+                    zero_clusters: rep.zero_clusters,
+                })
+        })
+        .await
     }
 
     async fn delete_volume(

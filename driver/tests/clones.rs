@@ -2,7 +2,8 @@
 //! detached volume (CSI's content source) on dir pools on xfs (reflink) and ext4
 //! (copies) and on a block pool (a device copied onto a larger 4K device), the GPT
 //! moved to a larger clone's end, clones independent of their source, CSI's errors;
-//! renames of detached volumes with their snapshots following. Root only.
+//! renames of detached volumes with their snapshots following; a volume and a snapshot
+//! published as qcow2 images that `qemu-img compare` finds equal to them. Root only.
 
 mod common;
 
@@ -44,6 +45,27 @@ fn detach(name: &str) -> pb::DetachVolumeRequest {
         pool: "p".into(),
         name: name.into(),
     }
+}
+
+fn publish(name: &str, snapshot: &str, path: &Path) -> pb::PublishVolumeRequest {
+    pb::PublishVolumeRequest {
+        pool: "p".into(),
+        name: name.into(),
+        snapshot: snapshot.into(),
+        path: path.display().to_string(),
+        compression: pb::ImageCompression::Zstd as i32,
+    }
+}
+
+/// `qemu-img compare` of a raw volume and a qcow2 image.
+fn equal_to_qcow2(raw: &Path, qcow2: &Path) -> bool {
+    std::process::Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "qcow2"])
+        .arg(raw)
+        .arg(qcow2)
+        .status()
+        .unwrap()
+        .success()
 }
 
 fn mark(path: &Path) -> u8 {
@@ -121,8 +143,50 @@ async fn clones_and_renames_on_dir_pools_copy_what_they_name_and_follow_csi() {
                 .await,
             Code::InvalidArgument,
         );
-        // Attached: a snapshot of it is cloned, not the volume.
+        // Published: the volume and its snapshot, each as the qcow2 image of its bytes.
+        let img_vol = t.path().join(format!("{fs}-src.qcow2"));
+        let img_s1 = t.path().join(format!("{fs}-s1.qcow2"));
+        let r = c
+            .publish_volume(publish("src", "", &img_vol))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.virtual_size, src.size_bytes);
+        assert_eq!(r.file_bytes, std::fs::metadata(&img_vol).unwrap().len());
+        assert!(
+            equal_to_qcow2(&src_path, &img_vol),
+            "{fs}: published volume"
+        );
+        c.publish_volume(publish("src", "s1", &img_s1))
+            .await
+            .unwrap();
+        let s1_file = p.dir.join("snapshots").join(format!("{}@s1.img", src.uuid));
+        assert!(
+            equal_to_qcow2(&s1_file, &img_s1),
+            "{fs}: published snapshot"
+        );
+        assert_code(
+            c.publish_volume(publish("src", "", &img_vol)).await,
+            Code::AlreadyExists,
+        );
+        assert_code(
+            c.publish_volume(publish("src", "", Path::new("rel.qcow2")))
+                .await,
+            Code::InvalidArgument,
+        );
+        assert_code(
+            c.publish_volume(publish("src", "nosuch", &t.path().join("x.qcow2")))
+                .await,
+            Code::NotFound,
+        );
+
+        // Attached: a snapshot of it is cloned (or published), not the volume.
         c.attach_volume(attach("p", "src")).await.unwrap();
+        assert_code(
+            c.publish_volume(publish("src", "", &t.path().join("y.qcow2")))
+                .await,
+            Code::FailedPrecondition,
+        );
         let e = c
             .create_volume(clone_request("c3", "src", "", 0))
             .await

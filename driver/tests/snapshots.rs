@@ -2,7 +2,8 @@
 //! (reflink) and ext4 (copies), UNIMPLEMENTED on block pools; and, with a real guest,
 //! snapshots taken every 2 s while it writes (each one a prefix of what it wrote, nothing
 //! torn, no I/O error in the guest), a volume grown under the running guest (it sees the
-//! new size without a reboot), and a snapshot restored and booted. Root only.
+//! new size without a reboot, `sgdisk -e` inside it moves its GPT, after which an
+//! offline repair finds nothing to do), and a snapshot restored and booted. Root only.
 
 mod common;
 
@@ -305,6 +306,15 @@ async fn snapshots_under_a_writing_guest_are_crash_consistent_and_a_grown_volume
         256 * MIB / 512,
         "the guest did not see the grown volume"
     );
+    // The guest's own tool moves its backup GPT to the new end.
+    let r = tokio::task::block_in_place(|| guest.command("gpt-grow vda", Duration::from_secs(30)))
+        .unwrap();
+    assert_eq!(
+        r.rc,
+        0,
+        "sgdisk -e in the guest failed:\n{}",
+        guest.diagnostics()
+    );
     tokio::task::block_in_place(|| {
         guest.send("poweroff").unwrap();
         guest.wait_exit(Duration::from_secs(120)).unwrap()
@@ -339,6 +349,23 @@ async fn snapshots_under_a_writing_guest_are_crash_consistent_and_a_grown_volume
     })
     .await
     .unwrap();
+    // What the guest did to its table is what an offline repair would have done.
+    let g = c
+        .grow_volume(pb::GrowVolumeRequest {
+            pool: "p".into(),
+            name: "vm".into(),
+            size_bytes: 256 * MIB,
+            grow_last_partition: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !g.table_repaired,
+        "an offline repair still had work: {}",
+        g.note
+    );
+    assert!(g.note.contains("needed nothing"), "{}", g.note);
     let rv = c
         .restore_snapshot(restore("p", "s5"))
         .await

@@ -17,6 +17,7 @@ pub mod copy;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 mod guest;
+pub mod pack;
 pub mod partition;
 pub mod source;
 mod sys;
@@ -26,6 +27,7 @@ pub mod verify;
 
 pub use copy::{copy, CopyError, CopyOptions, CopyStats};
 pub use guest::GuestReader;
+pub use pack::{pack, Compression, PackError, PackOptions, PackReport};
 pub use target::{Target, TargetError, TargetInfo, TargetKind, ZeroMethod};
 pub use unpack::{
     inspect, repair, unpack, BridgeUsed, InspectReport, NoProgress, Progress, RepairCommandOptions,

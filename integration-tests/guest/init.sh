@@ -42,6 +42,8 @@
 #   probe DEV          one 4 KiB O_DIRECT read; prints `VMBLK-IO probe dev= ok= t0= t1=`.
 #   size DEV           prints `VMBLK-IO size dev= sectors=` (/sys/block/DEV/size: what the
 #        guest's driver sees now, grown online without a reboot).
+#   gpt-grow DEV       `sgdisk -e` on the disk (after an online grow: the backup GPT to
+#        the new end, as a guest's own tools do it); prints `VMBLK-IO gpt-grow dev= rc=`.
 #   sleep SECS | poweroff | reboot
 # poweroff/reboot (or the end of the commands) shut the jobs down as an init system
 # does: `VMBLK-SHUTDOWN begin`, SIGTERM to every job's process group, SIGKILL after 2 s,
@@ -418,6 +420,14 @@ run_cmd() { # id command args...
         size)
             d=$(resolve_dev "$1")
             echo "VMBLK-IO size dev=$d sectors=$(cat /sys/block/$d/size 2>/dev/null) t=$(now)"
+            ;;
+        gpt-grow)
+            d=$(resolve_dev "$1")
+            sgdisk -e "/dev/$d" >/tmp/sgdisk.out 2>&1
+            r=$?
+            sed 's/^/sgdisk: /' /tmp/sgdisk.out
+            echo "VMBLK-IO gpt-grow dev=$d rc=$r t=$(now)"
+            [ $r = 0 ] || rc=1
             ;;
         sleep) sleep "$1" ;;
         poweroff | reboot) ACTION=$cmd ;;

@@ -1,6 +1,6 @@
-//! The guest's initramfs: busybox-static with its applet links, the kernel modules for
-//! virtio-pci, virtio-blk, ext4 and vfat (resolved from the kernel's `modules.dep`), and
-//! `guest/init.sh` as `/init`. Written as a deterministic cpio (newc) archive, gzipped,
+//! The guest's initramfs: busybox-static with its applet links, `sgdisk` with the
+//! libraries it links, the kernel modules for virtio-pci, virtio-blk, ext4 and vfat
+//! (resolved from the kernel's `modules.dep`), and `guest/init.sh` as `/init`. Written as a deterministic cpio (newc) archive, gzipped,
 //! and cached under `target/vmblk-guest/initramfs/<content hash>.cpio.gz`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -39,6 +39,32 @@ pub const GUEST_MODULES: &[&str] = &[
     "vfat",
 ];
 
+/// Dynamically linked programs the guest runs besides busybox, copied with the
+/// libraries `ldd` names: `sgdisk`, for a guest that grows its own GPT after an online
+/// grow (`gpt-grow` in guest/init.sh).
+pub const GUEST_PROGRAMS: &[&str] = &["/usr/sbin/sgdisk"];
+
+/// The files of `programs` and of the libraries they link, by absolute path.
+fn program_files(programs: &[&str]) -> Result<BTreeMap<String, Vec<u8>>> {
+    let mut files = BTreeMap::new();
+    for p in programs {
+        files.insert(
+            p.to_string(),
+            std::fs::read(p).with_context(|| format!("reading {p} (package gdisk)"))?,
+        );
+        let out = run(Command::new("ldd").arg(p)).with_context(|| format!("ldd {p}"))?;
+        // "libx.so.1 => /lib/x/libx.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        for lib in out
+            .lines()
+            .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')))
+        {
+            let bytes = std::fs::read(lib).with_context(|| format!("reading {lib}"))?;
+            files.insert(lib.to_owned(), bytes);
+        }
+    }
+    Ok(files)
+}
+
 /// A built initramfs.
 #[derive(Debug, Clone)]
 pub struct Initramfs {
@@ -57,6 +83,7 @@ pub fn build_initramfs(kernel: &GuestKernel) -> Result<Initramfs> {
     let applets = busybox_applets()?;
 
     let mut archive = Cpio::default();
+    let mut dirs = BTreeSet::new();
     for d in [
         "bin",
         "sbin",
@@ -73,6 +100,7 @@ pub fn build_initramfs(kernel: &GuestKernel) -> Result<Initramfs> {
         "lib/modules",
     ] {
         archive.dir(d);
+        dirs.insert(d.to_owned());
     }
     archive.char_dev("dev/console", 5, 1);
     archive.char_dev("dev/null", 1, 3);
@@ -81,6 +109,21 @@ pub fn build_initramfs(kernel: &GuestKernel) -> Result<Initramfs> {
         if a != "bin/busybox" {
             archive.symlink(a, "/bin/busybox");
         }
+    }
+    for (path, bytes) in program_files(GUEST_PROGRAMS)? {
+        let rel = path.trim_start_matches('/');
+        let mut parent = Path::new(rel).parent();
+        let mut chain = Vec::new();
+        while let Some(d) = parent.filter(|d| !d.as_os_str().is_empty()) {
+            chain.push(d.to_string_lossy().into_owned());
+            parent = d.parent();
+        }
+        for d in chain.into_iter().rev() {
+            if dirs.insert(d.clone()) {
+                archive.dir(&d);
+            }
+        }
+        archive.file(rel, 0o755, &bytes);
     }
     let mut list = String::new();
     for m in &modules {

@@ -40,6 +40,7 @@ mod hotplug;
 mod images;
 mod pools;
 mod progress;
+mod publish;
 mod recovery;
 mod snapshots;
 mod volumes;

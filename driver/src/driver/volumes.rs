@@ -214,7 +214,11 @@ impl Driver {
 
     /// Where a clone's data comes from: the snapshot's or the (detached) volume's, and
     /// its length.
-    fn clone_source(&self, src: &VolumeId, snapshot: Option<&str>) -> Result<(PathBuf, u64)> {
+    pub(super) fn clone_source(
+        &self,
+        src: &VolumeId,
+        snapshot: Option<&str>,
+    ) -> Result<(PathBuf, u64)> {
         let rec = self
             .record(src)
             .ok_or_else(|| Error::VolumeNotFound(src.clone()))?;

@@ -262,6 +262,45 @@ pub struct RenameVolumeRequest {
     #[prost(string, tag = "3")]
     pub new_name: ::prost::alloc::string::String,
 }
+/// PublishVolume's request.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct PublishVolumeRequest {
+    /// Pool name.
+    #[prost(string, tag = "1")]
+    pub pool: ::prost::alloc::string::String,
+    /// Volume name.
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    /// One of its snapshots ("": the volume, which must be detached).
+    #[prost(string, tag = "3")]
+    pub snapshot: ::prost::alloc::string::String,
+    /// The image to write: an absolute path that does not exist yet.
+    #[prost(string, tag = "4")]
+    pub path: ::prost::alloc::string::String,
+    /// Cluster compression.
+    #[prost(enumeration = "ImageCompression", tag = "5")]
+    pub compression: i32,
+}
+/// PublishVolume's response.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct PublishVolumeResponse {
+    /// The image written.
+    #[prost(string, tag = "1")]
+    pub path: ::prost::alloc::string::String,
+    /// Its virtual size (the volume's).
+    #[prost(uint64, tag = "2")]
+    pub virtual_size: u64,
+    /// The size of the file.
+    #[prost(uint64, tag = "3")]
+    pub file_bytes: u64,
+    /// Clusters stored compressed, as they are, and left out (zeros).
+    #[prost(uint64, tag = "4")]
+    pub compressed_clusters: u64,
+    #[prost(uint64, tag = "5")]
+    pub raw_clusters: u64,
+    #[prost(uint64, tag = "6")]
+    pub zero_clusters: u64,
+}
 /// GrowVolume's request.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct GrowVolumeRequest {
@@ -814,6 +853,35 @@ impl VolumeState {
         }
     }
 }
+/// How a published image's clusters are compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum ImageCompression {
+    /// Raw deflate (any qemu-img).
+    Zlib = 0,
+    /// Zstandard (QEMU 5.1 and later).
+    Zstd = 1,
+}
+impl ImageCompression {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Zlib => "IMAGE_COMPRESSION_ZLIB",
+            Self::Zstd => "IMAGE_COMPRESSION_ZSTD",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "IMAGE_COMPRESSION_ZLIB" => Some(Self::Zlib),
+            "IMAGE_COMPRESSION_ZSTD" => Some(Self::Zstd),
+            _ => None,
+        }
+    }
+}
 /// Where an attached volume's backing device stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -1169,6 +1237,34 @@ pub mod storage_driver_client {
             let mut req = request.into_request();
             req.extensions_mut()
                 .insert(GrpcMethod::new("vmblk.v1.StorageDriver", "RenameVolume"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Writes a volume (detached), or one of its snapshots, as a compressed qcow2 image
+        /// at an absolute path of this host (`incus publish` for a VM): zero clusters left
+        /// out, the rest compressed in parallel, the partition table as the guest sees it.
+        /// ALREADY_EXISTS if the file exists.
+        pub async fn publish_volume(
+            &mut self,
+            request: impl tonic::IntoRequest<super::PublishVolumeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::PublishVolumeResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic::codec::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/vmblk.v1.StorageDriver/PublishVolume",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("vmblk.v1.StorageDriver", "PublishVolume"));
             self.inner.unary(req, path, codec).await
         }
         /// Deletes a volume (idempotent). FAILED_PRECONDITION while it is attached.
@@ -1551,6 +1647,17 @@ pub mod storage_driver_server {
             &self,
             request: tonic::Request<super::RenameVolumeRequest>,
         ) -> std::result::Result<tonic::Response<super::Volume>, tonic::Status>;
+        /// Writes a volume (detached), or one of its snapshots, as a compressed qcow2 image
+        /// at an absolute path of this host (`incus publish` for a VM): zero clusters left
+        /// out, the rest compressed in parallel, the partition table as the guest sees it.
+        /// ALREADY_EXISTS if the file exists.
+        async fn publish_volume(
+            &self,
+            request: tonic::Request<super::PublishVolumeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::PublishVolumeResponse>,
+            tonic::Status,
+        >;
         /// Deletes a volume (idempotent). FAILED_PRECONDITION while it is attached.
         async fn delete_volume(
             &self,
@@ -2117,6 +2224,51 @@ pub mod storage_driver_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RenameVolumeSvc(inner);
+                        let codec = tonic::codec::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/vmblk.v1.StorageDriver/PublishVolume" => {
+                    #[allow(non_camel_case_types)]
+                    struct PublishVolumeSvc<T: StorageDriver>(pub Arc<T>);
+                    impl<
+                        T: StorageDriver,
+                    > tonic::server::UnaryService<super::PublishVolumeRequest>
+                    for PublishVolumeSvc<T> {
+                        type Response = super::PublishVolumeResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::PublishVolumeRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as StorageDriver>::publish_volume(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = PublishVolumeSvc(inner);
                         let codec = tonic::codec::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
