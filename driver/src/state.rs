@@ -96,6 +96,10 @@ pub struct VolumeRecord {
     /// Its snapshots, oldest first (they follow the volume: a rename, a delete).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotRecord>,
+    /// The name it had, while a rename is under way: a crash between writing this record
+    /// and removing the old one leaves both, and startup drops the old one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renamed_from: Option<String>,
 }
 
 /// A snapshot of a volume.
@@ -362,6 +366,7 @@ mod tests {
             requested_bytes: 4096,
             identity: None,
             snapshots: Vec::new(),
+            renamed_from: None,
         }
     }
 

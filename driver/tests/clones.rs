@@ -129,6 +129,10 @@ async fn clones_and_renames_on_dir_pools_copy_what_they_name_and_follow_csi() {
             Code::NotFound,
         );
         assert_code(
+            c.create_volume(clone_request("self", "self", "", 0)).await,
+            Code::InvalidArgument,
+        );
+        assert_code(
             c.create_volume(clone_request("c3", "src", "nosuch", 0))
                 .await,
             Code::NotFound,

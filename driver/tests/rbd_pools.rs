@@ -177,6 +177,11 @@ async fn snapshots_clones_and_renames_on_an_rbd_pool_are_done_by_ceph() {
     assert_eq!(rbd_marked(&c2.path), 0xB2);
     let left = snaps_of("vol-src");
     assert!(!left.contains("vmblk-clone-"), "{left}");
+    let info = cluster.rbd(&["info", "vmblk/vol-c2"]).unwrap();
+    assert!(!info.contains("parent:"), "{info}");
+    // The snapshot is protected only while a clone is made.
+    let info = cluster.rbd(&["info", "vmblk/vol-src@snap-s1"]).unwrap();
+    assert!(info.contains("protected: False"), "{info}");
     assert_code(
         c.create_volume(clone_req("c3", "src", "nosuch", 0)).await,
         Code::NotFound,
@@ -514,17 +519,16 @@ async fn two_hosts_share_a_pool_and_the_second_takes_over_only_by_force_fencing_
         blocklist.contains("127.0.0.1"),
         "no client fenced: {blocklist}"
     );
-    // A wakes up: its late write is refused by the cluster. (librbd's write-back cache
-    // may take the write; the flush that must follow it then fails, and nothing reaches
-    // the image: read back on B below.)
+    // A wakes up: its late write is refused by the cluster (the OSD answers its
+    // blocklisted client EBLOCKLISTED) and nothing of it reaches the image: read back on
+    // B below. Whether A's guest hears of it is librbd's business: its writearound cache
+    // acknowledges a write before the OSD answers, and the flush after it usually
+    // fails (EIO), unless librbd, seeing its lock lost, flushed and swallowed the error
+    // first.
     nix::sys::signal::kill(a_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     old.mem()[..4096].fill(0x66);
     let late = old.write(MARKER_AT, 0, 4096).unwrap();
     let late_flush = old.flush().unwrap();
-    assert!(
-        late != 0 || late_flush != 0,
-        "the fenced host's write and flush both succeeded"
-    );
     eprintln!("fenced host: write returned {late}, flush {late_flush}");
     drop(old);
     // A crashes for good.

@@ -16,7 +16,7 @@
 //! image's sector size (512 on a 4K volume, as unpack wrote it), so the image boots
 //! wherever it is unpacked again.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -143,6 +143,14 @@ pub enum PackError {
     /// The output exists already.
     #[error("{0} exists: pack writes a new image, it does not overwrite one")]
     OutputExists(PathBuf),
+    /// The source's size is no whole number of 512-byte sectors (qcow2 sizes are).
+    #[error("{path} holds {size} bytes, not a whole number of 512-byte sectors")]
+    Unaligned {
+        /// The source.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
     /// Writing the output failed.
     #[error("{step} {path}")]
     Write {
@@ -303,23 +311,27 @@ pub fn pack(
         path: source.to_owned(),
     };
     let size = reader.target.info().size;
+    if size % 512 != 0 {
+        return Err(PackError::Unaligned {
+            path: source.to_owned(),
+            size,
+        });
+    }
     if output.exists() {
         return Err(PackError::OutputExists(output.to_owned()));
     }
-    let name = output
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = output.with_file_name(format!(".tmp-{name}"));
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
+    let dir = match output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    // A new file of its own (O_EXCL, a random name): never another writer's, never a
+    // symlink's target. Removed if anything fails, even a panic.
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-pack-")
+        .tempfile_in(&dir)
         .map_err(|source| PackError::Write {
-            step: "creating",
-            path: tmp.clone(),
+            step: "creating a temporary file in",
+            path: dir.clone(),
             source,
         })?;
     let threads = match opts.threads {
@@ -327,37 +339,42 @@ pub fn pack(
         n => n,
     };
     let mut w = Writer {
-        file,
-        path: tmp.clone(),
+        file: tmp
+            .as_file()
+            .try_clone()
+            .map_err(|source| PackError::Write {
+                step: "opening",
+                path: tmp.path().to_owned(),
+                source,
+            })?,
+        path: tmp.path().to_owned(),
         pos: CS,
         refcounts: vec![1],
     };
-    let r = write_image(&reader, &mut w, size, opts.compression, threads, progress).and_then(
-        |mut rep| {
-            w.file.sync_all().map_err(|source| PackError::Write {
-                step: "syncing",
-                path: tmp.clone(),
-                source,
-            })?;
-            fs::rename(&tmp, output).map_err(|source| PackError::Write {
-                step: "renaming",
-                path: tmp.clone(),
-                source,
-            })?;
-            if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
-                let _ = File::open(dir).and_then(|d| d.sync_all());
+    let mut rep = write_image(&reader, &mut w, size, opts.compression, threads, progress)?;
+    w.file.sync_all().map_err(|source| PackError::Write {
+        step: "syncing",
+        path: w.path.clone(),
+        source,
+    })?;
+    // Into place only if nothing is there meanwhile (link, then unlink the temporary).
+    tmp.persist_noclobber(output).map_err(|e| {
+        if e.error.kind() == io::ErrorKind::AlreadyExists {
+            PackError::OutputExists(output.to_owned())
+        } else {
+            PackError::Write {
+                step: "renaming the image to",
+                path: output.to_owned(),
+                source: e.error,
             }
-            rep.source = source.to_owned();
-            rep.output = output.to_owned();
-            rep.threads = threads;
-            rep.elapsed_ms = t0.elapsed().as_millis() as u64;
-            Ok(rep)
-        },
-    );
-    if r.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    r
+        }
+    })?;
+    let _ = File::open(&dir).and_then(|d| d.sync_all());
+    rep.source = source.to_owned();
+    rep.output = output.to_owned();
+    rep.threads = threads;
+    rep.elapsed_ms = t0.elapsed().as_millis() as u64;
+    Ok(rep)
 }
 
 fn write_image(
@@ -369,7 +386,8 @@ fn write_image(
     progress: &dyn Progress,
 ) -> Result<PackReport, PackError> {
     let clusters = size.div_ceil(CS);
-    let mut l2 = vec![0u64; clusters as usize];
+    // L2 tables only where something is stored: memory follows the data, not the size.
+    let mut l2: std::collections::BTreeMap<u64, Vec<u64>> = std::collections::BTreeMap::new();
     let mut rep = PackReport {
         source: PathBuf::new(),
         output: PathBuf::new(),
@@ -434,9 +452,16 @@ fn write_image(
         let base = w.pos;
         let mut out: Vec<u8> = Vec::with_capacity(n * CLUSTER);
         for (i, p) in packed.iter().enumerate() {
-            let entry = &mut l2[first as usize + i];
+            if let Packed::Zero = p {
+                rep.zero_clusters += 1;
+                continue;
+            }
+            let c = first + i as u64;
+            let entry = &mut l2
+                .entry(c / L2_ENTRIES)
+                .or_insert_with(|| vec![0; L2_ENTRIES as usize])[(c % L2_ENTRIES) as usize];
             match p {
-                Packed::Zero => rep.zero_clusters += 1,
+                Packed::Zero => {}
                 Packed::Compressed(data) => {
                     let off = base + out.len() as u64;
                     let len = data.len() as u64;
@@ -466,15 +491,18 @@ fn write_image(
     // L2 tables (none for a range of zeros), then the L1 table.
     let l1_size = clusters.div_ceil(L2_ENTRIES);
     let mut l1 = vec![0u64; l1_size as usize];
-    for (j, table) in l2.chunks(L2_ENTRIES as usize).enumerate() {
-        if table.iter().all(|&e| e == 0) {
-            continue;
-        }
+    for (j, table) in &l2 {
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-        l1[j] = QCOW_OFLAG_COPIED | w.append_clusters(&bytes)?;
+        l1[*j as usize] = QCOW_OFLAG_COPIED | w.append_clusters(&bytes)?;
     }
-    let l1_bytes: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
-    let l1_offset = w.append_clusters(&l1_bytes)?;
+    drop(l2);
+    let l1_offset = if l1.is_empty() {
+        // An empty volume: no L1 table at all (QEMU counts none).
+        0
+    } else {
+        let l1_bytes: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+        w.append_clusters(&l1_bytes)?
+    };
 
     // Refcount table and blocks, counting themselves.
     w.pos = w.pos.next_multiple_of(CS);
@@ -530,6 +558,8 @@ fn write_image(
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
     use crate::unpack::NoProgress;
 
@@ -603,7 +633,17 @@ mod tests {
                 "{c:?}: the image reads back different"
             );
             // No temporary file left; an existing output is not overwritten.
-            assert!(!t.path().join(format!(".tmp-{c:?}.qcow2")).exists());
+            let tmp: Vec<_> = fs::read_dir(t.path())
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with(".tmp")
+                })
+                .collect();
+            assert!(tmp.is_empty(), "{tmp:?}");
             assert!(matches!(
                 pack(&vol, &out, &PackOptions::default(), &NoProgress),
                 Err(PackError::OutputExists(_))
@@ -612,20 +652,67 @@ mod tests {
     }
 
     #[test]
-    fn zlib_clusters_use_a_window_qemu_can_inflate() {
-        // Text repeating every 8 KiB: a 32 KiB window would refer 8 KiB back.
+    fn an_empty_volume_and_an_unaligned_one() {
+        let t = tempfile::tempdir().unwrap();
+        let empty = t.path().join("empty.raw");
+        fs::write(&empty, b"").unwrap();
+        let out = t.path().join("empty.qcow2");
+        let rep = pack(&empty, &out, &PackOptions::default(), &NoProgress).unwrap();
+        assert_eq!(rep.virtual_size, 0);
+        let check = std::process::Command::new("qemu-img")
+            .arg("check")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+        let odd = t.path().join("odd.raw");
+        fs::write(&odd, vec![1u8; 1000]).unwrap();
+        let e = pack(
+            &odd,
+            &t.path().join("odd.qcow2"),
+            &PackOptions::default(),
+            &NoProgress,
+        )
+        .unwrap_err();
+        assert!(matches!(e, PackError::Unaligned { size: 1000, .. }), "{e}");
+        assert!(!t.path().join("odd.qcow2").exists());
+    }
+
+    /// A cluster of `period` random bytes repeated: compressible only by matches
+    /// `period` bytes back.
+    fn repeating(period: usize) -> Vec<u8> {
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
         let mut data = vec![0u8; CLUSTER];
-        let mut x: u32 = 1;
-        for b in data[..8192].iter_mut() {
-            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-            *b = b'a' + (x >> 16) as u8 % 26;
+        for b in data[..period].iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = (x >> 24) as u8;
         }
-        for i in 8192..CLUSTER {
-            data[i] = data[i - 8192];
+        for i in period..CLUSTER {
+            data[i] = data[i - period];
         }
+        data
+    }
+
+    #[test]
+    fn zlib_clusters_use_a_window_qemu_can_inflate() {
         let mut c = Compressor::new(Compression::Zlib).unwrap();
         let mut out = Vec::new();
-        let n = c.compress(&data, &mut out).unwrap();
+        // QEMU inflates with a 4 KiB window: repetition 8 KiB back must not be used...
+        assert!(
+            c.compress(&repeating(8192), &mut out).is_none(),
+            "the deflate window reaches past 4 KiB"
+        );
+        // ...repetition 2 KiB back is, and inflates with that window.
+        let data = repeating(2048);
+        let n = c
+            .compress(&data, &mut out)
+            .expect("2 KiB repetition compresses");
         let mut d = flate2::Decompress::new_with_window_bits(false, 12);
         let mut back = vec![0u8; CLUSTER];
         d.decompress(&out[..n], &mut back, flate2::FlushDecompress::Finish)

@@ -51,6 +51,8 @@ fn a_packed_4k_volume_checks_clean_compares_equal_and_boots_once_unpacked_again(
         assert_eq!(rep["compression"], c);
         assert!(rep["zero_clusters"].as_u64().unwrap() > 0, "{rep:#}");
         assert!(rep["compressed_clusters"].as_u64().unwrap() > 0, "{rep:#}");
+        // The kernel and initramfs do not compress: stored raw (QEMU's COPIED clusters).
+        assert!(rep["raw_clusters"].as_u64().unwrap() > 0, "{rep:#}");
         let check = run(Command::new("qemu-img").args(["check", out.to_str().unwrap()]))
             .expect("qemu-img check");
         assert!(check.contains("No errors were found"), "{check}");

@@ -6,7 +6,29 @@ use super::*;
 
 impl Driver {
     pub(super) fn recover_volumes(&self) -> Result<()> {
-        for mut rec in self.store.volumes()? {
+        let all = self.store.volumes()?;
+        // A rename interrupted between its two records: the new one names the old.
+        let renamed: Vec<(String, String, String, PathBuf)> = all
+            .iter()
+            .filter_map(|r| {
+                r.renamed_from
+                    .clone()
+                    .map(|from| (r.pool.clone(), from, r.uuid.clone(), r.path.clone()))
+            })
+            .collect();
+        for mut rec in all {
+            if let Some((_, _, _, new_path)) = renamed
+                .iter()
+                .find(|(p, from, uuid, _)| *p == rec.pool && *from == rec.name && *uuid == rec.uuid)
+            {
+                tracing::warn!(pool = %rec.pool, volume = %rec.name,
+                    "a rename was interrupted: finishing it (the old record goes)");
+                if let Ok(pool_entry) = self.pool(&rec.pool) {
+                    pool_entry.backend.rename_done(&rec.path, new_path);
+                }
+                self.store.remove_volume(&rec.pool, &rec.name)?;
+                continue;
+            }
             match rec.state {
                 VolState::Creating | VolState::Deleting => {
                     tracing::warn!(pool = %rec.pool, volume = %rec.name, state = ?rec.state,

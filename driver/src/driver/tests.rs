@@ -315,3 +315,39 @@ fn configured_attachments_are_exported_at_startup_and_missing_ones_are_skipped()
     d2.apply_configured_attachments();
     assert_eq!(fake2.running.lock().unwrap().len(), 1);
 }
+
+#[test]
+fn a_rename_interrupted_between_its_records_is_finished_at_startup() {
+    let t = tempfile::tempdir().unwrap();
+    let fake = FakeExporter::default();
+    let d = open(t.path(), &fake);
+    let v = d.create_volume(empty("a")).unwrap();
+    // What rename_volume had done when the daemon died: the file linked under the new
+    // name, the new record (naming the old one) written, the old record still there.
+    let mut rec = d.record(&id("a")).unwrap();
+    let old_path = rec.path.clone();
+    let new_path = old_path.with_file_name("b.img");
+    fs::hard_link(&old_path, &new_path).unwrap();
+    rec.name = "b".into();
+    rec.path = new_path.clone();
+    rec.renamed_from = Some("a".into());
+    d.store.put_volume(&rec).unwrap();
+    drop(d);
+
+    let d = open(t.path(), &fake);
+    assert!(matches!(
+        d.get_volume(&id("a")),
+        Err(Error::VolumeNotFound(_))
+    ));
+    let b = d.get_volume(&id("b")).unwrap();
+    assert_eq!(
+        (b.uuid.as_str(), b.path.as_path()),
+        (v.uuid.as_str(), new_path.as_path())
+    );
+    assert!(!old_path.exists(), "the old name of the file is left");
+    assert!(new_path.exists());
+    // And a rename of it runs to the end.
+    let c = d.rename_volume(&id("b"), "c").unwrap();
+    assert!(c.path.exists() && !new_path.exists());
+    assert!(d.record(&id("c")).unwrap().renamed_from.is_none());
+}

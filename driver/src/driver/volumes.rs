@@ -100,6 +100,11 @@ impl Driver {
             Origin::Empty => (req.size_bytes, None),
             Origin::Volume { name, snapshot } => {
                 let src = VolumeId::new(&id.pool, name);
+                if src == *id {
+                    return Err(Error::BadRequest(format!(
+                        "volume {id} cannot be cloned from itself"
+                    )));
+                }
                 // The source stays as it is (not grown, restored, deleted) while copied.
                 _source_guard = Some(self.begin_volume(&src)?);
                 let (path, len) = self.clone_source(&src, snapshot.as_deref())?;
@@ -152,6 +157,7 @@ impl Driver {
             requested_bytes: req.size_bytes,
             identity: None,
             snapshots: Vec::new(),
+            renamed_from: None,
         };
         if pool_entry.backend.follows_devices() {
             rec.identity = pool_entry.backend.identity(&rec.path);
@@ -520,6 +526,12 @@ impl Driver {
         if rec.state != VolState::Ready {
             return Err(Error::NotReady(id.clone()));
         }
+        // The storage renamed (dir: linked, the old name kept until the records are
+        // done), the new record (naming the old one), the old record dropped, the old
+        // name of the storage let go, the mark cleared. A crash anywhere leaves the
+        // volume under one name or the other (startup drops an old record the new one
+        // names; a retry finishes a rename the storage already has).
+        let old_path = rec.path.clone();
         let snapshots: Vec<PathBuf> = rec.snapshots.iter().map(|s| s.path.clone()).collect();
         let (path, moved) = pool_entry.backend.rename(&rec.path, &to, &snapshots)?;
         rec.name = to.name.clone();
@@ -527,8 +539,12 @@ impl Driver {
         for (s, p) in rec.snapshots.iter_mut().zip(moved) {
             s.path = p;
         }
+        rec.renamed_from = Some(id.name.clone());
         self.put_record(&rec)?;
         self.drop_record(id)?;
+        pool_entry.backend.rename_done(&old_path, &rec.path);
+        rec.renamed_from = None;
+        self.put_record(&rec)?;
         self.emit_state(id, Some(VolState::Ready), None);
         self.emit_state(&to, None, Some(VolState::Ready));
         tracing::info!(pool = %id.pool, volume = %id.name, new_name, "volume renamed");

@@ -105,29 +105,53 @@ impl PoolBackend for DirPool {
         Ok(how)
     }
 
-    /// `volumes/<new name>.img`, linked then unlinked (never over another volume's file);
-    /// snapshots are named by the volume's UUID and stay.
+    /// `volumes/<new name>.img` linked to the volume's file (never over another
+    /// volume's file); the old name is unlinked once the records say the new one
+    /// ([`PoolBackend::rename_done`]). Snapshots are named by the volume's UUID and stay.
     fn rename(
         &self,
         path: &Path,
         to: &VolumeId,
         snapshots: &[PathBuf],
     ) -> Result<(PathBuf, Vec<PathBuf>)> {
+        use std::os::unix::fs::MetadataExt;
         let vdir = self.dir.join("volumes");
         let new = vdir.join(format!("{}.img", to.name));
-        fs::hard_link(path, &new).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                Error::AlreadyExists {
-                    what: format!("file {}", new.display()),
-                    how: "in the pool's directory".into(),
+        match fs::hard_link(path, &new) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // Linked already by a rename that crashed before its records: the same file.
+                let same = match (fs::metadata(path), fs::metadata(&new)) {
+                    (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                    _ => false,
+                };
+                if !same {
+                    return Err(Error::AlreadyExists {
+                        what: format!("file {}", new.display()),
+                        how: "in the pool's directory".into(),
+                    });
                 }
-            } else {
-                Error::io("linking", &new)(e)
             }
-        })?;
-        fs::remove_file(path).map_err(Error::io("removing", path))?;
+            Err(e) => return Err(Error::io("linking", &new)(e)),
+        }
         sys::fsync_dir(&vdir).map_err(Error::io("syncing", &vdir))?;
         Ok((new, snapshots.to_vec()))
+    }
+
+    fn rename_done(&self, old: &Path, new: &Path) {
+        if old == new {
+            return;
+        }
+        match fs::remove_file(old) {
+            Ok(()) => {
+                if let Some(d) = old.parent() {
+                    let _ = sys::fsync_dir(d);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(file = %old.display(), error = %e,
+                "removing a renamed volume's old name"),
+        }
     }
 
     fn commit(&self, b: &Backing) -> Result<()> {

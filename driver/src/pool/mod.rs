@@ -143,7 +143,8 @@ pub trait PoolBackend: Send + Sync + fmt::Debug {
     }
 
     /// Gives the detached volume at `path` the name of `to`; returns its new place and
-    /// the new places of its snapshots (same order). Refuses a name taken here.
+    /// the new places of its snapshots (same order). Refuses a name taken here; a rename
+    /// this storage has already done (a retry after a crash) succeeds.
     fn rename(
         &self,
         path: &Path,
@@ -152,6 +153,10 @@ pub trait PoolBackend: Send + Sync + fmt::Debug {
     ) -> Result<(PathBuf, Vec<PathBuf>)> {
         Ok((path.to_owned(), snapshots.to_vec()))
     }
+
+    /// A rename is recorded: the storage's old name (if the pool keeps one until then)
+    /// goes. Best effort, logged.
+    fn rename_done(&self, _old: &Path, _new: &Path) {}
 
     /// Makes the filled volume durable and visible at its final place.
     fn commit(&self, b: &Backing) -> Result<()>;

@@ -514,6 +514,13 @@ impl PoolBackend for RbdPool {
             Ok(())
         };
         let r = run();
+        if r.is_err() {
+            // The half-made clone goes first: while it exists the snapshot stays
+            // protected (and a temporary one cannot be removed).
+            if let Err(e) = Image::remove(&io, &child) {
+                tracing::warn!(image = %child, error = %e, "removing a failed clone");
+            }
+        }
         // EBUSY while another clone of it is under way: that one unprotects it.
         let _ = parent.snap_unprotect(&snap);
         if temporary {
@@ -536,16 +543,22 @@ impl PoolBackend for RbdPool {
         let from = Self::image_name(path)?;
         let name = format!("{VOLUME_PREFIX}{}", to.name);
         let io = self.ioctx()?;
-        io.rename_image(&from, &name).map_err(|e| {
-            if e.errno() == Some(libc::EEXIST) {
-                Error::AlreadyExists {
-                    what: format!("RBD image {name}"),
-                    how: "in the cluster".into(),
+        let renamed = io.rename_image(&from, &name);
+        // Renamed already (a retry after a crash before the record was written).
+        let done_before = matches!(&renamed, Err(e) if e.is_not_found())
+            && Image::open(&io, &name, None, true).is_ok();
+        renamed
+            .or_else(|e| if done_before { Ok(()) } else { Err(e) })
+            .map_err(|e| {
+                if e.errno() == Some(libc::EEXIST) {
+                    Error::AlreadyExists {
+                        what: format!("RBD image {name}"),
+                        how: "in the cluster".into(),
+                    }
+                } else {
+                    cluster_err(format!("renaming RBD image {from} to {name}"))(e)
                 }
-            } else {
-                cluster_err(format!("renaming RBD image {from} to {name}"))(e)
-            }
-        })?;
+            })?;
         let new_path = self.address(&name);
         let new_spec = parse_address(&new_path)?;
         let snaps = snapshots
@@ -660,6 +673,8 @@ impl PoolBackend for RbdPool {
         };
         match self.open(&image, false) {
             Ok(img) => {
+                // Protected only while a clone of it is made; a crash may leave it so.
+                let _ = img.snap_unprotect(&snap);
                 if let Err(e) = img.snap_remove(&snap) {
                     if !e.is_not_found() {
                         tracing::warn!(image = %image, snapshot = %snap, error = %e, "removing a snapshot");
