@@ -168,6 +168,33 @@ async fn snapshots_clones_and_renames_on_an_rbd_pool_are_done_by_ceph() {
         .unwrap();
     let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rep["table"]["backup_at_end"], true, "{rep:#}");
+    // Published: the snapshot as a qcow2 image equal to it (qemu-img reads both).
+    let published = t.path().join("s1.qcow2");
+    let r = c
+        .publish_volume(pb::PublishVolumeRequest {
+            pool: POOL.into(),
+            name: "src".into(),
+            snapshot: "s1".into(),
+            path: published.display().to_string(),
+            compression: pb::ImageCompression::Zlib as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.virtual_size, src.size_bytes);
+    let snap_addr = rbd::RbdSpec::parse(&src.path)
+        .unwrap()
+        .at_snapshot(Some("snap-s1"))
+        .to_string();
+    let same = std::process::Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "qcow2", &snap_addr])
+        .arg(&published)
+        .status()
+        .unwrap();
+    assert!(
+        same.success(),
+        "the published snapshot differs from {snap_addr}"
+    );
     // A clone of the detached volume: its data now; the temporary snapshot gone.
     let c2 = c
         .create_volume(clone_req("c2", "src", "", 0))

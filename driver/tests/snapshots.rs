@@ -315,6 +315,30 @@ async fn snapshots_under_a_writing_guest_are_crash_consistent_and_a_grown_volume
         "sgdisk -e in the guest failed:\n{}",
         guest.diagnostics()
     );
+    // Its last partition and the filesystem on it grow to the new end.
+    let r = tokio::task::block_in_place(|| guest.command("fs-grow vda", Duration::from_secs(60)))
+        .unwrap();
+    assert_eq!(
+        r.rc,
+        0,
+        "growing in the guest failed:\n{}",
+        guest.diagnostics()
+    );
+    let grown: Vec<_> = io_lines(&guest.serial_log(), "dev", "vda")
+        .into_iter()
+        .filter(|m| m.contains_key("fs-grow"))
+        .collect();
+    let g = grown.last().expect("no fs-grow line");
+    let (before, after): (u64, u64) = (
+        g["blocks_before"].parse().unwrap(),
+        g["blocks_after"].parse().unwrap(),
+    );
+    // 1 KiB ext4 blocks on the 8 MiB partition: the 64 MiB grown are the filesystem's.
+    assert!(
+        after >= before + 60 * 1024,
+        "the filesystem did not grow: {before} -> {after} blocks"
+    );
+    eprintln!("guest filesystem grown from {before} to {after} blocks");
     tokio::task::block_in_place(|| {
         guest.send("poweroff").unwrap();
         guest.wait_exit(Duration::from_secs(120)).unwrap()

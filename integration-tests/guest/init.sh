@@ -44,6 +44,10 @@
 #        guest's driver sees now, grown online without a reboot).
 #   gpt-grow DEV       `sgdisk -e` on the disk (after an online grow: the backup GPT to
 #        the new end, as a guest's own tools do it); prints `VMBLK-IO gpt-grow dev= rc=`.
+#   fs-grow DEV        after `gpt-grow`: an ext4 filesystem made on the scratch partition
+#        (the last one), the partition grown to the disk's end (sgdisk, same start, type,
+#        name and GUID; resizepart tells the kernel), the filesystem grown (resize2fs);
+#        prints `VMBLK-IO fs-grow dev= rc= blocks_before= blocks_after=` (ext4 blocks).
 #   sleep SECS | poweroff | reboot
 # poweroff/reboot (or the end of the commands) shut the jobs down as an init system
 # does: `VMBLK-SHUTDOWN begin`, SIGTERM to every job's process group, SIGKILL after 2 s,
@@ -427,6 +431,29 @@ run_cmd() { # id command args...
             r=$?
             sed 's/^/sgdisk: /' /tmp/sgdisk.out
             echo "VMBLK-IO gpt-grow dev=$d rc=$r t=$(now)"
+            [ $r = 0 ] || rc=1
+            ;;
+        fs-grow)
+            d=$(resolve_dev "$1")
+            p=$SCRATCHDEV
+            n=${p##*[!0-9]}
+            # Full paths: busybox's shell prefers its own applets (its mke2fs makes no ext4).
+            blocks() { /sbin/dumpe2fs -h "/dev/$p" 2>/dev/null | awk -F: '/^Block count/ {print $2 + 0}'; }
+            {
+                /sbin/mke2fs -q -F -t ext4 "/dev/$p" &&
+                    before=$(blocks) &&
+                    first=$(sgdisk -i "$n" "/dev/$d" | awk '/^First sector/ {print $3}') &&
+                    guid=$(sgdisk -i "$n" "/dev/$d" | awk '/unique GUID/ {print $4}') &&
+                    sgdisk -d "$n" -n "$n:$first:0" -t "$n:8300" -c "$n:vmblk-scratch" \
+                        -u "$n:$guid" "/dev/$d" &&
+                    last=$(sgdisk -i "$n" "/dev/$d" | awk '/^Last sector/ {print $3}') &&
+                    /usr/bin/resizepart "/dev/$d" "$n" $((last - first + 1)) &&
+                    /sbin/resize2fs "/dev/$p" &&
+                    after=$(blocks)
+            } >/tmp/fsgrow.out 2>&1
+            r=$?
+            sed 's/^/fs-grow: /' /tmp/fsgrow.out
+            echo "VMBLK-IO fs-grow dev=$d rc=$r blocks_before=$before blocks_after=$after t=$(now)"
             [ $r = 0 ] || rc=1
             ;;
         sleep) sleep "$1" ;;

@@ -1,5 +1,5 @@
-//! The guest's initramfs: busybox-static with its applet links, `sgdisk` with the
-//! libraries it links, the kernel modules for virtio-pci, virtio-blk, ext4 and vfat
+//! The guest's initramfs: busybox-static with its applet links, `sgdisk`, `resizepart`
+//! and e2fsprogs' `mke2fs`, `resize2fs`, `dumpe2fs` with the libraries they link, the kernel modules for virtio-pci, virtio-blk, ext4 and vfat
 //! (resolved from the kernel's `modules.dep`), and `guest/init.sh` as `/init`. Written as a deterministic cpio (newc) archive, gzipped,
 //! and cached under `target/vmblk-guest/initramfs/<content hash>.cpio.gz`.
 
@@ -40,9 +40,15 @@ pub const GUEST_MODULES: &[&str] = &[
 ];
 
 /// Dynamically linked programs the guest runs besides busybox, copied with the
-/// libraries `ldd` names: `sgdisk`, for a guest that grows its own GPT after an online
-/// grow (`gpt-grow` in guest/init.sh).
-pub const GUEST_PROGRAMS: &[&str] = &["/usr/sbin/sgdisk"];
+/// libraries `ldd` names: what a guest uses to grow its own GPT, partition and
+/// filesystem after an online grow (`gpt-grow`, `fs-grow` in guest/init.sh).
+pub const GUEST_PROGRAMS: &[&str] = &[
+    "/usr/sbin/sgdisk",
+    "/usr/bin/resizepart",
+    "/sbin/mke2fs",
+    "/sbin/resize2fs",
+    "/sbin/dumpe2fs",
+];
 
 /// The files of `programs` and of the libraries they link, by absolute path.
 fn program_files(programs: &[&str]) -> Result<BTreeMap<String, Vec<u8>>> {
@@ -50,7 +56,8 @@ fn program_files(programs: &[&str]) -> Result<BTreeMap<String, Vec<u8>>> {
     for p in programs {
         files.insert(
             p.to_string(),
-            std::fs::read(p).with_context(|| format!("reading {p} (package gdisk)"))?,
+            std::fs::read(p)
+                .with_context(|| format!("reading {p} (packages gdisk, util-linux, e2fsprogs)"))?,
         );
         let out = run(Command::new("ldd").arg(p)).with_context(|| format!("ldd {p}"))?;
         // "libx.so.1 => /lib/x/libx.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
@@ -105,8 +112,15 @@ pub fn build_initramfs(kernel: &GuestKernel) -> Result<Initramfs> {
     archive.char_dev("dev/console", 5, 1);
     archive.char_dev("dev/null", 1, 3);
     archive.file("bin/busybox", 0o755, &busybox);
+    // The programs shipped whole replace busybox's applets of the same name (busybox's
+    // mke2fs makes no ext4), wherever PATH would find the applet first.
+    let shipped: BTreeSet<&str> = GUEST_PROGRAMS
+        .iter()
+        .filter_map(|p| Path::new(p).file_name().and_then(|n| n.to_str()))
+        .collect();
     for a in &applets {
-        if a != "bin/busybox" {
+        let name = Path::new(a).file_name().and_then(|n| n.to_str());
+        if a != "bin/busybox" && !name.is_some_and(|n| shipped.contains(n)) {
             archive.symlink(a, "/bin/busybox");
         }
     }
