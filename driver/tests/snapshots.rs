@@ -2,8 +2,9 @@
 //! (reflink) and ext4 (copies), UNIMPLEMENTED on block pools; and, with a real guest,
 //! snapshots taken every 2 s while it writes (each one a prefix of what it wrote, nothing
 //! torn, no I/O error in the guest), a volume grown under the running guest (it sees the
-//! new size without a reboot, `sgdisk -e` inside it moves its GPT, after which an
-//! offline repair finds nothing to do), and a snapshot restored and booted. Root only.
+//! new size without a reboot; inside it `sgdisk -e` moves its GPT and its last partition
+//! and filesystem grow, after which an offline repair finds nothing to do), and a
+//! snapshot restored and booted. Root only.
 
 mod common;
 
