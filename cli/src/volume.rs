@@ -323,6 +323,23 @@ fn attachment_json(a: &pb::Attachment) -> Value {
     })
 }
 
+/// A volume as `--json` asks: JSON, or the human form.
+fn print_volume(v: &pb::Volume, json: bool) {
+    if json {
+        print_json(&volume_json(v))
+    } else {
+        show_volume(v)
+    }
+}
+
+/// `VOL` or `VOL@SNAP`: the volume and the snapshot ("" for none).
+fn volume_at_snapshot(s: String) -> (String, String) {
+    match s.split_once('@') {
+        Some((v, snap)) => (v.to_owned(), snap.to_owned()),
+        None => (s, String::new()),
+    }
+}
+
 fn volume_json(v: &pb::Volume) -> Value {
     let origin = match v.origin.as_ref().and_then(|o| o.source.as_ref()) {
         Some(pb::volume_origin::Source::Image(f)) => {
@@ -426,10 +443,7 @@ pub fn run_volume(a: VolumeArgs) -> i32 {
             grow_last_partition,
         } => {
             let source = if let Some(from) = from {
-                let (name, snapshot) = match from.split_once('@') {
-                    Some((v, s)) => (v.to_owned(), s.to_owned()),
-                    None => (from, String::new()),
-                };
+                let (name, snapshot) = volume_at_snapshot(from);
                 Some(pb::volume_origin::Source::Volume(pb::VolumeSource {
                     name,
                     snapshot,
@@ -455,13 +469,7 @@ pub fn run_volume(a: VolumeArgs) -> i32 {
             with_client(
                 &conn,
                 |b, mut c| b.block_on(c.create_volume(req)).map(|r| r.into_inner()),
-                |v, j| {
-                    if j {
-                        print_json(&volume_json(v))
-                    } else {
-                        show_volume(v)
-                    }
-                },
+                print_volume,
             )
         }
         VolumeCommand::List { pool } => with_client(
@@ -487,13 +495,7 @@ pub fn run_volume(a: VolumeArgs) -> i32 {
                 }))
                 .map(|r| r.into_inner())
             },
-            |v, j| {
-                if j {
-                    print_json(&volume_json(v))
-                } else {
-                    show_volume(v)
-                }
-            },
+            print_volume,
         ),
         VolumeCommand::Grow {
             vol,
@@ -535,13 +537,7 @@ pub fn run_volume(a: VolumeArgs) -> i32 {
                 }))
                 .map(|r| r.into_inner())
             },
-            |v, j| {
-                if j {
-                    print_json(&volume_json(v))
-                } else {
-                    show_volume(v)
-                }
-            },
+            print_volume,
         ),
         VolumeCommand::Publish {
             source,
@@ -549,10 +545,7 @@ pub fn run_volume(a: VolumeArgs) -> i32 {
             pool,
             compress,
         } => {
-            let (name, snapshot) = match source.split_once('@') {
-                Some((v, s)) => (v.to_owned(), s.to_owned()),
-                None => (source, String::new()),
-            };
+            let (name, snapshot) = volume_at_snapshot(source);
             let compression = if compress == "zstd" {
                 pb::ImageCompression::Zstd
             } else {

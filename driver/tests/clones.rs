@@ -17,21 +17,6 @@ const MIB: u64 = 1 << 20;
 /// Inside the test image's root partition.
 const MARK: u64 = 30 * MIB;
 
-fn clone_request(name: &str, from: &str, snapshot: &str, size: u64) -> pb::CreateVolumeRequest {
-    pb::CreateVolumeRequest {
-        pool: "p".into(),
-        name: name.into(),
-        size_bytes: size,
-        origin: Some(pb::VolumeOrigin {
-            source: Some(pb::volume_origin::Source::Volume(pb::VolumeSource {
-                name: from.into(),
-                snapshot: snapshot.into(),
-            })),
-        }),
-        grow_last_partition: false,
-    }
-}
-
 fn rename(name: &str, new_name: &str) -> pb::RenameVolumeRequest {
     pb::RenameVolumeRequest {
         pool: "p".into(),
@@ -92,7 +77,7 @@ async fn clones_and_renames_on_dir_pools_copy_what_they_name_and_follow_csi() {
         // From the snapshot, larger: its data, the backup GPT at the new end.
         let big = src.size_bytes + 64 * MIB;
         let c1 = c
-            .create_volume(clone_request("c1", "src", "s1", big))
+            .create_volume(clone_request("p", "c1", "src", "s1", big))
             .await
             .unwrap()
             .into_inner();
@@ -103,7 +88,7 @@ async fn clones_and_renames_on_dir_pools_copy_what_they_name_and_follow_csi() {
         assert_gpt_clean(&c1_path);
         // From the (detached) volume, its size: its data now.
         let c2 = c
-            .create_volume(clone_request("c2", "src", "", 0))
+            .create_volume(clone_request("p", "c2", "src", "", 0))
             .await
             .unwrap()
             .into_inner();
@@ -115,35 +100,38 @@ async fn clones_and_renames_on_dir_pools_copy_what_they_name_and_follow_csi() {
 
         // CSI: idempotent for the same source; the name taken by another source.
         let again = c
-            .create_volume(clone_request("c2", "src", "", 0))
+            .create_volume(clone_request("p", "c2", "src", "", 0))
             .await
             .unwrap()
             .into_inner();
         assert_eq!(again.uuid, c2.uuid);
         assert_code(
-            c.create_volume(clone_request("c2", "src", "s1", 0)).await,
+            c.create_volume(clone_request("p", "c2", "src", "s1", 0))
+                .await,
             Code::AlreadyExists,
         );
         assert_code(
-            c.create_volume(clone_request("c3", "absent", "", 0)).await,
-            Code::NotFound,
-        );
-        assert_code(
-            c.create_volume(clone_request("self", "self", "", 0)).await,
-            Code::InvalidArgument,
-        );
-        assert_code(
-            c.create_volume(clone_request("c3", "src", "nosuch", 0))
+            c.create_volume(clone_request("p", "c3", "absent", "", 0))
                 .await,
             Code::NotFound,
         );
         assert_code(
-            c.create_volume(clone_request("c3", "src", "", 4 * MIB))
+            c.create_volume(clone_request("p", "self", "self", "", 0))
                 .await,
             Code::InvalidArgument,
         );
         assert_code(
-            c.create_volume(clone_request("c3", "src", "Bad/Name", 0))
+            c.create_volume(clone_request("p", "c3", "src", "nosuch", 0))
+                .await,
+            Code::NotFound,
+        );
+        assert_code(
+            c.create_volume(clone_request("p", "c3", "src", "", 4 * MIB))
+                .await,
+            Code::InvalidArgument,
+        );
+        assert_code(
+            c.create_volume(clone_request("p", "c3", "src", "Bad/Name", 0))
                 .await,
             Code::InvalidArgument,
         );
@@ -192,12 +180,12 @@ async fn clones_and_renames_on_dir_pools_copy_what_they_name_and_follow_csi() {
             Code::FailedPrecondition,
         );
         let e = c
-            .create_volume(clone_request("c3", "src", "", 0))
+            .create_volume(clone_request("p", "c3", "src", "", 0))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
         assert!(e.message().contains("snapshot"), "{}", e.message());
-        c.create_volume(clone_request("c3", "src", "s1", 0))
+        c.create_volume(clone_request("p", "c3", "src", "s1", 0))
             .await
             .unwrap();
         assert_code(
@@ -315,7 +303,7 @@ async fn a_block_pool_clones_a_volume_onto_a_larger_4k_device_and_renames_it() {
     assert_eq!(src.path, l512.dev.display().to_string());
     write(&l512.dev, MARK, 0xA1, 4096);
     let copy = c
-        .create_volume(clone_request("copy", "src", "", 96 * MIB))
+        .create_volume(clone_request("p", "copy", "src", "", 96 * MIB))
         .await
         .unwrap()
         .into_inner();
@@ -345,7 +333,7 @@ async fn a_block_pool_clones_a_volume_onto_a_larger_4k_device_and_renames_it() {
     );
     // No device left: NO_SPACE names it; snapshots are not kept here.
     let e = c
-        .create_volume(clone_request("third", "src", "", 0))
+        .create_volume(clone_request("p", "third", "src", "", 0))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");

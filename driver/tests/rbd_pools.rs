@@ -105,21 +105,6 @@ fn rbd_marked(address: &str) -> u8 {
     b[0]
 }
 
-fn clone_req(name: &str, from: &str, snapshot: &str, size: u64) -> pb::CreateVolumeRequest {
-    pb::CreateVolumeRequest {
-        pool: POOL.into(),
-        name: name.into(),
-        size_bytes: size,
-        origin: Some(pb::VolumeOrigin {
-            source: Some(pb::volume_origin::Source::Volume(pb::VolumeSource {
-                name: from.into(),
-                snapshot: snapshot.into(),
-            })),
-        }),
-        grow_last_partition: false,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_clones_and_renames_on_an_rbd_pool_are_done_by_ceph() {
     let cluster = CephCluster::start().unwrap();
@@ -154,7 +139,7 @@ async fn snapshots_clones_and_renames_on_an_rbd_pool_are_done_by_ceph() {
     // A clone of the snapshot, larger: flattened (no parent), its data, GPT at its end.
     let big = src.size_bytes + (64 << 20);
     let c1 = c
-        .create_volume(clone_req("c1", "src", "s1", big))
+        .create_volume(clone_request(POOL, "c1", "src", "s1", big))
         .await
         .unwrap()
         .into_inner();
@@ -197,7 +182,7 @@ async fn snapshots_clones_and_renames_on_an_rbd_pool_are_done_by_ceph() {
     );
     // A clone of the detached volume: its data now; the temporary snapshot gone.
     let c2 = c
-        .create_volume(clone_req("c2", "src", "", 0))
+        .create_volume(clone_request(POOL, "c2", "src", "", 0))
         .await
         .unwrap()
         .into_inner();
@@ -210,19 +195,20 @@ async fn snapshots_clones_and_renames_on_an_rbd_pool_are_done_by_ceph() {
     let info = cluster.rbd(&["info", "vmblk/vol-src@snap-s1"]).unwrap();
     assert!(info.contains("protected: False"), "{info}");
     assert_code(
-        c.create_volume(clone_req("c3", "src", "nosuch", 0)).await,
+        c.create_volume(clone_request(POOL, "c3", "src", "nosuch", 0))
+            .await,
         Code::NotFound,
     );
 
     // Rename: the image and its snapshots; restore and delete work under the new name.
+    let rename = pb::RenameVolumeRequest {
+        pool: POOL.into(),
+        name: "src".into(),
+        new_name: "moved".into(),
+    };
     c.attach_volume(attach_req("src", false)).await.unwrap();
     assert_code(
-        c.rename_volume(pb::RenameVolumeRequest {
-            pool: POOL.into(),
-            name: "src".into(),
-            new_name: "moved".into(),
-        })
-        .await,
+        c.rename_volume(rename.clone()).await,
         Code::FailedPrecondition,
     );
     c.detach_volume(pb::DetachVolumeRequest {
@@ -231,15 +217,7 @@ async fn snapshots_clones_and_renames_on_an_rbd_pool_are_done_by_ceph() {
     })
     .await
     .unwrap();
-    let moved = c
-        .rename_volume(pb::RenameVolumeRequest {
-            pool: POOL.into(),
-            name: "src".into(),
-            new_name: "moved".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let moved = c.rename_volume(rename).await.unwrap().into_inner();
     assert!(
         moved.path.starts_with("rbd:vmblk/vol-moved:"),
         "{}",

@@ -401,7 +401,7 @@ impl Worker<'_> {
 }
 
 /// True when every byte is zero; word-at-a-time.
-fn is_zero(b: &[u8]) -> bool {
+pub(crate) fn is_zero(b: &[u8]) -> bool {
     let (head, words, tail) = {
         // SAFETY: u64 has no invalid bit patterns, so viewing aligned bytes as
         // u64 words is sound; align_to puts misaligned bytes in head/tail.

@@ -25,6 +25,7 @@ use std::time::Instant;
 use flate2::{Compress, FlushCompress, Status};
 use serde::Serialize;
 
+use crate::copy::is_zero;
 use crate::target::{Target, TargetError};
 use crate::unpack::Progress;
 
@@ -209,13 +210,6 @@ impl Compressor {
             Compressor::Zstd(z) => z.compress_to_buffer(data, out.as_mut_slice()).ok(),
         }
     }
-}
-
-/// Whether `b` holds only zeros.
-fn is_zero(b: &[u8]) -> bool {
-    // SAFETY: any bytes are valid u64s; align_to only yields aligned middle words.
-    let (head, mid, tail) = unsafe { b.align_to::<u64>() };
-    head.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
 }
 
 /// Reads the source (a file, a device or an RBD image).

@@ -214,10 +214,7 @@ impl RbdPool {
 
     /// The image name an address of this pool names.
     fn image_name(path: &Path) -> Result<String> {
-        path.to_str()
-            .and_then(|s| RbdSpec::parse(s).ok())
-            .map(|s| s.image)
-            .ok_or_else(|| Error::BadRequest(format!("{} is not an RBD address", path.display())))
+        parse_address(path).map(|s| s.image)
     }
 
     fn open(&self, name: &str, read_only: bool) -> Result<Image> {
@@ -652,22 +649,14 @@ impl PoolBackend for RbdPool {
         img.flush()
             .and_then(|()| img.snap_create(&snap))
             .map_err(cluster_err(format!("snapshotting RBD image {image}")))?;
-        let spec = volume
-            .to_str()
-            .and_then(|s| RbdSpec::parse(s).ok())
-            .ok_or_else(|| {
-                Error::BadRequest(format!("{} is not an RBD address", volume.display()))
-            })?;
+        let spec = parse_address(volume)?;
         Ok(PathBuf::from(spec.at_snapshot(Some(&snap)).to_string()))
     }
 
     fn delete_snapshot(&self, volume: &Path, snapshot: &Path) {
         let (Ok(image), Some(snap)) = (
             Self::image_name(volume),
-            snapshot
-                .to_str()
-                .and_then(|s| RbdSpec::parse(s).ok())
-                .and_then(|s| s.snapshot),
+            parse_address(snapshot).ok().and_then(|s| s.snapshot),
         ) else {
             return;
         };
@@ -688,13 +677,9 @@ impl PoolBackend for RbdPool {
     /// `rbd snap rollback`: the image's data and size as the snapshot has them.
     fn restore_snapshot(&self, volume: &Path, snapshot: &Path) -> Result<()> {
         let image = Self::image_name(volume)?;
-        let snap = snapshot
-            .to_str()
-            .and_then(|s| RbdSpec::parse(s).ok())
-            .and_then(|s| s.snapshot)
-            .ok_or_else(|| {
-                Error::BadRequest(format!("{} names no snapshot", snapshot.display()))
-            })?;
+        let snap = parse_address(snapshot)?.snapshot.ok_or_else(|| {
+            Error::BadRequest(format!("{} names no snapshot", snapshot.display()))
+        })?;
         self.open(&image, false)?
             .snap_rollback(&snap)
             .map_err(cluster_err(format!(

@@ -342,6 +342,29 @@ pub fn image_request(pool: &str, name: &str, image: &Path, size: u64) -> pb::Cre
 }
 
 /// An empty-volume request.
+/// CreateVolume of `name` in `pool` cloned from volume `from` (or its `snapshot`, if
+/// not empty).
+pub fn clone_request(
+    pool: &str,
+    name: &str,
+    from: &str,
+    snapshot: &str,
+    size: u64,
+) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        pool: pool.into(),
+        name: name.into(),
+        size_bytes: size,
+        origin: Some(pb::VolumeOrigin {
+            source: Some(pb::volume_origin::Source::Volume(pb::VolumeSource {
+                name: from.into(),
+                snapshot: snapshot.into(),
+            })),
+        }),
+        grow_last_partition: false,
+    }
+}
+
 pub fn empty_request(pool: &str, name: &str, size: u64) -> pb::CreateVolumeRequest {
     pb::CreateVolumeRequest {
         pool: pool.into(),
