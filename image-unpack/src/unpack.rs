@@ -570,17 +570,31 @@ fn table_work(
         })?;
     }
     let (repair, verify) = result?;
+    checked_work(path, ss, detection, bridge_used, repair, verify, opts)
+}
+
+/// The report of a repair and its verification; a failed verification (not in a dry
+/// run) is an error carrying the report.
+fn checked_work(
+    path: &Path,
+    ss: u32,
+    detection: Detection,
+    bridge: Option<BridgeUsed>,
+    repair: partition::RepairReport,
+    verify: VerifyReport,
+    opts: &RepairOptions,
+) -> Result<TableWork, UnpackError> {
     let work = TableWork {
         table_sector_size: Some(ss),
         detection,
-        bridge: bridge_used,
+        bridge,
         repair: Some(repair),
         verify: Some(verify.clone()),
         skipped: None,
     };
     if !verify.ok && !opts.dry_run {
         return Err(UnpackError::VerifyFailed {
-            path: path.clone(),
+            path: path.to_owned(),
             problems: verify.problems.join("; "),
             report: Box::new(work),
         });
@@ -618,22 +632,7 @@ fn rbd_table_work(
         path: path.to_owned(),
         source,
     })?;
-    let work = TableWork {
-        table_sector_size: Some(ss),
-        detection,
-        bridge: None,
-        repair: Some(repair),
-        verify: Some(verify.clone()),
-        skipped: None,
-    };
-    if !verify.ok && !opts.dry_run {
-        return Err(UnpackError::VerifyFailed {
-            path: path.to_owned(),
-            problems: verify.problems.join("; "),
-            report: Box::new(work),
-        });
-    }
-    Ok(work)
+    checked_work(path, ss, detection, None, repair, verify, opts)
 }
 
 fn device_or_file_size(f: &File, path: &Path) -> Result<u64, UnpackError> {
